@@ -1,0 +1,109 @@
+"""Token sampling on the device, with no host synchronisation.
+
+Randomness is a counter-based hash of (seed, step, vocabulary index) rather than a stateful generator: the
+noise a request sees depends only on its own seed and how many tokens it has produced, never on the batch it
+shares a step with, so seeded sampling is reproducible under any batching and the whole thing can be captured
+in a CUDA graph. Sampling is the Gumbel-max trick over the filtered, temperature-scaled logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingTensors:
+    temperature: torch.Tensor   # [B] float32; 0 = greedy
+    top_k: torch.Tensor         # [B] int64; 0 = off
+    top_p: torch.Tensor         # [B] float32; 1 = off
+    min_p: torch.Tensor         # [B] float32; 0 = off
+    seeds: torch.Tensor         # [B] int64
+    steps: torch.Tensor         # [B] int64: the position of the token being sampled
+    # Host-side facts that let us skip work without reading the tensors back.
+    all_greedy: bool = False
+    any_top_k: bool = False
+    any_top_p: bool = False
+    any_min_p: bool = False
+
+    @classmethod
+    def build(cls, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float],
+              seeds: list[int], steps: list[int], device: torch.device | str) -> "SamplingTensors":
+        def t(x: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+
+        return cls(
+            temperature=t(temperature, torch.float32), top_k=t(top_k, torch.int64), top_p=t(top_p, torch.float32),
+            min_p=t(min_p, torch.float32), seeds=t([s & (2**63 - 1) for s in seeds], torch.int64),
+            steps=t(steps, torch.int64), all_greedy=all(x == 0 for x in temperature),
+            any_top_k=any(k > 0 for k in top_k), any_top_p=any(p < 1.0 for p in top_p),
+            any_min_p=any(p > 0 for p in min_p),
+        )
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on int64 tensors holding 32-bit values (low bits survive wrap-around)."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] uniforms in (0, 1), a pure function of (seed, step, column)."""
+    row = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps * 0x9E3779B9 + 0x632BE5AB))
+    cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    h = _mix32(row[:, None] ^ _mix32(cols * 0x85EBCA6B + 0x1B873593)[None, :])
+    return (h.to(torch.float64) + 0.5).div_(2.0**32).to(torch.float32)
+
+
+def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (masked entries become -inf)."""
+    temp = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
+    logits = logits / temp[:, None]
+    if st.any_top_k or st.any_top_p:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if st.any_top_k:
+            k = torch.where(st.top_k > 0, st.top_k, torch.full_like(st.top_k, logits.shape[-1]))
+            ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+            mask |= ranks >= k[:, None]
+        if st.any_top_p:
+            probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
+            before = probs.cumsum(dim=-1) - probs
+            mask |= before >= st.top_p[:, None]
+        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+    if st.any_min_p:
+        probs = logits.softmax(dim=-1)
+        thresh = probs.max(dim=-1, keepdim=True).values * st.min_p[:, None]
+        logits = logits.masked_fill(probs < thresh, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """[B, V] float32 logits -> [B] int64 tokens. Greedy rows take the argmax of the raw logits."""
+    greedy = logits.argmax(dim=-1)
+    if st.all_greedy:
+        return greedy
+    filtered = apply_filters(logits.float(), st)
+    gumbel = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, logits.shape[-1])))
+    sampled = (filtered + gumbel).argmax(dim=-1)
+    return torch.where(st.temperature > 0, sampled, greedy)
+
+
+def logprobs_topk(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the raw model distribution: (chosen [B], top values [B, k], top ids [B, k])."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, tokens[:, None]).squeeze(-1)
+    if k > 0:
+        vals, ids = lp.topk(k, dim=-1)
+    else:
+        vals = lp.new_empty(lp.shape[0], 0)
+        ids = tokens.new_empty(lp.shape[0], 0)
+    return chosen, vals, ids
