@@ -1,0 +1,12 @@
+"""Numeric primitives. Each is a plain-torch reference that dispatches to ``highspeed.ops.triton.<file>`` on CUDA
+(see ``dispatch.py``). Imports nothing of the project except ``highspeed.context`` types."""
+from highspeed.ops.activation import silu_and_mul
+from highspeed.ops.attention import dsa_topk_indices, mla_attention, paged_attention, write_kv
+from highspeed.ops.moe import moe_experts, select_experts
+from highspeed.ops.norm import add_rms_norm, rms_norm
+from highspeed.ops.rope import build_cos_sin_cache, rope
+
+__all__ = [
+    "add_rms_norm", "build_cos_sin_cache", "dsa_topk_indices", "mla_attention", "moe_experts", "paged_attention",
+    "rms_norm", "rope", "select_experts", "silu_and_mul", "write_kv",
+]

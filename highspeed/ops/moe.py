@@ -1,0 +1,86 @@
+"""Mixture-of-experts references: routing (expert selection) and the weighted expert sum."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from highspeed.ops.dispatch import triton_kernel
+
+
+def select_experts(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``top_k`` experts per token from fp32 ``router_logits[T, E]``.
+
+    softmax (Qwen3-MoE, Mixtral): ``p = softmax(logits)``, top-k of p, optionally renormalised.
+    sigmoid (DeepSeek-V3 / GLM ``noaux_tc``): ``s = sigmoid(logits)``; the correction bias shifts only the
+    *selection* (``s + b``), optionally restricted to the best ``topk_group`` of ``n_group`` groups (group score =
+    sum of its top-2); weights are the unbiased ``s`` of the chosen experts, renormalised with a 1e-20 guard.
+    Both then multiply by ``routed_scaling_factor``. Returns ``(weights[T, k] fp32, ids[T, k] int32)``.
+    """
+    kernel = triton_kernel("moe", "select_experts", router_logits)
+    if kernel is not None:
+        return kernel(router_logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                      routed_scaling_factor)
+    logits = router_logits.float()
+    if scoring == "softmax":
+        probs = torch.softmax(logits, dim=-1)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    elif scoring == "sigmoid":
+        scores = logits.sigmoid()
+        choice = scores if correction_bias is None else scores + correction_bias.float()
+        if n_group > 1:
+            num_tokens, num_experts = choice.shape
+            grouped = choice.view(num_tokens, n_group, num_experts // n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            group_ids = group_scores.topk(topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(num_tokens, num_experts)
+        ids = torch.topk(choice, top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"unknown expert scoring {scoring!r} (expected 'softmax' or 'sigmoid')")
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
+    return weights, ids.to(torch.int32)
+
+
+def moe_experts(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """``sum_k weights[t, k] * down(silu(gate(x_t)) * up(x_t))`` over the experts ``ids[t, :]``.
+
+    ``w13[E, 2I, H]`` holds gate rows then up rows (transformers 5.x fused layout), ``w2[E, H, I]``. Only the
+    experts some token chose are computed. Accumulates in fp32, returns x's dtype. Differentiable.
+    """
+    kernel = triton_kernel("moe", "moe_experts", x)
+    if kernel is not None:
+        return kernel(x, w13, w2, weights, ids)
+    num_tokens, top_k = ids.shape
+    flat_ids = ids.reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+    flat_weights = weights.reshape(-1).float()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        sel = order[start : start + count]
+        start += count
+        tokens = sel // top_k
+        gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[expert])
+        out = out.index_add(0, tokens, y.float() * flat_weights[sel, None])
+    return out.to(x.dtype)
