@@ -1,0 +1,3 @@
+from highspeed.cli import main
+
+raise SystemExit(main())

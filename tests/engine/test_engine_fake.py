@@ -1,0 +1,126 @@
+"""Engine behaviour on the cache-hashing stand-in model: batching, prefix reuse, merging, preemption, n > 1."""
+import copy
+import random
+
+import pytest
+
+from highspeed.sampling import SamplingParams
+from tests.engine.fake_model import make_engine, run_all
+
+
+def _prompts(seed, n, lo=3, hi=60, shared=0):
+    rng = random.Random(seed)
+    pre = [rng.randrange(1, 60) for _ in range(shared)]
+    return [pre + [rng.randrange(1, 60) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
+
+
+def _tokens(done):
+    return {k: [o.token_ids for o in v.outputs] for k, v in done.items()}
+
+
+def greedy(n=12):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def test_alone_equals_batched(tmp_path):
+    prompts = _prompts(0, 6)
+    alone = {}
+    for i, p in enumerate(prompts):
+        e = make_engine(tmp_path, enable_prefix_caching=False)
+        alone[f"r{i}"] = _tokens(run_all(e, [p], [greedy()]))["r0"]
+    e = make_engine(tmp_path, max_num_batched_tokens=32, block_size=4)
+    assert _tokens(run_all(e, prompts, [greedy()] * len(prompts))) == alone
+    e.pool.check_whole()
+    assert e.pool.num_free_blocks == e.pool.num_blocks
+
+
+def test_prefix_cache_saves_prompt_compute(tmp_path):
+    prompts = _prompts(1, 8, shared=40)
+    off = make_engine(tmp_path, enable_prefix_caching=False, enable_request_merging=False, block_size=4)
+    r_off = run_all(off, prompts, [greedy()] * 8)
+    on = make_engine(tmp_path, block_size=4)
+    r_on = run_all(on, prompts, [greedy()] * 8)
+    assert _tokens(r_on) == _tokens(r_off)
+    total = sum(len(p) for p in prompts)
+    assert off.scheduler.prompt_tokens_computed == total
+    # The 40-token shared prefix (10 blocks) is computed once; the others reuse it.
+    assert on.scheduler.prompt_tokens_computed <= total - 7 * 40
+    assert sum(o.usage.cached_tokens for o in r_on.values()) >= 7 * 40
+    assert on.stats()["prefix_cache_hits"] >= 7 * 40
+
+
+def test_identical_requests_computed_once(tmp_path):
+    p = _prompts(2, 1)[0]
+    e = make_engine(tmp_path, enable_prefix_caching=False)
+    done = run_all(e, [p] * 5, [greedy()] * 5)
+    assert e.scheduler.prompt_tokens_computed == len(p)
+    assert e.merged_requests == 4
+    toks = _tokens(done)
+    assert all(v == toks["r0"] for v in toks.values())
+
+
+def test_n_forks_after_one_prefill(tmp_path):
+    p = _prompts(3, 1, lo=21, hi=22)[0]
+    e = make_engine(tmp_path, block_size=4, enable_prefix_caching=False)
+    sp = SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    done = run_all(e, [p], [sp])["r0"]
+    assert e.scheduler.prompt_tokens_computed == len(p)
+    assert len(done.outputs) == 4 and all(len(o.token_ids) == 8 for o in done.outputs)
+    e.pool.check_whole()
+    assert e.pool.num_free_blocks == e.pool.num_blocks
+
+
+def test_preemption_keeps_greedy_results(tmp_path):
+    prompts = _prompts(4, 6, lo=10, hi=30)
+    ref = _tokens(run_all(make_engine(tmp_path, block_size=4), prompts, [greedy(20)] * 6))
+    small = make_engine(tmp_path, block_size=4, num_kv_blocks=14)
+    got = _tokens(run_all(small, prompts, [greedy(20)] * 6))
+    assert got == ref
+    assert small.scheduler.num_preemptions > 0
+    small.pool.check_whole()
+    assert small.pool.num_free_blocks == small.pool.num_blocks
+
+
+def test_request_that_never_fits_is_rejected(tmp_path):
+    e = make_engine(tmp_path, block_size=4, num_kv_blocks=4)
+    with pytest.raises(ValueError, match="KV cache"):
+        e.add_request("x", list(range(1, 15)), greedy(8))
+    assert not e.has_unfinished_requests()
+
+
+def test_seeded_sampling_is_batch_invariant(tmp_path):
+    prompts = _prompts(5, 4)
+    sp = [SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True) for i in range(4)]
+    alone = {}
+    for i, p in enumerate(prompts):
+        alone[f"r{i}"] = _tokens(run_all(make_engine(tmp_path), [p], [copy.copy(sp[i])]))["r0"]
+    assert _tokens(run_all(make_engine(tmp_path), prompts, sp)) == alone
+
+
+def test_stop_strings_and_tokens(tmp_path):
+    e = make_engine(tmp_path)
+    p = _prompts(6, 1)[0]
+    full = run_all(e, [p], [greedy(10)])["r0"].outputs[0]
+    third = full.token_ids[2]
+    e2 = make_engine(tmp_path)
+    out = run_all(e2, [p], [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop_token_ids=[third])])
+    o = out["r0"].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == third and o.token_ids == full.token_ids[:3]
+    e3 = make_engine(tmp_path)
+    stop = f"<{full.token_ids[3]}>"
+    o = run_all(e3, [p], [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop=[stop])])["r0"].outputs[0]
+    assert o.finish_reason == "stop" and stop not in o.text and o.text == full.text[:full.text.find(stop)]
+
+
+def test_abort_frees_blocks(tmp_path):
+    e = make_engine(tmp_path, block_size=4)
+    e.add_request("a", _prompts(7, 1)[0], greedy(50))
+    e.step()
+    e.step()
+    assert e.pool.num_used_blocks > 0
+    e.abort_request("a")
+    assert not e.has_unfinished_requests()
+    e.pool.release([])
+    # Only cached (reusable) blocks remain, nothing is in use.
+    assert all(r == 0 for r in e.pool.ref)
+    e.pool.check_whole()
