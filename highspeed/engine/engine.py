@@ -73,6 +73,16 @@ class Subscriber:
     merged: bool = False          # joined a computation someone else started
 
 
+class _NullDetokenizer:
+    text = ""
+
+    def add(self, ids: list[int]) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None):
         self.config = config
@@ -87,7 +97,11 @@ class LLMEngine:
 
             model, _ = load_model(path, dtype=self.dtype, device=self.device, progress=config.load_progress)
         self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or path)
+        if not config.use_triton:
+            os.environ["HIGHSPEED_DISABLE_TRITON"] = "1"
+        # tokenizer=False: token ids in, token ids out (benchmarks on random weights have no tokenizer).
+        self.tokenizer = (None if tokenizer is False else
+                          tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or path))
         self.max_model_len = int(config.max_model_len or self.hf_config.get("max_position_embeddings", 4096))
         self.eos_ids = set(self.hf_config.eos_token_ids)
         gen_cfg = os.path.join(path, "generation_config.json")
@@ -106,6 +120,9 @@ class LLMEngine:
         num_blocks = self._size_kv_cache()
         self.runner.allocate_kv_cache(num_blocks)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.cuda_graphs = False
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.cuda_graphs = self.runner.capture_cuda_graphs(min(config.max_num_seqs, 512), self.max_model_len)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_wait_steps, config.enable_request_merging)
         self._rng = random.Random(config.seed)
@@ -154,7 +171,14 @@ class LLMEngine:
         return int(peak * 1.2)
 
     # -- requests ---------------------------------------------------------------------------------------------
+    def _detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> IncrementalDetokenizer:
+        if self.tokenizer is None:
+            return _NullDetokenizer()  # type: ignore[return-value]
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens)
+
     def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: pass token ids")
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -190,7 +214,7 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req.base_seed = base_seed  # type: ignore[attr-defined]
         self.scheduler.add(req, _mix_seed(base_seed, 0))
-        req.seqs[0].detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        req.seqs[0].detok = self._detokenizer(ids, params.skip_special_tokens)
         req.seqs[0].logprobs = [] if params.logprobs is not None else None
         self.subscribers[request_id] = (sub, req)
 
@@ -250,8 +274,7 @@ class LLMEngine:
                 children = self.scheduler.fork(seq, req.params.n, [_mix_seed(req.base_seed, k)  # type: ignore[attr-defined]
                                                                    for k in range(req.params.n)])
                 for child in children:
-                    child.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
-                                                         req.params.skip_special_tokens)
+                    child.detok = self._detokenizer(req.prompt_token_ids, req.params.skip_special_tokens)
                 for s, r in zip([seq] + children, group):
                     self._append(s, r, now)
                 i += req.params.n
@@ -285,8 +308,9 @@ class LLMEngine:
             entry = {tid: Logprob(lp, rank=k + 1) for k, (tid, lp) in enumerate(r.top or [])}
             if r.token not in entry:
                 entry[r.token] = Logprob(r.logprob, rank=None)
-            for tid, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([tid])
+            if self.tokenizer is not None:
+                for tid, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
             seq.logprobs.append(entry)
             seq.cumulative_logprob += r.logprob
         # Stop conditions, token-level first.

@@ -33,6 +33,92 @@ class SampleResult:
     top: list[tuple[int, float]] | None = None
 
 
+class HostLengthsUnavailable(list):
+    """Stands in for the host copies of the lengths while a CUDA graph is captured: an op that reads them would
+    bake one step's lengths into the graph, so reading them fails the capture and the runner stays eager."""
+
+    def _fail(self, *a: object, **k: object) -> None:
+        raise RuntimeError("host-side lengths are not available inside a CUDA graph")
+
+    __iter__ = __getitem__ = __len__ = _fail  # type: ignore[assignment]
+
+
+class CudaGraphDecoder:
+    """Decode steps captured as CUDA graphs for a ladder of batch sizes: one launch per step from the host.
+
+    Inputs live in static buffers that each replay reads; a batch of b sequences runs in the smallest captured
+    graph of size >= b, the extra rows padded (slot -1: nothing written; context of one token).
+    """
+
+    def __init__(self, runner: "ModelRunner", batch_sizes: list[int], max_blocks_per_seq: int, max_model_len: int):
+        self.runner = runner
+        dev = runner.device
+        self.sizes = sorted(batch_sizes)
+        m = self.sizes[-1]
+        self.ids = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.slots = torch.full((m,), -1, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros((m, max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(m, dtype=torch.int32, device=dev)
+        self.qsl = torch.arange(m + 1, dtype=torch.int32, device=dev)
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _ctx(self, b: int) -> AttentionContext:
+        return AttentionContext(
+            query_lens=HostLengthsUnavailable(), seq_lens=HostLengthsUnavailable(), query_start_loc=self.qsl[:b + 1],
+            seq_lens_t=self.seq_lens[:b], slot_mapping=self.slots[:b], block_tables=self.tables[:b],
+            block_size=self.runner.block_size, max_query_len=1, max_seq_len=self.max_model_len, decode_only=True,
+            extra={"cuda_graph": True},
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        model = self.runner.model
+        pool = None
+        for b in reversed(self.sizes):
+            ctx = self._ctx(b)
+            with use_context(ctx):
+                for _ in range(2):   # warm up: Triton compiles, allocator settles
+                    model.compute_logits(model(self.ids[:b], self.pos[:b]))
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    logits = model.compute_logits(model(self.ids[:b], self.pos[:b])).float()
+            pool = g.pool()
+            self.graphs[b] = g
+            self.logits[b] = logits
+        torch.cuda.synchronize()
+
+    def size_for(self, b: int) -> int | None:
+        for s in self.sizes:
+            if s >= b:
+                return s
+        return None
+
+    def run(self, ids: list[int], pos: list[int], slots: list[int], tables: list[list[int]],
+            seq_lens: list[int]) -> torch.Tensor:
+        b = len(ids)
+        g = self.size_for(b)
+        assert g is not None
+        dev = self.runner.device
+        # One host->device copy per buffer; padding rows keep slot -1 and a one-token context.
+        self.ids[:b].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
+        self.pos[:b].copy_(torch.tensor(pos, dtype=torch.int64), non_blocking=True)
+        self.slots[:g].fill_(-1)
+        self.slots[:b].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+        self.seq_lens[:g].fill_(1)
+        self.seq_lens[:b].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        width = max(len(t) for t in tables)
+        host = torch.zeros((b, width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            host[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.tables[:b, :width].copy_(host.to(dev, non_blocking=True))
+        self.graphs[g].replay()
+        return self.logits[g][:b]
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, block_size: int):
         self.model = model
@@ -41,6 +127,27 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = 0
         self.forward_calls = 0
+        self.graph_steps = 0
+        self.graphs: CudaGraphDecoder | None = None
+
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> bool:
+        """Capture decode graphs; on any failure (an op that syncs or reads host lengths) stay eager."""
+        if self.device.type != "cuda":
+            return False
+        sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512) if s <= max_batch]
+        if not sizes or sizes[-1] < max_batch <= 512:
+            sizes.append(max_batch)
+        dec = CudaGraphDecoder(self, sizes, -(-max_model_len // self.block_size), max_model_len)
+        try:
+            dec.capture()
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eager
+            import logging
+
+            logging.getLogger("highspeed").warning("CUDA graph capture failed, decoding eagerly: %s", e)
+            torch.cuda.synchronize()
+            return False
+        self.graphs = dec
+        return True
 
     def allocate_kv_cache(self, num_blocks: int) -> int:
         self.num_blocks = num_blocks
@@ -91,6 +198,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, specs: list[SampleSpec]) -> list[SampleResult]:
         copy_blocks(self.model, out.block_copies)
+        if self.graphs is not None and self._graphable(out):
+            return self._execute_graph(out, specs)
         input_ids, positions, ctx, last_rows = self._prepare(out)
         with use_context(ctx):
             hidden = self.model(input_ids, positions)
@@ -100,6 +209,30 @@ class ModelRunner:
         rows = torch.tensor([last_rows[s.item] for s in specs], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
         return self._sample(logits, specs)
+
+    def _graphable(self, out: SchedulerOutput) -> bool:
+        assert self.graphs is not None
+        return (all(it.num_new_tokens == 1 for it in out.items)
+                and self.graphs.size_for(len(out.items)) is not None)
+
+    def _execute_graph(self, out: SchedulerOutput, specs: list[SampleSpec]) -> list[SampleResult]:
+        assert self.graphs is not None
+        bs = self.block_size
+        ids, pos, slots, tables, lens = [], [], [], [], []
+        for it in out.items:
+            p = it.start
+            ids.append(it.seq.token_ids[p])
+            pos.append(p)
+            slots.append(it.seq.block_table[p // bs] * bs + p % bs)
+            tables.append(it.seq.block_table)
+            lens.append(p + 1)
+        logits = self.graphs.run(ids, pos, slots, tables, lens)
+        self.forward_calls += 1
+        self.graph_steps += 1
+        if not specs:
+            return []
+        rows = torch.tensor([s.item for s in specs], dtype=torch.long, device=self.device)
+        return self._sample(logits.index_select(0, rows), specs)
 
     def _sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[SampleResult]:
         p = [s.params for s in specs]
