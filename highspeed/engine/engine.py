@@ -131,6 +131,7 @@ class LLMEngine:
         self.num_steps = 0
         self.finished_requests = 0
         self.merged_requests = 0
+        self.host_time_s = 0.0   # scheduling and output processing, per step outside the runner
 
     # -- KV cache sizing --------------------------------------------------------------------------------------
     def _size_kv_cache(self) -> int:
@@ -255,11 +256,20 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
         specs, owners = self._sample_specs(out)
+        t1 = time.perf_counter()
         results = self.runner.execute(out, specs)
+        t2 = time.perf_counter()
+        outs = self._process(out, specs, owners, results)
+        self.host_time_s += (t1 - t0) + (time.perf_counter() - t2)
+        return outs
+
+    def _process(self, out: SchedulerOutput, specs: list[SampleSpec], owners: list[Sequence],
+                 results: list[SampleResult]) -> list[RequestOutput]:
         self.scheduler.update(out)
         self.num_steps += 1
         now = time.monotonic()

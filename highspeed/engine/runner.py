@@ -5,6 +5,7 @@ and (on CUDA) the captured decode graphs.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +99,8 @@ class CudaGraphDecoder:
         return None
 
     def run(self, ids: list[int], pos: list[int], slots: list[int], tables: list[list[int]],
-            seq_lens: list[int]) -> torch.Tensor:
+            seq_lens: list[int], runner: "ModelRunner") -> torch.Tensor:
+        t0 = time.perf_counter()
         b = len(ids)
         g = self.size_for(b)
         assert g is not None
@@ -115,6 +117,7 @@ class CudaGraphDecoder:
         for i, t in enumerate(tables):
             host[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
         self.tables[:b, :width].copy_(host.to(dev, non_blocking=True))
+        runner.host_time_s += time.perf_counter() - t0
         self.graphs[g].replay()
         return self.logits[g][:b]
 
@@ -129,6 +132,7 @@ class ModelRunner:
         self.forward_calls = 0
         self.graph_steps = 0
         self.graphs: CudaGraphDecoder | None = None
+        self.host_time_s = 0.0   # host work before each launch: building inputs, filling graph buffers
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """Capture decode graphs; on any failure (an op that syncs or reads host lengths) stay eager."""
@@ -200,7 +204,9 @@ class ModelRunner:
         copy_blocks(self.model, out.block_copies)
         if self.graphs is not None and self._graphable(out):
             return self._execute_graph(out, specs)
+        t0 = time.perf_counter()
         input_ids, positions, ctx, last_rows = self._prepare(out)
+        self.host_time_s += time.perf_counter() - t0
         with use_context(ctx):
             hidden = self.model(input_ids, positions)
         self.forward_calls += 1
@@ -226,7 +232,7 @@ class ModelRunner:
             slots.append(it.seq.block_table[p // bs] * bs + p % bs)
             tables.append(it.seq.block_table)
             lens.append(p + 1)
-        logits = self.graphs.run(ids, pos, slots, tables, lens)
+        logits = self.graphs.run(ids, pos, slots, tables, lens, self)
         self.forward_calls += 1
         self.graph_steps += 1
         if not specs:

@@ -1,0 +1,254 @@
+"""Decode latency at a published model shape: tokens/s per user, bytes per token, share of copy bandwidth.
+
+Batch-1 decode is bound by memory bandwidth, so the figure that matters is how close a step comes to reading
+its bytes at the card's copy bandwidth, measured in the same run. Bytes per step = every non-expert weight
+(read once per step) + the distinct routed experts the step's tokens chose (counted on a probe step) + the KV
+cache each sequence attends over.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from highspeed.bench.records import base_record, device_name, write_record
+
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+
+
+def presets() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".json"))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=presets(), help="a published model shape (random weights)")
+    p.add_argument("--model", default=None, help="a checkpoint folder instead of a preset")
+    p.add_argument("--random-weights", action="store_true", help="random weights at the shape (presets always are)")
+    p.add_argument("--num-layers", type=int, default=None, help="override the layer count (e.g. glm-5 on one GPU)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--baseline", choices=["none", "eager"], default="none",
+                   help="eager: the plain-torch path (no Triton, no CUDA graphs) for the speedup")
+    p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--output-json", default=None, help="write the record here (default: benchmarks/results/...)")
+    p.add_argument("--no-record", action="store_true")
+
+
+def preset_config(name: str, num_layers: int | None) -> dict[str, Any]:
+    with open(os.path.join(PRESET_DIR, f"{name}.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg.pop("_note", None)
+    if num_layers is not None:
+        cfg["num_hidden_layers"] = num_layers
+        for key in ("mlp_layer_types", "layer_types", "indexer_types"):
+            if key in cfg:
+                cfg[key] = cfg[key][:num_layers]
+    return cfg
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        nbytes = 256 * 2**20
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(15):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src)
+            b.record()
+            torch.cuda.synchronize()
+            t = a.elapsed_time(b) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            t = time.perf_counter() - t0
+        if i >= 3:
+            times.append(t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(non-expert bytes read per step, bytes of one routed expert, embedding bytes not read)."""
+    expert_bytes, other, embed = 0, 0, 0
+    n_experts = 0
+    for name, p in model.named_parameters():
+        b = p.numel() * p.element_size()
+        if name.endswith(("experts.w13", "experts.w2", "experts.gate_up_proj", "experts.down_proj")) and p.dim() == 3:
+            expert_bytes += b
+            n_experts += p.shape[0]
+        elif "embed_tokens" in name:
+            embed += b
+        else:
+            other += b
+    per_expert = expert_bytes // max(1, n_experts // 2) if n_experts else 0   # w13 and w2 each count E
+    return other, per_expert, embed
+
+
+def count_distinct_experts(model: torch.nn.Module, run_probe: Any) -> int:
+    """Run one probe step with the routed-experts op wrapped to record the distinct experts each layer reads."""
+    import highspeed.ops.moe as moe_ops
+
+    seen: list[int] = []
+    original = moe_ops.moe_experts
+
+    def recording(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        seen.append(int(torch.unique(ids).numel()))
+        return original(x, w13, w2, weights, ids)
+
+    patched = []
+    for mod in list(__import__("sys").modules.values()):
+        if getattr(mod, "__name__", "").startswith("highspeed.models") and getattr(mod, "moe_experts", None) is original:
+            mod.moe_experts = recording
+            patched.append(mod)
+    moe_ops.moe_experts = recording
+    try:
+        run_probe()
+    finally:
+        moe_ops.moe_experts = original
+        for mod in patched:
+            mod.moe_experts = original
+    return sum(seen)
+
+
+def build_engine(args: argparse.Namespace, hf: dict[str, Any], dtype: torch.dtype, device: torch.device,
+                 eager: bool) -> Any:
+    from highspeed.config import EngineConfig, HFConfig
+    from highspeed.engine.engine import LLMEngine
+    from highspeed.models.loader import build_model, load_model
+
+    tmp = tempfile.mkdtemp(prefix="highspeed-bench-")
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf, f)
+    if args.model and not args.random_weights:
+        model, _ = load_model(args.model, dtype=dtype, device=device)
+    else:
+        model = build_model(HFConfig(hf), dtype=dtype, device=device, random_init=True)
+    bs = 16
+    ctx_len = args.input_len + args.output_len + args.warmup_tokens + bs
+    cfg = EngineConfig(model=tmp, dtype=str(dtype).replace("torch.", ""), device=str(device), block_size=bs,
+                       max_model_len=ctx_len, num_kv_blocks=args.batch_size * (-(-ctx_len // bs)) + 2,
+                       max_num_seqs=max(args.batch_size, 1), max_num_batched_tokens=max(2048, args.input_len),
+                       enforce_eager=eager, use_triton=not eager, enable_prefix_caching=False,
+                       enable_request_merging=False, load_progress=False)
+    return LLMEngine(cfg, model=model, tokenizer=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from highspeed.engine.engine import resolve_device, resolve_dtype
+    from highspeed.config import HFConfig
+    from highspeed.sampling import SamplingParams
+
+    if not args.preset and not args.model:
+        raise SystemExit("give --preset NAME or --model PATH")
+    if args.preset:
+        hf = preset_config(args.preset, args.num_layers)
+    else:
+        with open(os.path.join(args.model, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+        if args.num_layers:
+            hf["num_hidden_layers"] = args.num_layers
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, HFConfig(hf), device)
+    eager = args.baseline == "eager"
+    bw = copy_bandwidth(device)
+    t0 = time.perf_counter()
+    engine = build_engine(args, hf, dtype, device, eager)
+    build_s = time.perf_counter() - t0
+    rng = random.Random(0)
+    vocab = int(hf["vocab_size"])
+
+    def prompts(n: int, length: int) -> list[list[int]]:
+        return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+    def generate(batch: list[list[int]], out_len: int) -> tuple[float, list[float], int]:
+        params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+        for i, p in enumerate(batch):
+            engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params)
+        step_times, first = [], None
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            outs = engine.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if first is None:
+                if outs and all(o.outputs[0].token_ids for o in outs):
+                    first = now - start
+                continue
+            step_times.append(now - t)
+        return first or 0.0, step_times, sum(1 for _ in batch)
+
+    # Warm up: compile kernels, touch every code path once.
+    generate(prompts(args.batch_size, args.input_len), args.warmup_tokens)
+    # Distinct experts read by one decode step of this batch (eager probe step).
+    distinct = 0
+    if any(n.endswith(("w13", "gate_up_proj")) for n, _ in engine.model.named_parameters()):
+        probe = prompts(args.batch_size, args.input_len)
+        distinct = _distinct_experts_decode(engine, probe)
+    ttft, steps, _ = generate(prompts(args.batch_size, args.input_len), args.output_len)
+    step_s = statistics.median(steps)
+    decode_s = sum(steps)
+    tok_s_user = len(steps) / decode_s if decode_s else 0.0
+    other, per_expert, _ = weight_bytes(engine.model)
+    from highspeed.engine.kv_cache import cache_bytes_per_token
+
+    kv_tok = cache_bytes_per_token(engine.model, dtype)
+    avg_ctx = args.input_len + args.output_len / 2
+    bytes_step = other + distinct * per_expert + args.batch_size * kv_tok * avg_ctx
+    achieved = bytes_step / step_s
+    host = (engine.runner.host_time_s + engine.host_time_s) / max(1, engine.num_steps)
+    rec = base_record(
+        bench="latency", preset=args.preset or os.path.basename(os.path.normpath(args.model)),
+        num_layers=int(hf["num_hidden_layers"]), batch_size=args.batch_size, input_len=args.input_len,
+        output_len=args.output_len, dtype=str(dtype).replace("torch.", ""), device=device_name(device),
+        path="eager-torch" if eager else ("cuda-graphs+triton" if engine.cuda_graphs else "triton-eager"),
+        tok_s=round(tok_s_user * args.batch_size, 2), tok_s_per_user=round(tok_s_user, 2),
+        ms_per_token=round(step_s * 1e3, 4), ttft_s=round(ttft, 4), bytes_per_token=int(bytes_step / args.batch_size),
+        bytes_per_step=int(bytes_step), distinct_experts_per_step=distinct, expert_bytes=per_expert,
+        non_expert_bytes=other, kv_bytes_per_token=kv_tok, achieved_gb_s=round(achieved / 1e9, 2),
+        copy_bandwidth=round(bw / 1e9, 2), bandwidth_fraction=round(achieved / bw, 4),
+        host_ms_per_step=round(host * 1e3, 4) if host is not None else None, build_s=round(build_s, 1),
+        cuda_graphs=engine.cuda_graphs,
+    )
+    print(f"{rec['preset']} b={args.batch_size} [{rec['path']}]: {rec['tok_s_per_user']:.1f} tok/s/user, "
+          f"{rec['tok_s']:.1f} tok/s total, {rec['ms_per_token']:.3f} ms/step, {bytes_step / 1e9:.3f} GB/step, "
+          f"{rec['achieved_gb_s']:.0f} GB/s = {rec['bandwidth_fraction']:.1%} of copy bw {rec['copy_bandwidth']:.0f} GB/s, "
+          f"ttft {ttft * 1e3:.1f} ms")
+    if not args.no_record:
+        path = args.output_json or os.path.join(
+            "benchmarks", "results", f"latency-{rec['preset']}-b{args.batch_size}-{rec['path']}.json")
+        write_record(rec, path)
+    return 0
+
+
+def _distinct_experts_decode(engine: Any, probe: list[list[int]]) -> int:
+    """Prefill the probe prompts, then count distinct experts over one eager decode step of the whole batch."""
+    from highspeed.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(probe):
+        engine.add_request(f"probe-{i}", p, params)
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    try:
+        while any(s.in_prefill or s.num_computed_tokens == 0 for s in engine.scheduler.waiting + engine.scheduler.running):
+            engine.step()
+        count = count_distinct_experts(engine.model, engine.step)
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.runner.graphs = graphs
+    return count
