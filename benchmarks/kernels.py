@@ -1,0 +1,369 @@
+"""Check every Triton kernel against its torch reference on a CUDA device, and time both.
+
+    python benchmarks/kernels.py OUT.json [--budget SECONDS] [--only moe,norm,...]
+
+For each case it prints: max relative error vs the reference, the kernel's and the reference's median time
+(triton.testing.do_bench), the bytes the kernel must move at least, the achieved GB/s and its fraction of the
+device-to-device copy bandwidth measured at the start of the same run. It also sweeps the MoE paths over the
+token count to find the GEMV -> grouped switch point, and a few launch shapes of the MoE kernels.
+Everything goes to OUT.json as it is measured (a run cut short still leaves its numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from highspeed import ops  # noqa: E402
+from highspeed.context import AttentionContext  # noqa: E402
+from highspeed.ops.triton import attention as t_attn  # noqa: E402
+from highspeed.ops.triton import moe as t_moe  # noqa: E402
+from highspeed.ops.triton import norm as t_norm  # noqa: E402
+from highspeed.ops.triton import rope as t_rope  # noqa: E402
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+@contextmanager
+def torch_reference() -> Iterator[None]:
+    """Make highspeed.ops.* run their torch references even on CUDA."""
+    os.environ["HIGHSPEED_DISABLE_TRITON"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["HIGHSPEED_DISABLE_TRITON"]
+
+
+def ref_call(fn: Callable, *args: Any) -> Any:
+    with torch_reference():
+        return fn(*args)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    o, r = out.double(), ref.double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return float((o - r).norm() / r.norm().clamp_min(1e-30))
+
+
+def bench(fn: Callable[[], Any], rep_ms: int = 60) -> float:
+    """Median milliseconds."""
+    return float(do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+
+
+class Runner:
+    def __init__(self, out_path: Path, budget_s: float) -> None:
+        self.out_path = out_path
+        self.t0 = time.time()
+        self.budget_s = budget_s
+        self.rows: list[dict[str, Any]] = []
+        self.record: dict[str, Any] = {}
+
+    def time_left(self) -> float:
+        return self.budget_s - (time.time() - self.t0)
+
+    def save(self) -> None:
+        self.record["rows"] = self.rows
+        self.record["elapsed_s"] = round(time.time() - self.t0, 1)
+        self.out_path.write_text(json.dumps(self.record, indent=1))
+
+    def add(self, **row: Any) -> None:
+        copy_bw = self.record.get("copy_GBps")
+        if row.get("bytes") and row.get("triton_ms"):
+            row["GBps"] = row["bytes"] / row["triton_ms"] / 1e6
+            if copy_bw:
+                row["frac_copy_bw"] = row["GBps"] / copy_bw
+        self.rows.append(row)
+        print(fmt_row(row), flush=True)
+        self.save()
+
+
+def fmt_row(r: dict[str, Any]) -> str:
+    def f(key: str, spec: str) -> str:
+        v = r.get(key)
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+    return (f"{r['kernel']:<18} {r['case']:<44} err {f('rel_err', '.1e'):>8}  triton {f('triton_ms', '9.4f')} ms"
+            f"  ref {f('ref_ms', '9.4f')} ms  {f('GBps', '7.0f')} GB/s  {f('frac_copy_bw', '.2f')} of copy")
+
+
+def measure_copy_bw(r: Runner) -> None:
+    n = 1 << 30  # 1 GiB, far past the 60 MB L2
+    src = torch.randn(n // 4, device=DEV)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep_ms=200)
+    r.record["copy_GBps"] = 2 * n / ms / 1e6
+    print(f"device-to-device copy: {r.record['copy_GBps']:.0f} GB/s (read + write of 1 GiB in {ms:.3f} ms)")
+    del src, dst
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def bench_select_experts(r: Runner) -> None:
+    cases = [
+        ("GLM-5 sigmoid+bias E256 k8", 256, 8, "sigmoid", True, 1, 1, 2.5),
+        ("DSV3 groups 8/4 E256 k8", 256, 8, "sigmoid", True, 8, 4, 2.5),
+        ("Qwen3 softmax E128 k8", 128, 8, "softmax", False, 1, 1, 1.0),
+    ]
+    for name, E, k, scoring, bias, ng, tg, scale in cases:
+        for T in (1, 64, 4096):
+            logits = torch.randn(T, E, device=DEV)
+            b = torch.randn(E, device=DEV) * 0.1 if bias else None
+            args = (logits, k, scoring, True, b, ng, tg, scale)
+            w, ids = t_moe.select_experts(*args)
+            w_ref, ids_ref = ref_call(ops.select_experts, *args)
+            ok = bool(torch.equal(ids, ids_ref))
+            r.add(kernel="select_experts", case=f"{name} T={T}", rel_err=rel_err(w, w_ref), ids_equal=ok,
+                  triton_ms=bench(lambda: t_moe.select_experts(*args)),
+                  ref_ms=bench(lambda: ref_call(ops.select_experts, *args)),
+                  bytes=T * E * 4 + T * k * 8)
+
+
+def moe_bytes(ids: torch.Tensor, H: int, I: int, T: int, k: int, elt: int = 2) -> int:
+    """Weights of the distinct experts touched + x in, out, and the [T*k, I] activations written and read."""
+    n_exp = int(torch.unique(ids).numel())
+    return n_exp * 3 * H * I * elt + 2 * T * H * elt + 2 * T * k * I * elt
+
+
+def bench_moe(r: Runner) -> None:
+    models = [
+        # name, E, H, I, k, scoring
+        ("Qwen3-30B-A3B", 128, 2048, 768, 8, "softmax"),
+        ("GLM-5", 256, 6144, 2048, 8, "sigmoid"),
+    ]
+    for name, E, H, I, k, scoring in models:
+        if r.time_left() < 60:
+            return
+        w13 = (torch.randn(E, 2 * I, H, device=DEV, dtype=BF16) * H**-0.5)
+        w2 = (torch.randn(E, H, I, device=DEV, dtype=BF16) * I**-0.5)
+        # Launch-shape sweep for the decode kernels (T=1) before the token sweep uses the winner.
+        x1 = torch.randn(1, H, device=DEV, dtype=BF16)
+        routes = [ref_call(ops.select_experts, torch.randn(1, E, device=DEV), k, scoring) for _ in range(8)]
+        best = None
+        saved = dict(t_moe.GEMV_GATE_UP), dict(t_moe.GEMV_DOWN)
+        for bn, bk, nw in [(16, 256, 4), (32, 128, 4), (8, 512, 4), (16, 512, 8), (64, 64, 4)]:
+            t_moe.GEMV_GATE_UP.update(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+            t_moe.GEMV_DOWN.update(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+            it = iter(range(10**9))
+            ms = bench(lambda: t_moe._moe_gemv(x1, w13, w2, *routes[next(it) % 8]))
+            byts = moe_bytes(routes[0][1], H, I, 1, k)
+            r.add(kernel="moe_gemv_cfg", case=f"{name} T=1 BN={bn} BK={bk} warps={nw}", triton_ms=ms, bytes=byts)
+            if best is None or ms < best[0]:
+                best = (ms, bn, bk, nw)
+        if best is not None:
+            t_moe.GEMV_GATE_UP.update(BLOCK_N=best[1], BLOCK_K=best[2], num_warps=best[3])
+            t_moe.GEMV_DOWN.update(BLOCK_N=best[1], BLOCK_K=best[2], num_warps=best[3])
+            r.record.setdefault("moe_gemv_best", {})[name] = dict(BLOCK_N=best[1], BLOCK_K=best[2], num_warps=best[3])
+        else:
+            t_moe.GEMV_GATE_UP.update(saved[0]); t_moe.GEMV_DOWN.update(saved[1])
+
+        for T in (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192):
+            if r.time_left() < 40:
+                return
+            x = torch.randn(T, H, device=DEV, dtype=BF16)
+            routes = [ref_call(ops.select_experts, torch.randn(T, E, device=DEV), k, scoring) for _ in range(4)]
+            weights, ids = routes[0]
+            ref = ref_call(ops.moe_experts, x, w13, w2, weights, ids)
+            byts = moe_bytes(ids, H, I, T, k)
+            it = iter(range(10**9))
+            ref_ms = bench(lambda: ref_call(ops.moe_experts, x, w13, w2, *routes[next(it) % 4])) if T <= 2048 else None
+            for path, fn in (("gemv", t_moe._moe_gemv), ("grouped", t_moe._moe_grouped)):
+                if path == "gemv" and T > 128:
+                    continue  # re-reads each expert once per (token, slot): hopeless past this
+                out = fn(x, w13, w2, weights, ids)
+                it = iter(range(10**9))
+                ms = bench(lambda: fn(x, w13, w2, *routes[next(it) % 4]))
+                r.add(kernel=f"moe_{path}", case=f"{name} T={T}", rel_err=rel_err(out, ref), triton_ms=ms,
+                      ref_ms=ref_ms, bytes=byts, tflops=6 * T * k * H * I / ms / 1e9, T=T, model=name)
+            # Grouped-path tile sweep at a prefill size.
+            if T == 2048:
+                saved_g = dict(t_moe.GROUPED)
+                for bm, bn, bk, nw, ns in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (32, 64, 128, 4, 4)]:
+                    t_moe.GROUPED.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                    ms = bench(lambda: t_moe._moe_grouped(x, w13, w2, weights, ids))
+                    r.add(kernel="moe_grouped_cfg", case=f"{name} T={T} {bm}x{bn}x{bk} w{nw} s{ns}", triton_ms=ms,
+                          bytes=byts, tflops=6 * T * k * H * I / ms / 1e9)
+                t_moe.GROUPED.clear(); t_moe.GROUPED.update(saved_g)
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+def bench_norm(r: Runner) -> None:
+    for H in (2048, 6144):
+        for T in (1, 128, 8192):
+            x = torch.randn(T, H, device=DEV, dtype=BF16)
+            res = torch.randn(T, H, device=DEV, dtype=BF16)
+            w = torch.randn(H, device=DEV, dtype=BF16)
+            y = t_norm.rms_norm(x, w, 1e-5)
+            r.add(kernel="rms_norm", case=f"T={T} H={H}", rel_err=rel_err(y, ref_call(ops.rms_norm, x, w, 1e-5)),
+                  triton_ms=bench(lambda: t_norm.rms_norm(x, w, 1e-5)),
+                  ref_ms=bench(lambda: ref_call(ops.rms_norm, x, w, 1e-5)), bytes=2 * T * H * 2)
+            y, s = t_norm.add_rms_norm(x, res, w, 1e-5)
+            y_ref, s_ref = ref_call(ops.add_rms_norm, x, res, w, 1e-5)
+            r.add(kernel="add_rms_norm", case=f"T={T} H={H}", rel_err=max(rel_err(y, y_ref), rel_err(s, s_ref)),
+                  triton_ms=bench(lambda: t_norm.add_rms_norm(x, res, w, 1e-5)),
+                  ref_ms=bench(lambda: ref_call(ops.add_rms_norm, x, res, w, 1e-5)), bytes=4 * T * H * 2)
+
+
+def bench_rope(r: Runner) -> None:
+    cs = ops.build_cos_sin_cache(64, 65536, 1e6, device=DEV)
+    for T in (1, 4096):
+        q = torch.randn(T, 96, 128, device=DEV, dtype=BF16)
+        k = torch.randn(T, 8, 128, device=DEV, dtype=BF16)
+        v = torch.randn(T, 8, 128, device=DEV, dtype=BF16)
+        pos = torch.randint(0, 65536, (T,), device=DEV)
+        for inter in (False, True):
+            out = t_rope.rope(q, pos, cs, 64, inter)
+            r.add(kernel="rope", case=f"GLM-4.5 q T={T} partial64 inter={inter}",
+                  rel_err=rel_err(out, ref_call(ops.rope, q, pos, cs, 64, inter)),
+                  triton_ms=bench(lambda: t_rope.rope(q, pos, cs, 64, inter)),
+                  ref_ms=bench(lambda: ref_call(ops.rope, q, pos, cs, 64, inter)), bytes=2 * q.numel() * 2)
+        nb = T // 16 + 8
+        kc = torch.zeros(nb, 16, 8, 128, device=DEV, dtype=BF16)
+        vc = torch.zeros_like(kc)
+        kc2, vc2 = kc.clone(), vc.clone()
+        slots = torch.randperm(nb * 16, device=DEV)[:T]
+        qo, ko = t_rope.rope_and_write_kv(q, k, v, pos, cs, 64, False, kc, vc, slots)
+        qr, kr = ref_call(t_rope.rope_and_write_kv_reference, q, k, v, pos, cs, 64, False, kc2, vc2, slots)
+        err = max(rel_err(qo, qr), rel_err(ko, kr), rel_err(kc, kc2), rel_err(vc, vc2))
+        byts = 2 * (2 * q.numel() + 3 * k.numel() + 2 * v.numel())
+        r.add(kernel="rope_and_write_kv", case=f"GLM-4.5 T={T}", rel_err=err,
+              triton_ms=bench(lambda: t_rope.rope_and_write_kv(q, k, v, pos, cs, 64, False, kc, vc, slots)),
+              ref_ms=bench(lambda: ref_call(t_rope.rope_and_write_kv_reference, q, k, v, pos, cs, 64, False,
+                                            kc2, vc2, slots)), bytes=byts)
+        values = torch.randn(T, 576, device=DEV, dtype=BF16)
+        lat = torch.zeros(nb, 16, 576, device=DEV, dtype=BF16)
+        lat2 = lat.clone()
+        t_attn.write_kv(lat, slots, values)
+        ref_call(ops.write_kv, lat2, slots, values)
+        r.add(kernel="write_kv", case=f"MLA latent 576 T={T}", rel_err=rel_err(lat, lat2),
+              triton_ms=bench(lambda: t_attn.write_kv(lat, slots, values)),
+              ref_ms=bench(lambda: ref_call(ops.write_kv, lat2, slots, values)), bytes=2 * values.numel() * 2)
+
+
+def make_ctx(qlens: list[int], slens: list[int], block_size: int) -> tuple[AttentionContext, int]:
+    need = [(s + block_size - 1) // block_size for s in slens]
+    nb = sum(need) + 1
+    perm = torch.randperm(nb)
+    tables = torch.zeros(len(slens), max(need), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[used:used + n].int()
+        used += n
+    qsl = [0]
+    for q in qlens:
+        qsl.append(qsl[-1] + q)
+    ctx = AttentionContext(
+        query_lens=qlens, seq_lens=slens, query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEV),
+        seq_lens_t=torch.tensor(slens, dtype=torch.int32, device=DEV),
+        slot_mapping=torch.zeros(sum(qlens), dtype=torch.int64, device=DEV), block_tables=tables.to(DEV),
+        block_size=block_size, max_query_len=max(qlens), max_seq_len=max(slens),
+        decode_only=all(q == 1 for q in qlens))
+    return ctx, nb
+
+
+def bench_attention(r: Runner) -> None:
+    bs = 64
+    gqa = [("decode B=1 ctx=32768", [1], [32768]), ("decode B=32 ctx=4096", [1] * 32, [4096] * 32),
+           ("decode B=128 ctx=1024", [1] * 128, [1024] * 128), ("prefill 4096", [4096], [4096])]
+    for name, ql, sl in gqa:
+        if r.time_left() < 30:
+            return
+        ctx, nb = make_ctx(ql, sl, bs)
+        q = torch.randn(sum(ql), 96, 128, device=DEV, dtype=BF16)
+        kc = torch.randn(nb, bs, 8, 128, device=DEV, dtype=BF16)
+        vc = torch.randn(nb, bs, 8, 128, device=DEV, dtype=BF16)
+        out = t_attn.paged_attention(q, kc, vc, ctx, 128**-0.5)
+        ref = ref_call(ops.paged_attention, q, kc, vc, ctx, 128**-0.5)
+        kv_bytes = sum(sl) * 8 * 128 * 2 * 2
+        flops = sum(4 * q_ * s_ * 96 * 128 for q_, s_ in zip(ql, sl)) // (2 if ql[0] > 1 else 1)
+        ms = bench(lambda: t_attn.paged_attention(q, kc, vc, ctx, 128**-0.5))
+        r.add(kernel="paged_attention", case=f"GLM-4.5 96/8x128 {name}", rel_err=rel_err(out, ref), triton_ms=ms,
+              ref_ms=bench(lambda: ref_call(ops.paged_attention, q, kc, vc, ctx, 128**-0.5)),
+              bytes=kv_bytes + 2 * q.numel() * 2, tflops=flops / ms / 1e9)
+    mla = [("decode B=1 ctx=32768", [1], [32768], None), ("decode B=32 ctx=4096", [1] * 32, [4096] * 32, None),
+           ("decode B=32 ctx=32768 DSA top2048", [1] * 32, [32768] * 32, 2048), ("prefill 2048", [2048], [2048], None)]
+    for name, ql, sl, topk in mla:
+        if r.time_left() < 30:
+            return
+        ctx, nb = make_ctx(ql, sl, bs)
+        T = sum(ql)
+        q = torch.randn(T, 64, 576, device=DEV, dtype=BF16)
+        lat = torch.randn(nb, bs, 576, device=DEV, dtype=BF16)
+        ti = None
+        if topk:
+            ti = torch.stack([torch.randperm(s, device=DEV)[:topk] for s in sl]).int()
+        out = t_attn.mla_attention(q, lat, ctx, 192**-0.5, 512, ti)
+        ref = ref_call(ops.mla_attention, q, lat, ctx, 192**-0.5, 512, ti)
+        keys = [min(s, topk) if topk else s for s in sl]
+        kv_bytes = sum(keys) * 576 * 2
+        flops = sum(2 * q_ * s_ * 64 * (576 + 512) for q_, s_ in zip(ql, keys)) // (2 if ql[0] > 1 else 1)
+        ms = bench(lambda: t_attn.mla_attention(q, lat, ctx, 192**-0.5, 512, ti))
+        r.add(kernel="mla_attention", case=f"GLM-5 64x(512+64) {name}", rel_err=rel_err(out, ref), triton_ms=ms,
+              ref_ms=bench(lambda: ref_call(ops.mla_attention, q, lat, ctx, 192**-0.5, 512, ti)),
+              bytes=kv_bytes + q.numel() * 2 + T * 64 * 512 * 2, tflops=flops / ms / 1e9)
+
+
+SECTIONS = {"moe_select": bench_select_experts, "norm": bench_norm, "rope": bench_rope,
+            "attention": bench_attention, "moe": bench_moe}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="JSON record to write")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds; sections stop starting past it")
+    ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA device")
+    r = Runner(args.out, args.budget)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    r.record.update(card=torch.cuda.get_device_name(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    commit=commit, command="python " + " ".join(sys.argv), torch=torch.__version__,
+                    triton=triton.__version__, sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    torch.manual_seed(0)
+    measure_copy_bw(r)
+    r.save()
+    only = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    for name in only:
+        if r.time_left() < 20:
+            print(f"skipping {name}: out of budget")
+            r.record.setdefault("skipped", []).append(name)
+            continue
+        try:
+            with torch.no_grad():
+                SECTIONS[name](r)
+        except Exception:  # one broken section must not cost the others their numbers
+            tb = traceback.format_exc()
+            print(tb)
+            r.record.setdefault("errors", {})[name] = tb
+        r.save()
+    print("\n=== summary ===")
+    for row in r.rows:
+        print(fmt_row(row))
+    bad = [row for row in r.rows if row.get("rel_err") is not None and not row["rel_err"] < 2e-2]
+    bad += [row for row in r.rows if row.get("ids_equal") is False]
+    print(f"{len(r.rows)} rows, {len(bad)} failing correctness, {round(time.time() - r.t0)} s")
+
+
+if __name__ == "__main__":
+    main()

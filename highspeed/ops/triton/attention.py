@@ -1,0 +1,322 @@
+"""Attention over the paged KV cache: GQA (``paged_attention``), absorbed MLA with optional DSA top-k
+(``mla_attention``), and the cache write (``write_kv``).
+
+One flash-attention kernel serves every case. A program owns ``BLOCK_Q`` query tokens of one sequence times
+``HEADS`` query heads that share one KV head (GQA group, or a block of MLA heads, which all share the latent),
+so each K/V tile read from the cache feeds ``BLOCK_Q * HEADS`` rows of ``tl.dot``. Keys are split into a part A
+and an optional part B (MLA: ``c`` and ``k_pe``), and for MLA the values are part A of the keys themselves
+(``V_IS_K``), so the latent is read once per tile. Decode (one query per sequence) at small batch has too few
+programs to fill the GPU, so the key range is split over ``num_splits`` programs (flash-decoding) whose partial
+results are merged by ``_combine_kernel`` with their log-sum-exps.
+
+Queries are causal per sequence: query ``i`` of a sequence with ``q`` new tokens and ``s`` total sits at position
+``s - q + i`` and sees keys ``0..s - q + i``. With ``topk_indices`` (DSA) a query sees only the listed positions
+(``-1`` = unused slot), still at most its own position.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from highspeed.context import AttentionContext
+from highspeed.ops.triton import interpreting, next_power_of_2
+
+_LOG2E = 1.4426950408889634
+
+
+@lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def _paged_attn_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_ptr, topk_ptr,
+    qk_scale, group, block_size, num_keys_topk, tiles_per_split, num_head_blocks, num_splits,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_os,
+    stride_lt, stride_lh,
+    stride_bt, stride_tt,
+    D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    pid2 = tl.program_id(2)
+    split = pid2 % num_splits
+    hb = (pid2 // num_splits) % num_head_blocks
+    kv_head = pid2 // (num_splits * num_head_blocks)
+
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_start = seq_len - q_len            # position of the first new token
+
+    # Row m of the tile = (query qi, head hh of this program's head block).
+    m = tl.arange(0, BLOCK_M)
+    qi = q_tile * BLOCK_Q + m // HEADS
+    hh = hb * HEADS + m % HEADS
+    row_ok = (m < BLOCK_Q * HEADS) & (qi < q_len) & (hh < group)
+    tok = (q_start + qi).to(tl.int64)
+    head = kv_head * group + hh
+    q_pos = ctx_start + qi
+
+    da = tl.arange(0, BLOCK_DA)
+    q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
+    qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
+    if D_B > 0:
+        db = tl.arange(0, BLOCK_DB)
+        qb = tl.load(q_rows + D_A + db[None, :], mask=row_ok[:, None] & (db[None, :] < D_B), other=0.0)
+    dv = tl.arange(0, BLOCK_DV)
+
+    # Key range of this program: positions (or top-k slots) [lo, hi).
+    if USE_TOPK:
+        n_keys = num_keys_topk
+    else:
+        last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
+        n_keys = ctx_start + last_q + 1
+    lo = split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(n_keys, lo + tiles_per_split * BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        if USE_TOPK:
+            # All rows of a top-k program belong to one token (BLOCK_Q == 1).
+            pos = tl.load(topk_ptr + (q_start + q_tile).to(tl.int64) * stride_tt + n, mask=n_ok, other=-1)
+            n_ok = n_ok & (pos >= 0)
+            pos = tl.where(n_ok, pos, 0)
+        else:
+            pos = n
+        blk = tl.load(bt_row + pos // block_size, mask=n_ok, other=0).to(tl.int64)
+        slot_off = (pos % block_size).to(tl.int64)
+        k_rows = k_ptr + blk * stride_kb + slot_off * stride_ks + kv_head * stride_kh
+        ka = tl.load(k_rows[:, None] + da[None, :], mask=n_ok[:, None] & (da[None, :] < D_A), other=0.0)
+        if DOT_F32:
+            s = tl.dot(qa.to(tl.float32), tl.trans(ka.to(tl.float32)))
+        else:
+            s = tl.dot(qa, tl.trans(ka))
+        if D_B > 0:
+            kb = tl.load(k_rows[:, None] + D_A + db[None, :], mask=n_ok[:, None] & (db[None, :] < D_B), other=0.0)
+            if DOT_F32:
+                s += tl.dot(qb.to(tl.float32), tl.trans(kb.to(tl.float32)))
+            else:
+                s += tl.dot(qb, tl.trans(kb))
+        visible = row_ok[:, None] & n_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s * qk_scale, float("-inf"))   # qk_scale includes log2(e): exp2 below
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_IS_K:
+            v = ka
+        else:
+            v_rows = v_ptr + blk * stride_vb + slot_off * stride_vs + kv_head * stride_vh
+            v = tl.load(v_rows[:, None] + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < D_V), other=0.0)
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    o_mask = row_ok[:, None] & (dv[None, :] < D_V)
+    o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + dv[None, :]
+    if SPLIT:
+        tl.store(o_ptrs + split * stride_os, o, mask=o_mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(lse_ptr + tok * stride_lt + head.to(tl.int64) * stride_lh + split, lse, mask=row_ok)
+    else:
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, lse_ptr, out_ptr, num_heads, num_splits,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+    D_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = (pid // num_heads).to(tl.int64)
+    h = (pid % num_heads).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    dv = tl.arange(0, BLOCK_DV)
+    lse = tl.load(lse_ptr + t * stride_lt + h * stride_lh + sp, mask=sp < num_splits, other=float("-inf"))
+    mx = tl.max(lse, 0)      # finite: split 0 always holds the query's own key
+    w = tl.exp2(lse - mx)
+    parts = tl.load(part_ptr + t * stride_pt + h * stride_ph + sp[:, None] * stride_ps + dv[None, :],
+                    mask=(sp[:, None] < num_splits) & (dv[None, :] < D_V), other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < D_V)
+
+
+def _attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
+    *, num_kv_heads: int, d_a: int, d_b: int, d_v: int, v_is_k: bool, heads_per_prog: int,
+    topk_indices: torch.Tensor | None, block_n: int, num_warps: int, max_rows: int,
+    kv_strides: tuple[int, int, int], v_strides: tuple[int, int, int],
+) -> torch.Tensor:
+    if ctx.block_tables is None:
+        raise ValueError("Triton paged attention needs ctx.block_tables (a context with a KV cache)")
+    T, Hq, _ = q.shape
+    out = torch.empty(T, Hq, d_v, dtype=q.dtype, device=q.device)
+    S = ctx.num_seqs
+    if T == 0 or S == 0:
+        return out
+    group = Hq // num_kv_heads
+    heads = min(heads_per_prog, group)
+    num_head_blocks = triton.cdiv(group, heads)
+    max_q = ctx.max_query_len or max(ctx.query_lens)
+    if topk_indices is not None:
+        block_q = 1
+        max_keys = topk_indices.shape[1]
+    else:
+        # Prefill: several query tokens per program so each K/V tile feeds up to max_rows rows of the dot.
+        block_q = 1 if max_q == 1 else max(1, max_rows // heads)
+        max_keys = ctx.max_seq_len or max(ctx.seq_lens)
+    block_m = max(16, next_power_of_2(block_q * heads))
+    q_tiles = triton.cdiv(max_q, block_q)
+    base_programs = S * q_tiles * num_kv_heads * num_head_blocks
+    n_tiles = max(1, triton.cdiv(max_keys, block_n))
+    num_splits = ctx.extra.get("num_kv_splits") if ctx.extra else None
+    if num_splits is None:
+        # Split only when the grid would leave SMs idle, and keep >= 4 tiles per split to amortise the merge.
+        want = triton.cdiv(2 * _num_sms(q.device), base_programs)
+        num_splits = max(1, min(want, n_tiles // 4, 64))
+    num_splits = max(1, min(int(num_splits), n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, num_splits)
+    num_splits = triton.cdiv(n_tiles, tiles_per_split)
+    split = num_splits > 1
+    if split:
+        part = torch.empty(T, Hq, num_splits, d_v, dtype=torch.float32, device=q.device)
+        lse = torch.empty(T, Hq, num_splits, dtype=torch.float32, device=q.device)
+        o_buf, o_strides, l_strides = part, (part.stride(0), part.stride(1), part.stride(2)), (lse.stride(0), lse.stride(1))
+    else:
+        lse = out  # unused
+        o_buf, o_strides, l_strides = out, (out.stride(0), out.stride(1), 0), (0, 0)
+    topk = topk_indices if topk_indices is not None else ctx.seq_lens_t
+    topk_stride = topk_indices.stride(0) if topk_indices is not None else 0
+    bt = ctx.block_tables
+    grid = (S, q_tiles, num_kv_heads * num_head_blocks * num_splits)
+    _paged_attn_kernel[grid](
+        q, k_cache, v_cache, o_buf, lse,
+        bt, ctx.seq_lens_t, ctx.query_start_loc, topk,
+        float(scale) * _LOG2E, group, ctx.block_size, max_keys, tiles_per_split, num_head_blocks, num_splits,
+        q.stride(0), q.stride(1),
+        *kv_strides, *v_strides,
+        *o_strides, *l_strides,
+        bt.stride(0), topk_stride,
+        D_A=d_a, D_B=d_b, D_V=d_v,
+        BLOCK_DA=max(16, next_power_of_2(d_a)), BLOCK_DB=max(16, next_power_of_2(max(d_b, 1))),
+        BLOCK_DV=max(16, next_power_of_2(d_v)),
+        BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
+        V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, DOT_F32=interpreting(),
+        num_warps=num_warps,
+    )
+    if split:
+        _combine_kernel[(T * Hq,)](
+            part, lse, out, Hq, num_splits,
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=next_power_of_2(d_v), num_warps=4,
+        )
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
+                    scale: float) -> torch.Tensor:
+    """GQA attention of q [T, Hq, D] over k_cache / v_cache [num_blocks, block_size, Hkv, D(v)] -> [T, Hq, Dv]."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    Dv = v_cache.shape[3]
+    if Hq % Hkv != 0:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return _attend(
+        q, k_cache, v_cache, ctx, scale,
+        num_kv_heads=Hkv, d_a=D, d_b=0, d_v=Dv, v_is_k=False, heads_per_prog=64,
+        topk_indices=None, block_n=64 if D <= 128 else 32, num_warps=4, max_rows=64,
+        kv_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
+        v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+    )
+
+
+def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionContext, scale: float,
+                  kv_lora_rank: int, topk_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Absorbed MLA: q [T, H, L + R] against keys [c | k_pe] and values c of latent_cache
+    [num_blocks, block_size, L + R] -> [T, H, L]; ``topk_indices`` [T, k] (DSA) restricts the keys."""
+    T, H, D = q.shape
+    L = kv_lora_rank
+    R = D - L
+    if latent_cache.shape[-1] != D:
+        raise ValueError(f"latent cache width {latent_cache.shape[-1]} != query width {D}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if topk_indices is not None and topk_indices.stride(-1) != 1:
+        topk_indices = topk_indices.contiguous()
+    kv_strides = (latent_cache.stride(0), latent_cache.stride(1), 0)
+    big = L > 256   # 512-wide latents: smaller key tiles, more warps, to hold [rows, 512] accumulators
+    return _attend(
+        q, latent_cache, latent_cache, ctx, scale,
+        num_kv_heads=1, d_a=L, d_b=R, d_v=L, v_is_k=True, heads_per_prog=16,
+        topk_indices=topk_indices, block_n=32 if big else 64, num_warps=8 if big else 4,
+        max_rows=32 if big else 64,
+        kv_strides=kv_strides, v_strides=kv_strides,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache write
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _write_kv_kernel(cache_ptr, values_ptr, slot_ptr, width, stride_vt, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:        # padded token (CUDA-graph batch padding): nothing to write
+        return
+    c = cb * BLOCK + tl.arange(0, BLOCK)
+    mask = c < width
+    v = tl.load(values_ptr + t.to(tl.int64) * stride_vt + c, mask=mask)
+    tl.store(cache_ptr + slot * width + c, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+    """cache.view(num_slots, ...)[slot_mapping[t]] = values[t] for every token t (negative slots skipped)."""
+    T = values.shape[0]
+    if T == 0:
+        return
+    if not cache.is_contiguous():
+        raise ValueError("write_kv needs a contiguous cache")
+    width = math.prod(cache.shape[2:])
+    if math.prod(values.shape[1:]) != width:
+        raise ValueError(f"values {tuple(values.shape)} do not match cache slots {tuple(cache.shape[2:])}")
+    v2 = values.reshape(T, width)
+    if v2.stride(-1) != 1:
+        v2 = v2.contiguous()
+    block = min(1024, next_power_of_2(width))
+    _write_kv_kernel[(T, triton.cdiv(width, block))](
+        cache, v2, slot_mapping, width, v2.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 1,
+    )

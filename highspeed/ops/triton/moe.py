@@ -1,0 +1,387 @@
+"""Mixture-of-experts kernels: routing (``select_experts``) and the routed expert MLP (``moe_experts``).
+
+``select_experts`` is one program per token: scoring, bias, group selection, top-k, renormalisation and scaling
+all happen in registers, so the router costs one read of the logits and one write of ``k`` pairs.
+
+``moe_experts`` has two paths, chosen on the host from the token count alone (no device sync):
+
+* **GEMV path** (decode, few tokens): one program per (token, slot, row block) reads only the rows of the selected
+  expert; gate and up rows are read in the same loop and SiLU(gate) * up is applied before the single store.
+  The down projection is one program per (token, output block) that loops over the token's ``k`` experts and
+  accumulates the routing-weighted sum in registers, so the per-expert outputs never touch memory and the sum is
+  deterministic (no atomics).
+* **Grouped path** (prefill, many tokens): (token, slot) pairs are sorted by expert id and padded so that each
+  block of ``BLOCK_M`` rows belongs to one expert; two grouped GEMMs (tensor cores via ``tl.dot``) compute the
+  fused gate/up/SiLU and the weighted down projection; the ``k`` weighted outputs of each token are then summed
+  in a fixed order.
+
+``GEMV_MAX_TOKENS`` is the switch point between them, measured on the GPU (see benchmarks/KERNEL_NOTES.md).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from highspeed.ops.triton import interpreting, next_power_of_2
+
+# Largest token count that takes the GEMV path; above it tokens are grouped by expert.
+# Set from the H200 measurement in benchmarks/KERNEL_NOTES.md.
+GEMV_MAX_TOKENS: int = 16
+
+# Launch shapes, kept here so benchmarks can override them without touching the kernels.
+GEMV_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
+GEMV_DOWN = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
+GROUPED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _select_experts_kernel(
+    logits_ptr, bias_ptr, w_out_ptr, id_out_ptr,
+    stride_lt, n_group, per_group, scaling,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    # The expert axis is viewed as [group, expert-in-group] so group selection needs no reshape.
+    g = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_PG)
+    valid = (g[:, None] < n_group) & (j[None, :] < per_group)
+    flat = g[:, None] * per_group + j[None, :]
+    logits = tl.load(logits_ptr + row * stride_lt + flat, mask=valid, other=float("-inf")).to(tl.float32)
+
+    if SIGMOID:
+        scores = tl.sigmoid(logits)
+    else:
+        mx = tl.max(tl.max(logits, 1), 0)
+        ex = tl.where(valid, tl.exp(logits - mx), 0.0)
+        scores = ex / tl.sum(tl.sum(ex, 1), 0)
+    sel = scores
+    if HAS_BIAS:
+        # The correction bias steers which experts are chosen; the weights stay the unbiased scores.
+        sel = sel + tl.load(bias_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    sel = tl.where(valid, sel, float("-inf"))
+
+    if USE_GROUPS:
+        # Group score = sum of the group's two best biased scores; keep the TOPK_GROUP best groups.
+        top1 = tl.max(sel, 1)
+        first = tl.min(tl.where(sel == top1[:, None], j[None, :], BLOCK_PG), 1)
+        top2 = tl.max(tl.where(j[None, :] == first[:, None], float("-inf"), sel), 1)
+        gscore = tl.where(g < n_group, top1 + top2, float("-inf"))
+        keep = g < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            gbest = tl.max(gscore, 0)
+            gi = tl.min(tl.where(gscore == gbest, g, BLOCK_G), 0)
+            keep = keep | (g == gi)
+            gscore = tl.where(g == gi, float("-inf"), gscore)
+        sel = tl.where(keep[:, None], sel, float("-inf"))
+
+    kk = tl.arange(0, BLOCK_K)
+    wvec = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
+    big = BLOCK_G * BLOCK_PG
+    for i in tl.static_range(TOP_K):
+        best = tl.max(tl.max(sel, 1), 0)
+        # Lowest index among ties, like torch.topk on distinct values.
+        fi = tl.min(tl.min(tl.where(sel == best, flat, big), 1), 0)
+        hit = flat == fi
+        w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), 1), 0)
+        wvec = tl.where(kk == i, w, wvec)
+        ivec = tl.where(kk == i, fi, ivec)
+        sel = tl.where(hit, float("-inf"), sel)
+    if RENORM:
+        wvec = wvec / (tl.sum(wvec, 0) + 1e-20)
+    wvec = wvec * scaling
+    out_mask = kk < TOP_K
+    tl.store(w_out_ptr + row * TOP_K + kk, wvec, mask=out_mask)
+    tl.store(id_out_ptr + row * TOP_K + kk, ivec, mask=out_mask)
+
+
+def select_experts(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing in one launch: returns (weights [T, k] fp32, expert ids [T, k] int32), best expert first."""
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown scoring function {scoring!r}; expected 'softmax' or 'sigmoid'")
+    T, E = router_logits.shape
+    if E % n_group != 0:
+        raise ValueError(f"{E} experts do not split into {n_group} groups")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k} must be in [1, {E}]")
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return weights, ids
+    per_group = E // n_group
+    use_groups = n_group > 1
+    bias = correction_bias if correction_bias is not None else logits  # dummy pointer when absent
+    _select_experts_kernel[(T,)](
+        logits, bias, weights, ids,
+        logits.stride(0), n_group, per_group, float(routed_scaling_factor),
+        TOP_K=top_k, TOPK_GROUP=topk_group if use_groups else 1, BLOCK_K=next_power_of_2(top_k),
+        BLOCK_G=next_power_of_2(n_group), BLOCK_PG=next_power_of_2(per_group),
+        SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, USE_GROUPS=use_groups,
+        RENORM=bool(renormalize), num_warps=4 if E >= 256 else 2,
+    )
+    return weights, ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experts, GEMV path: only the selected experts' rows are read, once per (token, slot).
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gemv_gate_up_silu_kernel(
+    x_ptr, w13_ptr, ids_ptr, act_ptr,
+    H, I,
+    stride_xt, stride_we, stride_wn, stride_at,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)             # token * TOP_K + slot
+    nb = tl.program_id(1)
+    t = pair // TOP_K
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < I
+    w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
+    w_up = w_gate + I * stride_wn                    # up rows follow the I gate rows
+    x_row = x_ptr + t.to(tl.int64) * stride_xt
+    # 2-D accumulators: one reduction at the end instead of one per K step.
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
+        m2 = nmask[:, None] & kmask[None, :]
+        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc_g += wg * xv[None, :]
+        acc_u += wu * xv[None, :]
+    gate = tl.sum(acc_g, 1)
+    up = tl.sum(acc_u, 1)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(act_ptr + pair.to(tl.int64) * stride_at + n, act.to(act_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _gemv_down_weighted_kernel(
+    act_ptr, w2_ptr, ids_ptr, wts_ptr, out_ptr,
+    H, I,
+    stride_at, stride_we, stride_wn, stride_ot,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0)
+    nb = tl.program_id(1)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < H
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for slot in range(TOP_K):
+        pair = t * TOP_K + slot
+        e = tl.load(ids_ptr + pair).to(tl.int64)
+        wt = tl.load(wts_ptr + pair).to(tl.float32)
+        w_rows = w2_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
+        a_row = act_ptr + pair.to(tl.int64) * stride_at
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < I
+            a = tl.load(a_row + k, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += w * a[None, :]
+        out += wt * tl.sum(acc, 1)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + n, out.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+def _moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+    T, H = x.shape
+    I = w2.shape[2]
+    k = ids.shape[1]
+    act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    cfg = GEMV_GATE_UP
+    _gemv_gate_up_silu_kernel[(T * k, triton.cdiv(I, cfg["BLOCK_N"]))](
+        x, w13, ids, act, H, I,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    cfg = GEMV_DOWN
+    _gemv_down_weighted_kernel[(T, triton.cdiv(H, cfg["BLOCK_N"]))](
+        act, w2, ids, weights, out, H, I,
+        act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        TOP_K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experts, grouped path: pairs sorted by expert, grouped GEMMs on tensor cores.
+# ----------------------------------------------------------------------------------------------------------------
+
+def align_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert and pad each expert's run to a multiple of ``block_m``.
+
+    Returns ``sorted_pairs`` [max_blocks * block_m] (pair index ``token * k + slot``; ``T * k`` marks padding) and
+    ``block_expert`` [max_blocks] (the expert of each block, -1 past the end). Sizes are upper bounds known on
+    the host, so nothing is read back and the whole thing can be captured in a CUDA graph.
+    """
+    flat = ids.reshape(-1).to(torch.int64)
+    P = flat.numel()
+    dev = flat.device
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    start = torch.cumsum(counts, 0) - counts
+    sorted_e = flat[order]
+    dest = padded_start[sorted_e] + torch.arange(P, device=dev) - start[sorted_e]
+    max_blocks = triton.cdiv(P, block_m) + min(num_experts, P)
+    sorted_pairs = torch.full((max_blocks * block_m,), P, dtype=torch.int32, device=dev)
+    sorted_pairs[dest] = order.to(torch.int32)
+    block_start = torch.arange(max_blocks, device=dev, dtype=torch.int64) * block_m
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_start < padded_end[-1], block_expert, -1).to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+@triton.jit
+def _grouped_gate_up_silu_kernel(
+    x_ptr, w13_ptr, sorted_pairs_ptr, block_expert_ptr, act_ptr,
+    num_pairs, H, I,
+    stride_xt, stride_we, stride_wn, stride_at,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + m)
+    mmask = pairs < num_pairs
+    tok = (pairs // TOP_K).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < I
+    a_rows = x_ptr + tok[:, None] * stride_xt
+    wg_cols = w13_ptr + e.to(tl.int64) * stride_we + n[None, :].to(tl.int64) * stride_wn
+    wu_cols = wg_cols + I * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        a = tl.load(a_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        bmask = kmask[:, None] & nmask[None, :]
+        bg = tl.load(wg_cols + k[:, None], mask=bmask, other=0.0)
+        bu = tl.load(wu_cols + k[:, None], mask=bmask, other=0.0)
+        if DOT_F32:
+            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    out_ptrs = act_ptr + pairs[:, None].to(tl.int64) * stride_at + n[None, :]
+    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _grouped_down_weighted_kernel(
+    act_ptr, w2_ptr, sorted_pairs_ptr, block_expert_ptr, wts_ptr, out_ptr,
+    num_pairs, H, I,
+    stride_at, stride_we, stride_wn, stride_op,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + m)
+    mmask = pairs < num_pairs
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < H
+    a_rows = act_ptr + pairs[:, None].to(tl.int64) * stride_at
+    w_cols = w2_ptr + e.to(tl.int64) * stride_we + n[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < I
+        a = tl.load(a_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_cols + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if DOT_F32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    wt = tl.load(wts_ptr + pairs, mask=mmask, other=0.0).to(tl.float32)
+    acc = acc * wt[:, None]
+    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_op + n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def _moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                 ids: torch.Tensor) -> torch.Tensor:
+    T, H = x.shape
+    E, _, I = w2.shape
+    k = ids.shape[1]
+    P = T * k
+    cfg = GROUPED
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    sorted_pairs, block_expert = align_pairs_by_expert(ids, E, bm)
+    nblocks = block_expert.numel()
+    act = torch.empty(P, I, dtype=x.dtype, device=x.device)
+    _grouped_gate_up_silu_kernel[(nblocks, triton.cdiv(I, bn))](
+        x, w13, sorted_pairs, block_expert, act, P, H, I,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=interpreting(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    # Per-pair weighted outputs in fp32, then a fixed-order sum over the k slots: deterministic, no atomics.
+    per_pair = torch.empty(P, H, dtype=torch.float32, device=x.device)
+    _grouped_down_weighted_kernel[(nblocks, triton.cdiv(H, bn))](
+        act, w2, sorted_pairs, block_expert, weights, per_pair, P, H, I,
+        act.stride(0), w2.stride(0), w2.stride(1), per_pair.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=interpreting(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return per_pair.view(T, k, H).sum(dim=1).to(x.dtype)
+
+
+def moe_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+) -> torch.Tensor:
+    """sum_j weights[t, j] * W2[ids[t, j]] @ (silu(gate) * up)(W13[ids[t, j]] @ x[t]), -> [T, H] in x.dtype."""
+    T, H = x.shape
+    E, two_i, H_w = w13.shape
+    if H_w != H or w2.shape[0] != E or w2.shape[1] != H or 2 * w2.shape[2] != two_i:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    if T == 0:
+        return x.new_empty(0, H)
+    # Kernels assume unit stride along the reduction axis.
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    ids = ids.to(torch.int32).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    if T <= GEMV_MAX_TOKENS:
+        return _moe_gemv(x, w13, w2, weights, ids)
+    return _moe_grouped(x, w13, w2, weights, ids)

@@ -1,0 +1,81 @@
+"""RMSNorm, and RMSNorm fused with the residual add that precedes it in every decoder block.
+
+One program per row; the row stays in registers between the sum of squares and the scaling, so ``rms_norm``
+reads x once and writes y once, and ``add_rms_norm`` reads x and residual once and writes the sum and y once
+(three round trips through memory instead of the five the unfused add + norm need).
+Rounding follows transformers' RMSNorm: statistics in fp32, the normalised row cast back to the input dtype,
+then multiplied by the weight.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from highspeed.ops.triton import next_power_of_2
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr,
+    N, eps,
+    stride_x, stride_r, stride_y, stride_s,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        # Round the sum to the model dtype first: the residual stream is stored in that dtype.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    shape = x.shape
+    N = shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, N)
+    if residual is not None:
+        r2 = residual.reshape(-1, N)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        s = torch.empty(shape, dtype=x.dtype, device=x.device)
+        s2 = s.view(-1, N)
+    else:
+        r2, s, s2 = x2, None, y2  # unused pointers
+    if rows == 0:
+        return y, s
+    block = next_power_of_2(N)
+    num_warps = 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+    _rms_norm_kernel[(rows,)](
+        x2, r2, weight, y2, s2, N, float(eps),
+        x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+    )
+    return y, s
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass."""
+    y, s = _launch(x, residual, weight, eps)
+    assert s is not None
+    return y, s

@@ -1,0 +1,203 @@
+"""Rotary position embedding (NeoX half-split or interleaved GPT-J pairs, full or partial), and RoPE fused
+with the KV-cache write.
+
+``rope`` reads each row once and writes the rotated copy once (the torch reference makes about five passes:
+gather, float, rotate, cat, cast). ``rope_and_write_kv`` rotates q and k, and stores the rotated k and v straight
+into their cache slots in the same launch, so the new keys never make a separate trip through ``write_kv``.
+MLA uses it too: its "k" is k_pe [T, 1, R] and its "v" the latent c [T, 1, L], with ``k_cache`` / ``v_cache``
+views ``latent_cache[..., L:]`` / ``latent_cache[..., :L]`` of the one cache tensor.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from highspeed.ops.triton import next_power_of_2
+
+
+@triton.jit
+def _rotate_row(src, dst, dst2, cos, sin, D, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE2: tl.constexpr):
+    """Rotate one head row ``src[:2*HALF]``, copy ``src[2*HALF:D]``; store to dst (and dst2 when WRITE2)."""
+    i = tl.arange(0, BLOCK_HALF)
+    m = i < HALF
+    if INTERLEAVED:
+        i1 = 2 * i
+        i2 = 2 * i + 1
+    else:
+        i1 = i
+        i2 = i + HALF
+    x1 = tl.load(src + i1, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + i2, mask=m, other=0.0).to(tl.float32)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    tl.store(dst + i1, o1.to(dst.dtype.element_ty), mask=m)
+    tl.store(dst + i2, o2.to(dst.dtype.element_ty), mask=m)
+    if WRITE2:
+        # Round through the output dtype first so the cache holds exactly the returned k.
+        tl.store(dst2 + i1, o1.to(dst.dtype.element_ty).to(dst2.dtype.element_ty), mask=m)
+        tl.store(dst2 + i2, o2.to(dst.dtype.element_ty).to(dst2.dtype.element_ty), mask=m)
+    for p0 in range(2 * HALF, D, BLOCK_PASS):
+        p = p0 + tl.arange(0, BLOCK_PASS)
+        pm = p < D
+        v = tl.load(src + p, mask=pm)
+        tl.store(dst + p, v.to(dst.dtype.element_ty), mask=pm)
+        if WRITE2:
+            tl.store(dst2 + p, v.to(dst.dtype.element_ty).to(dst2.dtype.element_ty), mask=pm)
+
+
+@triton.jit
+def _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)
+    m = i < HALF
+    cos = tl.load(cs_ptr + pos * stride_cs + i, mask=m, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + i, mask=m, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, out_ptr, pos_ptr, cs_ptr,
+    num_heads, D, stride_xt, stride_xh, stride_ot, stride_oh, stride_cs,
+    HEADS_PER_PROG: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h0 = tl.program_id(1) * HEADS_PER_PROG
+    cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
+    for hh in range(HEADS_PER_PROG):
+        h = h0 + hh
+        if h < num_heads:
+            _rotate_row(x_ptr + t * stride_xt + h * stride_xh, out_ptr + t * stride_ot + h * stride_oh, out_ptr,
+                        cos, sin, D, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int,
+         interleaved: bool) -> torch.Tensor:
+    """Rotate ``x[..., :rotary_dim]`` of ``x[T, ..., D]`` by ``cos_sin[positions]``; a new tensor in x's dtype."""
+    T, D = x.shape[0], x.shape[-1]
+    if rotary_dim % 2 or rotary_dim > D:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head size {D}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    x3 = x.reshape(T, -1, D)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    o3 = out.view(T, -1, D)
+    H = x3.shape[1]
+    half = rotary_dim // 2
+    hpp = min(H, 4)
+    _rope_kernel[(T, triton.cdiv(H, hpp))](
+        x3, o3, positions, cos_sin, H, D,
+        x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), cos_sin.stride(0),
+        HEADS_PER_PROG=hpp, HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
+        BLOCK_PASS=max(16, min(256, next_power_of_2(max(D - rotary_dim, 1)))), INTERLEAVED=bool(interleaved),
+        num_warps=1,
+    )
+    return out
+
+
+@triton.jit
+def _rope_write_kernel(
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
+    num_q_heads, Dq, Dk, Dv,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_V: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
+    if h < num_q_heads:
+        _rotate_row(q_ptr + t * stride_qt + h * stride_qh, q_out_ptr + t * stride_qot + h * stride_qoh, q_out_ptr,
+                    cos, sin, Dq, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+    else:
+        kh = h - num_q_heads
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            _rotate_row(k_ptr + t * stride_kt + kh * stride_kh, k_out_ptr + t * stride_kot + kh * stride_koh,
+                        k_cache_ptr + slot * stride_kcs + kh * stride_kch,
+                        cos, sin, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, True)
+            for d0 in range(0, Dv, BLOCK_V):
+                d = d0 + tl.arange(0, BLOCK_V)
+                dm = d < Dv
+                v = tl.load(v_ptr + t * stride_vt + kh * stride_vh + d, mask=dm)
+                tl.store(v_cache_ptr + slot * stride_vcs + kh * stride_vch + d, v.to(v_cache_ptr.dtype.element_ty),
+                         mask=dm)
+        else:   # padded token: rotate k for the caller, write nothing
+            _rotate_row(k_ptr + t * stride_kt + kh * stride_kh, k_out_ptr + t * stride_kot + kh * stride_koh,
+                        k_out_ptr, cos, sin, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+
+
+def _cache_rows(cache: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    """View a paged cache (or a last-dim slice of one) as [num_slots, heads, width] without copying."""
+    rows = cache.view(cache.shape[0] * cache.shape[1], heads, width)
+    if rows.stride(-1) != 1:
+        raise ValueError("cache rows must be contiguous in their last dimension")
+    return rows
+
+
+def rope_and_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q' = rope(q); k' = rope(k); write_kv(k_cache, slots, k'); write_kv(v_cache, slots, v)``; returns (q', k').
+
+    q [T, Hq, Dq], k [T, Hk, Dk], v [T, Hk, Dv] (2-D [T, D] means one head); caches [num_blocks, block_size,
+    (Hk,) D], possibly last-dim slices of one tensor (MLA). Slots < 0 are skipped.
+    """
+    T = q.shape[0]
+    q3 = q.reshape(T, -1, q.shape[-1])
+    k3 = k.reshape(T, -1, k.shape[-1])
+    v3 = v.reshape(T, -1, v.shape[-1])
+    Hq, Hk = q3.shape[1], k3.shape[1]
+    if v3.shape[1] != Hk:
+        raise ValueError(f"k has {Hk} heads but v has {v3.shape[1]}")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T == 0:
+        return q_out, k_out
+    q3 = q3 if q3.stride(-1) == 1 else q3.contiguous()
+    k3 = k3 if k3.stride(-1) == 1 else k3.contiguous()
+    v3 = v3 if v3.stride(-1) == 1 else v3.contiguous()
+    qo, ko = q_out.view(T, Hq, -1), k_out.view(T, Hk, -1)
+    kc = _cache_rows(k_cache, Hk, k3.shape[2])
+    vc = _cache_rows(v_cache, Hk, v3.shape[2])
+    half = rotary_dim // 2
+    Dk, Dv = k3.shape[2], v3.shape[2]
+    _rope_write_kernel[(T, Hq + Hk)](
+        q3, k3, v3, qo, ko, kc, vc, positions, cos_sin, slot_mapping,
+        Hq, q3.shape[2], Dk, Dv,
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
+        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), cos_sin.stride(0),
+        HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
+        BLOCK_PASS=max(16, min(256, next_power_of_2(max(max(q3.shape[2], Dk) - rotary_dim, 1)))),
+        BLOCK_V=max(16, min(1024, next_power_of_2(Dv))), INTERLEAVED=bool(interleaved), num_warps=1,
+    )
+    return q_out, k_out
+
+
+def rope_and_write_kv_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``rope_and_write_kv``: the unfused ops (run with HIGHSPEED_DISABLE_TRITON=1 on CUDA)."""
+    from highspeed.ops.attention import write_kv as ref_write_kv
+    from highspeed.ops.rope import rope as ref_rope
+
+    q_out = ref_rope(q, positions, cos_sin, rotary_dim, interleaved)
+    k_out = ref_rope(k, positions, cos_sin, rotary_dim, interleaved)
+    T = q.shape[0]
+    k3, v3 = k_out.reshape(T, -1, k.shape[-1]), v.reshape(T, -1, v.shape[-1])
+    kc = _cache_rows(k_cache, k3.shape[1], k3.shape[2])
+    vc = _cache_rows(v_cache, v3.shape[1], v3.shape[2])
+    keep = slot_mapping >= 0
+    kc[slot_mapping[keep].long()] = k3[keep].to(kc.dtype)
+    vc[slot_mapping[keep].long()] = v3[keep].to(vc.dtype)
+    return q_out, k_out

@@ -1,0 +1,115 @@
+"""Triton MoE kernels (highspeed.ops.triton.moe) against the torch references in highspeed.ops.moe."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from highspeed.ops.moe import moe_experts as ref_moe_experts
+from highspeed.ops.moe import select_experts as ref_select_experts
+from tests.ops.conftest import DEVICE, HAS_CUDA, TOL, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(1234)
+
+
+ROUTING_CASES = [
+    # T, E, k, scoring, renormalize, bias, n_group, topk_group, scale
+    (5, 8, 2, "softmax", True, False, 1, 1, 1.0),
+    (3, 20, 3, "softmax", False, False, 1, 1, 1.0),
+    (4, 7, 1, "softmax", True, False, 1, 1, 1.0),
+    (6, 20, 4, "sigmoid", True, True, 1, 1, 1.8),
+    (3, 64, 6, "sigmoid", True, True, 8, 3, 2.5),
+    (2, 24, 5, "sigmoid", False, True, 4, 2, 1.0),
+    (1, 256, 8, "sigmoid", True, True, 1, 1, 2.5),
+]
+
+
+@pytest.mark.parametrize("T,E,k,scoring,renorm,bias,n_group,topk_group,scale", ROUTING_CASES)
+def test_select_experts(triton_module, reference, T, E, k, scoring, renorm, bias, n_group, topk_group, scale):
+    moe = triton_module("moe")
+    logits = torch.randn(T, E, device=DEVICE) * 3
+    b = torch.randn(E, device=DEVICE) * 0.5 if bias else None
+    args = (logits, k, scoring, renorm, b, n_group, topk_group, scale)
+    w, ids = moe.select_experts(*args)
+    w_ref, ids_ref = reference(ref_select_experts, *args)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_select_experts_groups_really_restrict(triton_module):
+    """With one dominant group, every chosen expert must come from the kept groups."""
+    moe = triton_module("moe")
+    logits = torch.randn(4, 32, device=DEVICE)
+    logits[:, 8:16] += 6.0  # group 1 of 4 wins
+    _, ids = moe.select_experts(logits, 4, "sigmoid", True, None, 4, 1, 1.0)
+    assert ((ids >= 8) & (ids < 16)).all()
+
+
+def _expert_weights(E: int, H: int, I: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    w13 = (torch.randn(E, 2 * I, H, device=DEVICE) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device=DEVICE) / I**0.5).to(dtype)
+    return w13, w2
+
+
+EXPERT_CASES = [
+    # T, E, H, I, k
+    (1, 8, 32, 16, 2),
+    (3, 5, 40, 24, 2),
+    (7, 6, 33, 17, 3),
+    (20, 9, 48, 40, 4),
+]
+
+
+@pytest.mark.parametrize("path", ["gemv", "grouped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,H,I,k", EXPERT_CASES)
+def test_moe_experts(triton_module, reference, monkeypatch, path, dtype, T, E, H, I, k):
+    moe = triton_module("moe")
+    if not HAS_CUDA:
+        # Small tiles keep the interpreter fast and still exercise partial tiles.
+        monkeypatch.setattr(moe, "GROUPED", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1))
+    monkeypatch.setattr(moe, "GEMV_MAX_TOKENS", 10**9 if path == "gemv" else 0)
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    w13, w2 = _expert_weights(E, H, I, dtype)
+    weights, ids = reference(ref_select_experts, torch.randn(T, E, device=DEVICE), k, "sigmoid", True, None, 1, 1, 2.5)
+    out = moe.moe_experts(x, w13, w2, weights, ids)
+    ref = reference(ref_moe_experts, x, w13, w2, weights, ids)
+    assert out.shape == (T, H) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+
+
+def test_align_pairs_by_expert(triton_module):
+    moe = triton_module("moe")
+    T, k, E, bm = 9, 3, 7, 4
+    ids = torch.stack([torch.randperm(E, device=DEVICE)[:k] for _ in range(T)]).int()
+    sorted_pairs, block_expert = moe.align_pairs_by_expert(ids, E, bm)
+    P = T * k
+    flat = ids.reshape(-1).long()
+    # Every pair appears exactly once; each block holds pairs of its own expert only; padding is P.
+    real = sorted_pairs[sorted_pairs < P].long()
+    assert torch.equal(real.sort().values, torch.arange(P, device=DEVICE))
+    blocks = sorted_pairs.view(-1, bm)
+    for b in range(blocks.shape[0]):
+        members = blocks[b][blocks[b] < P].long()
+        if block_expert[b] < 0:
+            assert members.numel() == 0
+        else:
+            assert members.numel() > 0 and (flat[members] == int(block_expert[b])).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("T", [1, 4, 64, 333])
+def test_moe_experts_model_sizes(triton_module, reference, T):
+    """Qwen3-30B-A3B expert sizes on both sides of the switch point."""
+    moe = triton_module("moe")
+    E, H, I, k = 128, 2048, 768, 8
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+    w13, w2 = _expert_weights(E, H, I, torch.bfloat16)
+    weights, ids = reference(ref_select_experts, torch.randn(T, E, device=DEVICE), k, "softmax", True)
+    out = moe.moe_experts(x, w13, w2, weights, ids)
+    ref = reference(ref_moe_experts, x, w13, w2, weights, ids)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
