@@ -1,0 +1,215 @@
+"""Attention modules: GQA (Llama/Qwen/Mixtral/GLM-4.x) and MLA (DeepSeek-V3, GLM-4.7-Flash, GLM-5) with the DSA
+lightning indexer. Each owns its KV cache: ``cache_spec()`` names the per-token shapes and the runner fills
+``self.kv_caches[name]`` with ``[num_blocks, block_size, *shape]`` tensors.
+
+Two modes, chosen by ``get_context().uses_cache``: cache-less (each sequence attends causally over its own step
+tokens; differentiable; used by oracle tests and training) and paged (write the new tokens at
+``ctx.slot_mapping``, then attend over the sequence's cached blocks).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from highspeed.context import AttentionContext, get_context
+from highspeed.models.layers import LayerNorm, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Sources
+from highspeed.ops import dsa_topk_indices, mla_attention, paged_attention, rope, write_kv
+from highspeed.ops.attention import causal_mask, dense_attention, indexer_topk, topk_mask
+
+
+def attention_without_cache(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, scale: float,
+    topk: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each sequence of the step attends causally over its own tokens only (optionally DSA-restricted)."""
+    outs, start = [], 0
+    for n in ctx.query_lens:
+        sl = slice(start, start + n)
+        allowed = causal_mask(n, n, q.device)
+        if topk is not None:
+            allowed = allowed & topk_mask(topk[sl], n)
+        outs.append(dense_attention(q[sl], k[sl], v[sl], scale, allowed))
+        start += n
+    return torch.cat(outs) if outs else q.new_empty(0, q.shape[1], v.shape[-1])
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional q/k/v bias, per-head QK RMSNorm (before RoPE) and partial RoPE."""
+
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: bool = False,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.qkv_proj = MergedLinear(
+            hidden,
+            [("q_proj", num_heads * head_dim), ("k_proj", num_kv_heads * head_dim), ("v_proj", num_kv_heads * head_dim)],
+            qkv_bias,
+        )
+        self.o_proj = Linear(num_heads * head_dim, hidden, o_bias)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.rotary = rotary
+        self.kv_caches: dict[str, torch.Tensor] = {}
+
+    def weight_sources(self) -> Sources:
+        return self.qkv_proj.sources_from_parent("qkv_proj")
+
+    def cache_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, aux: dict) -> torch.Tensor:
+        ctx = get_context()
+        t = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if ctx.uses_cache:
+            write_kv(self.kv_caches["k"], ctx.slot_mapping, k)
+            write_kv(self.kv_caches["v"], ctx.slot_mapping, v)
+            out = paged_attention(q, self.kv_caches["k"], self.kv_caches["v"], ctx, self.scale)
+        else:
+            out = attention_without_cache(q, k, v, ctx, self.scale)
+        return self.o_proj(out.reshape(t, -1))
+
+
+class Indexer(nn.Module):
+    """DSA lightning indexer (DeepSeek-V3.2 / GLM-5): picks the ``index_topk`` most relevant earlier tokens per
+    query; names match ``self_attn.indexer.{wq_b, wk, k_norm, weights_proj}``. RoPE goes on the FIRST
+    ``rope_dim`` dims here (MLA puts it last); GLM-5 interleaves it, DeepSeek-V3.2 uses NeoX."""
+
+    def __init__(self, hidden: int, q_lora_rank: int, n_heads: int, head_dim: int, rope_dim: int, topk: int,
+                 interleaved: bool):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim, self.topk = n_heads, head_dim, rope_dim, topk
+        self.interleaved = interleaved
+        self.wq_b = Linear(q_lora_rank, n_heads * head_dim)
+        self.wk = Linear(hidden, head_dim)
+        self.k_norm = LayerNorm(head_dim, eps=1e-6)
+        self.weights_proj = Linear(hidden, n_heads, dtype=torch.float32)  # kept fp32 like transformers
+
+    def forward(
+        self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+        ctx: AttentionContext, k_cache: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Writes this step's indexer keys (paged mode) and returns int32 ``[T, topk]`` positions, or None when
+        no sequence is longer than ``topk`` (then every causal token is selected and dense MLA is exact)."""
+        with torch.no_grad():
+            t = x.shape[0]
+            k = rope(self.k_norm(self.wk(x)), positions, cos_sin, self.rope_dim, self.interleaved)
+            if ctx.uses_cache:
+                write_kv(k_cache, ctx.slot_mapping, k)
+            longest = max(ctx.seq_lens if ctx.uses_cache else ctx.query_lens, default=0)
+            if longest <= self.topk:
+                return None
+            q = self.wq_b(q_latent).view(t, self.n_heads, self.head_dim)
+            q = rope(q, positions, cos_sin, self.rope_dim, self.interleaved)
+            w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5
+            scale = self.head_dim**-0.5
+            if ctx.uses_cache:
+                return dsa_topk_indices(q, w, k_cache, ctx, self.topk, scale)
+            outs, start = [], 0
+            for n in ctx.query_lens:
+                sl = slice(start, start + n)
+                outs.append(indexer_topk(q[sl], w[sl], k[sl], self.topk, scale))
+                start += n
+            return torch.cat(outs)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention. Caches only ``[kv_a_layernorm(c) (L) | rope(k_pe) (R)]`` per token; the paged
+    path runs the absorbed form (q_nope folded through W_UK, output through W_UV, both views of kv_b_proj), the
+    cache-less path expands keys/values. With an indexer (DSA) attention is restricted to its top-k; a layer
+    built with ``shares_topk=True`` (GLM-5.2 "shared" layers) reuses the previous full layer's choice."""
+
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        q_lora_rank: int | None,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        rotary: RotaryEmbedding,
+        scale: float,
+        bias: bool = False,
+        indexer: Indexer | None = None,
+        shares_topk: bool = False,
+    ):
+        super().__init__()
+        self.num_heads, self.kv_lora_rank = num_heads, kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.scale = scale
+        qk_dim = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank is None:
+            self.q_proj = Linear(hidden, num_heads * qk_dim)
+        else:
+            self.q_a_proj = Linear(hidden, q_lora_rank, bias)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, 1e-6)
+            self.q_b_proj = Linear(q_lora_rank, num_heads * qk_dim)
+        self.q_lora_rank = q_lora_rank
+        self.kv_a_proj_with_mqa = Linear(hidden, kv_lora_rank + qk_rope_head_dim, bias)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, 1e-6)
+        self.kv_b_proj = Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim))
+        self.o_proj = Linear(num_heads * v_head_dim, hidden, bias)
+        self.rotary = rotary
+        self.indexer = indexer
+        self.shares_topk = shares_topk
+        self.kv_caches: dict[str, torch.Tensor] = {}
+
+    def cache_spec(self) -> dict[str, tuple[int, ...]]:
+        spec = {"latent": (self.kv_lora_rank + self.rope_dim,)}
+        if self.indexer is not None:
+            spec["index_k"] = (self.indexer.head_dim,)
+        return spec
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, aux: dict) -> torch.Tensor:
+        ctx = get_context()
+        t, h = x.shape[0], self.num_heads
+        q_latent = None
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_latent)
+        q_nope, q_pe = q.view(t, h, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c = self.kv_a_layernorm(c)
+        q_pe, k_pe = self.rotary(q_pe, positions), self.rotary(k_pe, positions)
+
+        topk = None
+        if self.indexer is not None:
+            topk = self.indexer(x, q_latent, positions, self.rotary.cos_sin, ctx, self.kv_caches.get("index_k"))
+            aux["dsa_topk"] = topk
+        elif self.shares_topk:
+            topk = aux.get("dsa_topk")
+
+        if ctx.uses_cache:
+            cache = self.kv_caches["latent"]
+            write_kv(cache, ctx.slot_mapping, torch.cat([c, k_pe], dim=-1))
+            w_kv = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
+            q_abs = torch.cat([torch.einsum("thp,hpl->thl", q_nope, w_uk), q_pe], dim=-1)
+            out_latent = mla_attention(q_abs, cache, ctx, self.scale, self.kv_lora_rank, topk)
+            out = torch.einsum("thl,hvl->thv", out_latent, w_uv)
+        else:
+            k_nope, v = self.kv_b_proj(c).view(t, h, -1).split([self.nope_dim, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe[:, None, :].expand(t, h, self.rope_dim)], dim=-1)
+            out = attention_without_cache(torch.cat([q_nope, q_pe], dim=-1), k, v, ctx, self.scale, topk)
+        return self.o_proj(out.reshape(t, -1))

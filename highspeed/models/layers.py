@@ -1,0 +1,218 @@
+"""Building blocks shared by every family: linear/embedding without init, RMSNorm, RoPE, dense MLP, MoE, decoder
+layer. Parameters are created with ``torch.empty`` (no init cost): the loader fills them from the checkpoint, or
+``loader.build_model(random_init=True)`` initialises them. Module and parameter names follow the checkpoint names
+except where projections are fused; those modules declare ``weight_sources()`` (see ``base.py``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from highspeed.ops import add_rms_norm, build_cos_sin_cache, moe_experts, rms_norm, rope, select_experts, silu_and_mul
+
+# A weight source: (checkpoint name relative to the declaring module, index into the parameter).
+Source = tuple[str, tuple]
+# Per parameter, alternative checkpoint layouts; each alternative is a list of sources that together fill it.
+Sources = dict[str, list[list[Source]]]
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input stacked along the output dim (q|k|v, gate|up): one GEMM instead of
+    several. ``parts`` names the checkpoint projections (siblings of this module) and their widths."""
+
+    def __init__(self, in_features: int, parts: list[tuple[str, int]], bias: bool = False):
+        super().__init__(in_features, sum(n for _, n in parts), bias)
+        self.parts = parts
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        return list(y.split([n for _, n in self.parts], dim=-1))
+
+    def sources_from_parent(self, own_name: str) -> Sources:
+        out: Sources = {}
+        for pname in ["weight"] + (["bias"] if self.bias is not None else []):
+            alt, start = [], 0
+            for part, width in self.parts:
+                alt.append((f"{part}.{pname}", (slice(start, start + width),)))
+                start += width
+            out[f"{own_name}.{pname}"] = [alt]
+        return out
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``, or with a residual ``(norm(x + residual), x + residual)``."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def rope_parameters(config: Any, default_partial: float = 1.0) -> dict[str, Any]:
+    """RoPE settings from either config format: transformers 5.x ``rope_parameters`` or the older top-level
+    ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor``."""
+    p = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    p.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    p.setdefault("partial_rotary_factor", config.get("partial_rotary_factor", default_partial))
+    p["rope_type"] = p.get("rope_type") or p.get("type") or "default"
+    return p
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the fp32 cos/sin table (one per model, shared by its layers)."""
+
+    def __init__(self, rotary_dim: int, max_position: int, params: dict[str, Any], interleaved: bool):
+        super().__init__()
+        self.rotary_dim, self.interleaved = rotary_dim, interleaved
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        table = build_cos_sin_cache(rotary_dim, max_position, float(params["rope_theta"]), scaling, max_position)
+        self.register_buffer("cos_sin", table, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, interleaved: bool | None = None) -> torch.Tensor:
+        inter = self.interleaved if interleaved is None else interleaved
+        return rope(x, positions, self.cos_sin, self.rotary_dim, inter)
+
+
+class DenseMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with gate and up fused into one projection."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden, [("gate_proj", intermediate), ("up_proj", intermediate)], bias)
+        self.down_proj = Linear(intermediate, hidden, bias)
+
+    def weight_sources(self) -> Sources:
+        return self.gate_up_proj.sources_from_parent("gate_up_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Router(nn.Module):
+    """Expert router; weight and correction bias stay fp32 whatever the model dtype (router math is fp32)."""
+
+    def __init__(self, hidden: int, num_experts: int, correction_bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=torch.float32))
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.empty(num_experts, dtype=torch.float32), requires_grad=False)
+            if correction_bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class FusedExperts(nn.Module):
+    """All routed experts as two 3-D tensors (transformers 5.x layout): ``gate_up_proj[E, 2I, H]`` (gate rows then
+    up rows) and ``down_proj[E, H, I]``. Loads from per-expert checkpoint tensors or from the fused ones."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.num_experts, self.intermediate = num_experts, intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def weight_sources(self) -> Sources:
+        inter, rng = self.intermediate, range(self.num_experts)
+        gate_up = [(f"{j}.gate_proj.weight", (j, slice(0, inter))) for j in rng]
+        gate_up += [(f"{j}.up_proj.weight", (j, slice(inter, 2 * inter))) for j in rng]
+        return {
+            "gate_up_proj": [gate_up, [("gate_up_proj", ())]],
+            "down_proj": [[(f"{j}.down_proj.weight", (j,)) for j in rng], [("down_proj", ())]],
+        }
+
+
+class SparseMoE(nn.Module):
+    """Routed experts plus optional shared experts (DeepSeek/GLM); names match ``mlp.{gate,experts,shared_experts}``."""
+
+    def __init__(
+        self,
+        hidden: int,
+        num_experts: int,
+        intermediate: int,
+        top_k: int,
+        scoring: str = "softmax",
+        renormalize: bool = True,
+        correction_bias: bool = False,
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
+        shared_intermediate: int = 0,
+    ):
+        super().__init__()
+        self.top_k, self.scoring, self.renormalize = top_k, scoring, renormalize
+        self.n_group, self.topk_group, self.routed_scaling_factor = n_group or 1, topk_group or 1, routed_scaling_factor
+        self.gate = Router(hidden, num_experts, correction_bias)
+        self.experts = FusedExperts(num_experts, hidden, intermediate)
+        self.shared_experts = DenseMLP(hidden, shared_intermediate) if shared_intermediate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(
+            self.gate(x), self.top_k, self.scoring, self.renormalize, self.gate.e_score_correction_bias,
+            self.n_group, self.topk_group, self.routed_scaling_factor,
+        )
+        y = moe_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``, with the residual add fused into the next
+    norm: each layer takes and returns ``(hidden, residual)`` and the model's final norm does the last add."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, aux: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, aux)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
