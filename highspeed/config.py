@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -89,7 +89,7 @@ class EngineConfig:
     max_wait_steps: int = 64               # bound on how long prefix-aware ordering may delay a request
     enforce_eager: bool = False            # no CUDA graphs
     use_triton: bool = True                # Triton kernels on CUDA (off = plain torch path)
-    async_scheduling: bool = True          # enqueue step N+1 before reading step N's tokens (CUDA only)
+    async_scheduling: bool | None = None   # enqueue step N+1 before reading step N's tokens (None: on CUDA)
     speculative_tokens: int = 0            # MTP draft tokens per step (0 = off)
     tokenizer: str | None = None           # defaults to the model folder
     load_progress: bool = True

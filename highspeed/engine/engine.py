@@ -16,7 +16,7 @@ import torch
 from highspeed.config import EngineConfig, HFConfig
 from highspeed.engine.kv_cache import BlockPool, cache_bytes_per_token
 from highspeed.engine.request import Request, Sequence
-from highspeed.engine.runner import ModelRunner, SampleResult, SampleSpec
+from highspeed.engine.runner import InFlight, ModelRunner, SampleResult, SampleSpec
 from highspeed.engine.scheduler import Scheduler, SchedulerOutput
 from highspeed.outputs import CompletionOutput, Logprob, RequestOutput, Usage
 from highspeed.sampling import SamplingParams
@@ -132,6 +132,9 @@ class LLMEngine:
         self.finished_requests = 0
         self.merged_requests = 0
         self.host_time_s = 0.0   # scheduling and output processing, per step outside the runner
+        # Overlap (async scheduling): keep one step in flight. On by default on CUDA, where it hides host time.
+        self.overlap = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        self._inflight: InFlight | None = None
 
     # -- KV cache sizing --------------------------------------------------------------------------------------
     def _size_kv_cache(self) -> int:
@@ -254,43 +257,78 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.subscribers)
 
+    def drain(self) -> list[RequestOutput]:
+        """Read back the step in flight, if any (e.g. before inspecting state in tests)."""
+        prev, self._inflight = self._inflight, None
+        return self._complete(prev) if prev is not None else []
+
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs the host learned of in it.
+
+        With overlap on, a pure-decode step is enqueued *before* the previous step's tokens are read back: its
+        inputs for those tokens come straight from the device, the host's bookkeeping holds a placeholder (-1)
+        until the read, and a stop noticed then drops the one extra token the sequence already ran.
+        """
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
+        outs: list[RequestOutput] = []
         if out.is_empty:
-            return []
+            return self._complete(prev) if prev is not None else []
         specs, owners = self._sample_specs(out)
+        overlap = prev is not None and len(specs) == len(out.items) and all(
+            it.num_new_tokens == 1 for it in out.items)
+        if prev is not None and not overlap:
+            outs = self._complete(prev)
+            out.items = [it for it in out.items if not it.seq.is_finished]
+            if out.is_empty:
+                return outs
+            specs, owners = self._sample_specs(out)
         t1 = time.perf_counter()
-        results = self.runner.execute(out, specs)
+        flight = self.runner.launch(out, specs, owners, prev if overlap else None)
         t2 = time.perf_counter()
-        outs = self._process(out, specs, owners, results)
+        self.scheduler.update(out)
+        self.num_steps += 1
+        if self.overlap:
+            for seq in dict.fromkeys(owners):     # one placeholder per sequence, even when it forks
+                seq.token_ids.append(-1)
+                seq.num_placeholders += 1
+            self._inflight = flight
+            if overlap:
+                outs = self._complete(prev)   # the device is busy with this step meanwhile
+        else:
+            outs = self._process(flight, self.runner.collect(flight))
         self.host_time_s += (t1 - t0) + (time.perf_counter() - t2)
         return outs
 
-    def _process(self, out: SchedulerOutput, specs: list[SampleSpec], owners: list[Sequence],
-                 results: list[SampleResult]) -> list[RequestOutput]:
-        self.scheduler.update(out)
-        self.num_steps += 1
+    def _complete(self, flight: InFlight) -> list[RequestOutput]:
+        return self._process(flight, self.runner.collect(flight))
+
+    def _process(self, flight: InFlight, results: list[SampleResult]) -> list[RequestOutput]:
+        specs, owners = flight.specs, flight.owners
         now = time.monotonic()
         touched: dict[int, Request] = {}
         i = 0
         while i < len(specs):
             seq = owners[i]
             req = seq.request
+            width = req.params.n if (req.params.n > 1 and not req.forked) else 1
+            if seq.is_finished:          # stopped (or aborted) while this step was in flight: drop its token
+                i += width
+                continue
             touched[id(req)] = req
-            if req.params.n > 1 and not req.forked:
-                group = results[i:i + req.params.n]
-                children = self.scheduler.fork(seq, req.params.n, [_mix_seed(req.base_seed, k)  # type: ignore[attr-defined]
-                                                                   for k in range(req.params.n)])
+            if width > 1:
+                group = results[i:i + width]
+                children = self.scheduler.fork(seq, width, [_mix_seed(req.base_seed, k)  # type: ignore[attr-defined]
+                                                             for k in range(width)])
                 for child in children:
                     child.detok = self._detokenizer(req.prompt_token_ids, req.params.skip_special_tokens)
                 for s, r in zip([seq] + children, group):
                     self._append(s, r, now)
-                i += req.params.n
             else:
                 self._append(seq, results[i], now)
-                i += 1
+            i += width
         return self._outputs(touched.values(), now)
 
     def _sample_specs(self, out: SchedulerOutput) -> tuple[list[SampleSpec], list[Sequence]]:
@@ -310,7 +348,14 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, r: SampleResult, now: float) -> None:
         req, p = seq.request, seq.request.params
-        seq.token_ids.append(r.token)
+        if seq.num_placeholders:
+            idx = len(seq.token_ids) - seq.num_placeholders
+            seq.token_ids[idx] = r.token
+            seq.num_placeholders -= 1
+            self.scheduler.register_full_blocks(seq)
+        else:
+            idx = len(seq.token_ids)
+            seq.token_ids.append(r.token)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         req.metrics.last_token_time = now
@@ -325,7 +370,7 @@ class LLMEngine:
             seq.cumulative_logprob += r.logprob
         # Stop conditions, token-level first.
         t = r.token
-        n_out = seq.num_output_tokens
+        n_out = idx + 1 - seq.num_prompt_tokens
         if n_out >= p.min_tokens:
             if t in p.stop_token_ids:
                 seq.detok.flush()
@@ -340,7 +385,7 @@ class LLMEngine:
                 cut, s = hit
                 seq.detok.text = seq.detok.text[:cut]
                 return self._finish(seq, "stop", s, now)
-        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if n_out >= p.max_tokens or idx + 1 >= self.max_model_len:
             seq.detok.flush()
             return self._finish(seq, "length", None, now)
 
@@ -354,7 +399,7 @@ class LLMEngine:
         return best
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, now: float) -> None:
-        self.scheduler.finish(seq, reason, stop_reason)
+        self.scheduler.finish(seq, reason, stop_reason)   # also drops placeholders of a step still in flight
         if seq.request.is_finished:
             seq.request.metrics.finished_time = now
 

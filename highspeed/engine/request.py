@@ -51,6 +51,7 @@ class Sequence:
     detok: "IncrementalDetokenizer | None" = None
     text: str = ""
     num_preemptions: int = 0
+    num_placeholders: int = 0                    # trailing token ids sampled on the device, not yet read back
 
     @property
     def num_tokens(self) -> int:

@@ -6,7 +6,8 @@ and (on CUDA) the captured decode graphs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,25 +99,24 @@ class CudaGraphDecoder:
                 return s
         return None
 
-    def run(self, ids: list[int], pos: list[int], slots: list[int], tables: list[list[int]],
+    def run(self, ids: torch.Tensor, pos: list[int], slots: list[int], tables: list[list[int]],
             seq_lens: list[int], runner: "ModelRunner") -> torch.Tensor:
         t0 = time.perf_counter()
-        b = len(ids)
+        b = len(pos)
         g = self.size_for(b)
         assert g is not None
-        dev = self.runner.device
         # One host->device copy per buffer; padding rows keep slot -1 and a one-token context.
-        self.ids[:b].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
-        self.pos[:b].copy_(torch.tensor(pos, dtype=torch.int64), non_blocking=True)
+        self.ids[:b].copy_(ids)
+        self.pos[:b].copy_(runner._host(pos, torch.int64), non_blocking=True)
         self.slots[:g].fill_(-1)
-        self.slots[:b].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+        self.slots[:b].copy_(runner._host(slots, torch.int64), non_blocking=True)
         self.seq_lens[:g].fill_(1)
-        self.seq_lens[:b].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        self.seq_lens[:b].copy_(runner._host(seq_lens, torch.int32), non_blocking=True)
         width = max(len(t) for t in tables)
         host = torch.zeros((b, width), dtype=torch.int32)
         for i, t in enumerate(tables):
             host[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.tables[:b, :width].copy_(host.to(dev, non_blocking=True))
+        self.tables[:b, :width].copy_(runner._host(host, torch.int32), non_blocking=True)
         runner.host_time_s += time.perf_counter() - t0
         self.graphs[g].replay()
         return self.logits[g][:b]
@@ -158,9 +158,29 @@ class ModelRunner:
         return allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype, self.device)
 
     # -- batch tensors ----------------------------------------------------------------------------------------
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
+    def _host(self, x: list[int] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor ready for an asynchronous copy (pinned on CUDA, so the copy never waits for the GPU)."""
+        t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _to_dev(self, x: list[int] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._host(x, dtype).to(self.device, non_blocking=True)
+
+    def _input_ids(self, ids: list[int], prev: "InFlight | None", seqs: list[int]) -> torch.Tensor:
+        """Token ids on the device. A -1 marks a token the previous step sampled that the host has not read
+        yet: it is taken from that step's device output, so this step can be enqueued before reading it."""
+        dev_ids = self._to_dev(ids, torch.int64)
+        if prev is None or -1 not in ids:
+            return dev_ids
+        src = [prev.row_of_seq.get(sid, -1) if t == -1 else -1 for t, sid in zip(ids, seqs)]
+        src_t = self._to_dev(src, torch.int64)
+        return torch.where(src_t >= 0, prev.tokens[src_t.clamp(min=0)], dev_ids)
+
+    def _prepare(self, out: SchedulerOutput, prev: "InFlight | None"
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, list[int]]:
         bs = self.block_size
         ids: list[int] = []
+        owners: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         qlens: list[int] = []
@@ -170,6 +190,7 @@ class ModelRunner:
         for it in out.items:
             seq, start, n = it.seq, it.start, it.num_new_tokens
             ids.extend(seq.token_ids[start:start + n])
+            owners.extend([seq.seq_id] * n)
             pos.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
@@ -184,81 +205,105 @@ class ModelRunner:
         qsl = [0]
         for n in qlens:
             qsl.append(qsl[-1] + n)
-        dev = self.device
-
-        def to_dev(x: list[int] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
-            return t.to(dev, non_blocking=True)
-
         ctx = AttentionContext(
-            query_lens=qlens, seq_lens=slens, query_start_loc=to_dev(qsl, torch.int32),
-            seq_lens_t=to_dev(slens, torch.int32), slot_mapping=to_dev(slots, torch.int64),
-            block_tables=to_dev(bt, torch.int32), block_size=bs, max_query_len=max(qlens), max_seq_len=max(slens),
-            decode_only=all(n == 1 for n in qlens),
+            query_lens=qlens, seq_lens=slens, query_start_loc=self._to_dev(qsl, torch.int32),
+            seq_lens_t=self._to_dev(slens, torch.int32), slot_mapping=self._to_dev(slots, torch.int64),
+            block_tables=self._to_dev(bt, torch.int32), block_size=bs, max_query_len=max(qlens),
+            max_seq_len=max(slens), decode_only=all(n == 1 for n in qlens),
         )
-        return to_dev(ids, torch.int64), to_dev(pos, torch.int64), ctx, last_rows
+        return self._input_ids(ids, prev, owners), self._to_dev(pos, torch.int64), ctx, last_rows
 
     # -- one step ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, specs: list[SampleSpec]) -> list[SampleResult]:
+    def launch(self, out: SchedulerOutput, specs: list[SampleSpec], owners: list[Any],
+               prev: "InFlight | None" = None) -> "InFlight":
+        """Enqueue one step (forward + sampling) on the device; nothing here waits for the device."""
         copy_blocks(self.model, out.block_copies)
-        if self.graphs is not None and self._graphable(out):
-            return self._execute_graph(out, specs)
         t0 = time.perf_counter()
-        input_ids, positions, ctx, last_rows = self._prepare(out)
-        self.host_time_s += time.perf_counter() - t0
-        with use_context(ctx):
-            hidden = self.model(input_ids, positions)
+        logits = None
+        if self.graphs is not None and self._graphable(out):
+            logits = self._run_graph(out, prev)        # one row per item
+            self.graph_steps += 1
+            items = [s.item for s in specs]
+            if specs and items != list(range(len(out.items))):
+                logits = logits.index_select(0, self._to_dev(items, torch.int64))
+        else:
+            input_ids, positions, ctx, rows_of_item = self._prepare(out, prev)
+            self.host_time_s += time.perf_counter() - t0
+            with use_context(ctx):
+                hidden = self.model(input_ids, positions)
+            if specs:
+                rows = self._to_dev([rows_of_item[s.item] for s in specs], torch.int64)
+                logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
         self.forward_calls += 1
-        if not specs:
+        flight = InFlight(out=out, specs=specs, owners=owners)
+        if not specs or logits is None:
+            return flight
+        self._sample(logits, flight)
+        for row, seq in enumerate(owners):
+            flight.row_of_seq.setdefault(seq.seq_id, row)
+        return flight
+
+    def collect(self, flight: "InFlight") -> list[SampleResult]:
+        """Read a launched step's samples back to the host: the one place the host waits for the device."""
+        if not flight.specs:
             return []
-        rows = torch.tensor([last_rows[s.item] for s in specs], dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
-        return self._sample(logits, specs)
+        tokens = flight.tokens.tolist()
+        if flight.logprobs is None:
+            return [SampleResult(t) for t in tokens]
+        chosen, vals, ids = (x.tolist() for x in flight.logprobs)
+        results = []
+        for i, s in enumerate(flight.specs):
+            if s.params.logprobs is None:
+                results.append(SampleResult(tokens[i]))
+            else:
+                k = s.params.logprobs
+                results.append(SampleResult(tokens[i], chosen[i], list(zip(ids[i][:k], vals[i][:k]))))
+        return results
+
+    def execute(self, out: SchedulerOutput, specs: list[SampleSpec], owners: list[Any] | None = None
+                ) -> list[SampleResult]:
+        return self.collect(self.launch(out, specs, owners or [None] * len(specs)))
 
     def _graphable(self, out: SchedulerOutput) -> bool:
         assert self.graphs is not None
         return (all(it.num_new_tokens == 1 for it in out.items)
                 and self.graphs.size_for(len(out.items)) is not None)
 
-    def _execute_graph(self, out: SchedulerOutput, specs: list[SampleSpec]) -> list[SampleResult]:
+    def _run_graph(self, out: SchedulerOutput, prev: "InFlight | None") -> torch.Tensor:
         assert self.graphs is not None
         bs = self.block_size
-        ids, pos, slots, tables, lens = [], [], [], [], []
+        ids, seqs, pos, slots, tables, lens = [], [], [], [], [], []
         for it in out.items:
             p = it.start
             ids.append(it.seq.token_ids[p])
+            seqs.append(it.seq.seq_id)
             pos.append(p)
             slots.append(it.seq.block_table[p // bs] * bs + p % bs)
             tables.append(it.seq.block_table)
             lens.append(p + 1)
-        logits = self.graphs.run(ids, pos, slots, tables, lens, self)
-        self.forward_calls += 1
-        self.graph_steps += 1
-        if not specs:
-            return []
-        rows = torch.tensor([s.item for s in specs], dtype=torch.long, device=self.device)
-        return self._sample(logits.index_select(0, rows), specs)
+        return self.graphs.run(self._input_ids(ids, prev, seqs), pos, slots, tables, lens, self)
 
-    def _sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[SampleResult]:
+    def _sample(self, logits: torch.Tensor, flight: "InFlight") -> None:
+        specs = flight.specs
         p = [s.params for s in specs]
         st = SamplingTensors.build(
             temperature=[x.temperature for x in p], top_k=[x.top_k for x in p], top_p=[x.top_p for x in p],
             min_p=[x.min_p for x in p], seeds=[s.seed for s in specs], steps=[s.step for s in specs],
             device=logits.device,
         )
-        tokens = sample(logits, st)
+        flight.tokens = sample(logits, st)
         want = [x.logprobs for x in p if x.logprobs is not None]
-        if not want:
-            return [SampleResult(int(t)) for t in tokens.tolist()]
-        k = max(want)
-        chosen, vals, ids = logprobs_topk(logits, tokens, k)
-        tokens_l, chosen_l, vals_l, ids_l = tokens.tolist(), chosen.tolist(), vals.tolist(), ids.tolist()
-        results = []
-        for i, s in enumerate(specs):
-            if s.params.logprobs is None:
-                results.append(SampleResult(tokens_l[i]))
-            else:
-                kk = s.params.logprobs
-                results.append(SampleResult(tokens_l[i], chosen_l[i], list(zip(ids_l[i][:kk], vals_l[i][:kk]))))
-        return results
+        if want:
+            flight.logprobs = logprobs_topk(logits, flight.tokens, max(want))
+
+
+@dataclass
+class InFlight:
+    """A launched step whose sampled tokens may still be on the device."""
+    out: SchedulerOutput
+    specs: list[SampleSpec]
+    owners: list[Any]
+    tokens: torch.Tensor | None = None
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    row_of_seq: dict[int, int] = field(default_factory=dict)

@@ -111,6 +111,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(out.items) < self.max_num_seqs:
             seq = self.running[i]
+            max_tokens = seq.request.params.max_tokens
+            if max_tokens is not None and seq.num_output_tokens >= max_tokens:
+                i += 1   # its last token is still in flight; it finishes when that is read back
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self.blocks_for(seq.num_computed_tokens + n) - len(seq.block_table)
             while need > self.pool.num_free_blocks and self.running[-1] is not seq:
@@ -223,11 +227,12 @@ class Scheduler:
             self.prompt_tokens_computed += prompt_part
             seq.request.computed_prompt_tokens += prompt_part
             seq.num_computed_tokens = it.start + it.num_new_tokens
-            self._register_full_blocks(seq)
+            self.register_full_blocks(seq)
 
-    def _register_full_blocks(self, seq: Sequence) -> None:
+    def register_full_blocks(self, seq: Sequence) -> None:
         bs = self.block_size
-        full = seq.num_computed_tokens // bs
+        # Only blocks whose tokens the host knows (a placeholder's real token is still on the device).
+        full = min(seq.num_computed_tokens, seq.num_tokens - seq.num_placeholders) // bs
         while seq.num_cached_blocks < full:
             j = seq.num_cached_blocks
             if j > 0 and seq.last_node is None:
@@ -285,6 +290,9 @@ class Scheduler:
         if seq.is_finished:
             return
         seq.status = SeqStatus.FINISHED
+        if seq.num_placeholders:
+            del seq.token_ids[-seq.num_placeholders:]
+            seq.num_placeholders = 0
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         if seq in self.running:

@@ -124,3 +124,25 @@ def test_abort_frees_blocks(tmp_path):
     # Only cached (reusable) blocks remain, nothing is in use.
     assert all(r == 0 for r in e.pool.ref)
     e.pool.check_whole()
+
+
+@pytest.mark.parametrize("blocks", [None, 14])
+def test_overlapped_steps_give_the_same_tokens(tmp_path, blocks):
+    """Step N+1 enqueued before step N's tokens are read: same greedy tokens, stops noticed late drop the
+    extra token, and nothing leaks."""
+    prompts = _prompts(8, 6, lo=10, hi=30)
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True) for _ in prompts]
+    ref = _tokens(run_all(make_engine(tmp_path, block_size=4), prompts, params))
+    e = make_engine(tmp_path, block_size=4, num_kv_blocks=blocks, async_scheduling=True)
+    assert _tokens(run_all(e, prompts, [copy.copy(p) for p in params])) == ref
+    e.drain()
+    e.pool.check_whole()
+    assert e.pool.num_free_blocks == e.pool.num_blocks
+    # A stop token noticed one step late: the output still ends at the stop.
+    stop_at = ref["r0"][0][4]
+    e2 = make_engine(tmp_path, block_size=4, async_scheduling=True)
+    o = run_all(e2, [prompts[0]], [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                  stop_token_ids=[stop_at])])["r0"].outputs[0]
+    assert o.token_ids == ref["r0"][0][:ref["r0"][0].index(stop_at) + 1]
+    e2.drain()
+    assert all(r == 0 for r in e2.pool.ref)

@@ -17,10 +17,11 @@ request = st.tuples(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=st.lists(request, min_size=1, max_size=10), blocks=st.integers(16, 64), block_size=st.sampled_from([2, 4, 8]),
-       budget=st.integers(4, 64), prefix=st.booleans(), shared=st.lists(st.integers(1, 60), max_size=16))
-def test_random_workloads_drain_cleanly(tmp_path, reqs, blocks, block_size, budget, prefix, shared):
+       budget=st.integers(4, 64), prefix=st.booleans(), shared=st.lists(st.integers(1, 60), max_size=16),
+       overlap=st.booleans())
+def test_random_workloads_drain_cleanly(tmp_path, reqs, blocks, block_size, budget, prefix, shared, overlap):
     e = make_engine(tmp_path, num_kv_blocks=blocks, block_size=block_size, max_num_batched_tokens=budget,
-                    enable_prefix_caching=prefix, max_wait_steps=8)
+                    enable_prefix_caching=prefix, max_wait_steps=8, async_scheduling=overlap)
     pending = sorted(enumerate(reqs), key=lambda x: x[1][0])
     added, cancel_at, finished, rejected = {}, {}, set(), set()
     step = 0
@@ -55,6 +56,7 @@ def test_random_workloads_drain_cleanly(tmp_path, reqs, blocks, block_size, budg
         step += 1
         assert step < 5000, "the engine stopped making progress"
     assert set(added) == finished
+    e.drain()
     e.pool.check_whole()
     assert all(r == 0 for r in e.pool.ref)
     assert e.pool.num_free_blocks == e.pool.num_blocks
