@@ -205,9 +205,9 @@ class MLAttention(nn.Module):
             write_kv(cache, ctx.slot_mapping, torch.cat([c, k_pe], dim=-1))
             w_kv = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
             w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
-            q_abs = torch.cat([torch.einsum("thp,hpl->thl", q_nope, w_uk), q_pe], dim=-1)
+            q_abs = torch.cat([(q_nope.transpose(0, 1) @ w_uk).transpose(0, 1), q_pe], dim=-1)   # [T, H, L+R]
             out_latent = mla_attention(q_abs, cache, ctx, self.scale, self.kv_lora_rank, topk)
-            out = torch.einsum("thl,hvl->thv", out_latent, w_uv)
+            out = (out_latent.transpose(0, 1) @ w_uv.transpose(1, 2)).transpose(0, 1)             # [T, H, V]
         else:
             k_nope, v = self.kv_b_proj(c).view(t, h, -1).split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, None, :].expand(t, h, self.rope_dim)], dim=-1)

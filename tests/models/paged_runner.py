@@ -89,3 +89,22 @@ def forward_without_cache(model: nn.Module, sequences: list[list[int]]) -> torch
     pos = torch.tensor([p for s in sequences for p in range(len(s))])
     with use_context(prefill_context([len(s) for s in sequences])), torch.no_grad():
         return model.compute_logits(model(ids, pos))
+
+
+def step_context(runner: PagedRunner, seq_id: str, end: int, total: int) -> AttentionContext:
+    """Context for computing positions ``[computed, end)`` of one sequence of ``total`` tokens (for modules other
+    than the main forward, e.g. the MTP layer); advances the runner's bookkeeping."""
+    if seq_id not in runner.tokens:
+        runner.add(seq_id, [0] * total)
+    start = runner.computed[seq_id]
+    while len(runner.blocks[seq_id]) * runner.block_size < end:
+        runner.blocks[seq_id].append(runner.free.pop())
+    blocks = runner.blocks[seq_id]
+    slots = [blocks[p // runner.block_size] * runner.block_size + p % runner.block_size for p in range(start, end)]
+    runner.computed[seq_id] = end
+    return AttentionContext(
+        query_lens=[end - start], seq_lens=[end], query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
+        seq_lens_t=torch.tensor([end], dtype=torch.int32), slot_mapping=torch.tensor(slots, dtype=torch.long),
+        block_tables=torch.tensor([blocks], dtype=torch.int32), block_size=runner.block_size,
+        max_query_len=end - start, max_seq_len=end, decode_only=end - start == 1,
+    )
