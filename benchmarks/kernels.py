@@ -35,6 +35,7 @@ from highspeed.ops.triton import attention as t_attn  # noqa: E402
 from highspeed.ops.triton import moe as t_moe  # noqa: E402
 from highspeed.ops.triton import norm as t_norm  # noqa: E402
 from highspeed.ops.triton import rope as t_rope  # noqa: E402
+from highspeed.ops.sampling import sample as ops_sample  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -63,8 +64,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench(fn: Callable[[], Any], rep_ms: int = 60) -> float:
-    """Median milliseconds."""
+    """Median milliseconds, launched from Python each time (host launch overhead included when it dominates)."""
     return float(do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+
+
+def bench_graph(fn: Callable[[], Any]) -> float | None:
+    """Median milliseconds of CUDA-graph replays: device time without the host's launch overhead, which is what
+    a captured decode step pays. None if the function cannot be captured."""
+    try:
+        from triton.testing import do_bench_cudagraph
+        return float(do_bench_cudagraph(fn, rep=40, return_mode="median"))
+    except Exception as exc:  # noqa: BLE001 - report and carry on
+        print(f"  (graph timing failed: {type(exc).__name__}: {exc})")
+        return None
 
 
 class Runner:
@@ -85,8 +97,10 @@ class Runner:
 
     def add(self, **row: Any) -> None:
         copy_bw = self.record.get("copy_GBps")
-        if row.get("bytes") and row.get("triton_ms"):
-            row["GBps"] = row["bytes"] / row["triton_ms"] / 1e6
+        # Bandwidth from the graph-replay time when there is one (device time), else from the plain time.
+        t = row.get("graph_ms") or row.get("triton_ms")
+        if row.get("bytes") and t:
+            row["GBps"] = row["bytes"] / t / 1e6
             if copy_bw:
                 row["frac_copy_bw"] = row["GBps"] / copy_bw
         self.rows.append(row)
@@ -98,8 +112,9 @@ def fmt_row(r: dict[str, Any]) -> str:
     def f(key: str, spec: str) -> str:
         v = r.get(key)
         return format(v, spec) if isinstance(v, (int, float)) else "-"
-    return (f"{r['kernel']:<18} {r['case']:<44} err {f('rel_err', '.1e'):>8}  triton {f('triton_ms', '9.4f')} ms"
-            f"  ref {f('ref_ms', '9.4f')} ms  {f('GBps', '7.0f')} GB/s  {f('frac_copy_bw', '.2f')} of copy")
+    return (f"{r['kernel']:<18} {r['case']:<46} err {f('rel_err', '.1e'):>8}  triton {f('triton_ms', '8.4f')}"
+            f"  graph {f('graph_ms', '8.4f')}  ref {f('ref_ms', '8.4f')} ms  {f('GBps', '6.0f')} GB/s"
+            f"  {f('frac_copy_bw', '.2f')} copy")
 
 
 def measure_copy_bw(r: Runner) -> None:
@@ -130,6 +145,7 @@ def bench_select_experts(r: Runner) -> None:
             ok = bool(torch.equal(ids, ids_ref))
             r.add(kernel="select_experts", case=f"{name} T={T}", rel_err=rel_err(w, w_ref), ids_equal=ok,
                   triton_ms=bench(lambda: t_moe.select_experts(*args)),
+                  graph_ms=bench_graph(lambda: t_moe.select_experts(*args)) if T == 1 else None,
                   ref_ms=bench(lambda: ref_call(ops.select_experts, *args)),
                   bytes=T * E * 4 + T * k * 8)
 
@@ -146,31 +162,43 @@ def bench_moe(r: Runner) -> None:
         ("Qwen3-30B-A3B", 128, 2048, 768, 8, "softmax"),
         ("GLM-5", 256, 6144, 2048, 8, "sigmoid"),
     ]
+    # Alignment (sort pairs by expert): one-program kernel vs the torch version.
+    for T in (1, 64, 1024, 2048):
+        ids = ref_call(ops.select_experts, torch.randn(T, 256, device=DEV), 8, "sigmoid")[1]
+        for use_kernel in (True, False):
+            fn = lambda: t_moe.align_pairs_by_expert(ids, 256, 64, use_kernel=use_kernel)  # noqa: E731
+            a, b = fn(), t_moe.align_pairs_by_expert(ids, 256, 64, use_kernel=not use_kernel)
+            same = bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
+            r.add(kernel="moe_align", case=f"E=256 k=8 T={T} {'kernel' if use_kernel else 'torch'}",
+                  triton_ms=bench(fn), graph_ms=bench_graph(fn), ids_equal=same)
     for name, E, H, I, k, scoring in models:
         if r.time_left() < 60:
             return
         w13 = (torch.randn(E, 2 * I, H, device=DEV, dtype=BF16) * H**-0.5)
         w2 = (torch.randn(E, H, I, device=DEV, dtype=BF16) * I**-0.5)
-        # Launch-shape sweep for the decode kernels (T=1) before the token sweep uses the winner.
+        # Launch-shape sweep of the two GEMV kernels at T=1, one kernel at a time.
         x1 = torch.randn(1, H, device=DEV, dtype=BF16)
         routes = [ref_call(ops.select_experts, torch.randn(1, E, device=DEV), k, scoring) for _ in range(8)]
-        best = None
-        saved = dict(t_moe.GEMV_GATE_UP), dict(t_moe.GEMV_DOWN)
-        for bn, bk, nw in [(16, 256, 4), (32, 128, 4), (8, 512, 4), (16, 512, 8), (64, 64, 4)]:
-            t_moe.GEMV_GATE_UP.update(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
-            t_moe.GEMV_DOWN.update(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
-            it = iter(range(10**9))
-            ms = bench(lambda: t_moe._moe_gemv(x1, w13, w2, *routes[next(it) % 8]))
-            byts = moe_bytes(routes[0][1], H, I, 1, k)
-            r.add(kernel="moe_gemv_cfg", case=f"{name} T=1 BN={bn} BK={bk} warps={nw}", triton_ms=ms, bytes=byts)
-            if best is None or ms < best[0]:
-                best = (ms, bn, bk, nw)
-        if best is not None:
-            t_moe.GEMV_GATE_UP.update(BLOCK_N=best[1], BLOCK_K=best[2], num_warps=best[3])
-            t_moe.GEMV_DOWN.update(BLOCK_N=best[1], BLOCK_K=best[2], num_warps=best[3])
-            r.record.setdefault("moe_gemv_best", {})[name] = dict(BLOCK_N=best[1], BLOCK_K=best[2], num_warps=best[3])
-        else:
-            t_moe.GEMV_GATE_UP.update(saved[0]); t_moe.GEMV_DOWN.update(saved[1])
+        byts = moe_bytes(routes[0][1], H, I, 1, k)
+        for which, cfgs in (("gate_up", [(16, 512, 8), (32, 512, 8), (8, 1024, 8), (16, 256, 4)]),
+                            ("down", [(16, 512, 8), (8, 512, 4), (4, 512, 4), (4, 1024, 8)])):
+            target = t_moe.GEMV_GATE_UP if which == "gate_up" else t_moe.GEMV_DOWN
+            saved = dict(target)
+            best = None
+            for bn, bk, nw in cfgs:
+                target.update(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+                it = iter(range(10**9))
+                ms = bench(lambda: t_moe._moe_gemv(x1, w13, w2, *routes[next(it) % 8]))
+                gms = bench_graph(lambda: t_moe._moe_gemv(x1, w13, w2, *routes[0]))
+                r.add(kernel=f"moe_gemv_{which}", case=f"{name} T=1 BN={bn} BK={bk} w{nw}", triton_ms=ms,
+                      graph_ms=gms, bytes=byts)
+                key = gms or ms
+                if best is None or key < best[0]:
+                    best = (key, bn, bk, nw)
+            target.update(saved)
+            if best is not None:
+                target.update(BLOCK_N=best[1], BLOCK_K=best[2], num_warps=best[3])
+                r.record.setdefault("moe_gemv_best", {}).setdefault(name, {})[which] = dict(target)
 
         for T in (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192):
             if r.time_left() < 40:
@@ -181,26 +209,51 @@ def bench_moe(r: Runner) -> None:
             ref = ref_call(ops.moe_experts, x, w13, w2, weights, ids)
             byts = moe_bytes(ids, H, I, T, k)
             it = iter(range(10**9))
-            ref_ms = bench(lambda: ref_call(ops.moe_experts, x, w13, w2, *routes[next(it) % 4])) if T <= 2048 else None
+            ref_ms = bench(lambda: ref_call(ops.moe_experts, x, w13, w2, *routes[next(it) % 4])) if T <= 512 else None
             for path, fn in (("gemv", t_moe._moe_gemv), ("grouped", t_moe._moe_grouped)):
-                if path == "gemv" and T > 128:
+                if path == "gemv" and T > 64:
                     continue  # re-reads each expert once per (token, slot): hopeless past this
                 out = fn(x, w13, w2, weights, ids)
                 it = iter(range(10**9))
                 ms = bench(lambda: fn(x, w13, w2, *routes[next(it) % 4]))
+                gms = bench_graph(lambda: fn(x, w13, w2, weights, ids)) if T <= 128 else None
                 r.add(kernel=f"moe_{path}", case=f"{name} T={T}", rel_err=rel_err(out, ref), triton_ms=ms,
-                      ref_ms=ref_ms, bytes=byts, tflops=6 * T * k * H * I / ms / 1e9, T=T, model=name)
-            # Grouped-path tile sweep at a prefill size.
-            if T == 2048:
-                saved_g = dict(t_moe.GROUPED)
-                for bm, bn, bk, nw, ns in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (32, 64, 128, 4, 4)]:
-                    t_moe.GROUPED.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
-                    ms = bench(lambda: t_moe._moe_grouped(x, w13, w2, weights, ids))
-                    r.add(kernel="moe_grouped_cfg", case=f"{name} T={T} {bm}x{bn}x{bk} w{nw} s{ns}", triton_ms=ms,
-                          bytes=byts, tflops=6 * T * k * H * I / ms / 1e9)
-                t_moe.GROUPED.clear(); t_moe.GROUPED.update(saved_g)
+                      graph_ms=gms, ref_ms=ref_ms, bytes=byts, tflops=6 * T * k * H * I / ms / 1e9, T=T,
+                      model=name)
+            # Grouped tiles: the small-T and large-T configurations on both sides of their switch.
+            if T in (512, 2048, 8192):
+                for label, cfg in (("small", t_moe.GROUPED), ("large", t_moe.GROUPED_LARGE)):
+                    saved_min = t_moe.GROUPED_LARGE_MIN_ROWS_PER_EXPERT
+                    t_moe.GROUPED_LARGE_MIN_ROWS_PER_EXPERT = 0 if label == "large" else 10**9
+                    try:
+                        ms = bench(lambda: t_moe._moe_grouped(x, w13, w2, weights, ids))
+                    finally:
+                        t_moe.GROUPED_LARGE_MIN_ROWS_PER_EXPERT = saved_min
+                    r.add(kernel="moe_grouped_cfg", case=f"{name} T={T} {label} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}",
+                          triton_ms=ms, bytes=byts, tflops=6 * T * k * H * I / ms / 1e9)
         del w13, w2
         torch.cuda.empty_cache()
+
+
+def bench_sampling(r: Runner) -> None:
+    from highspeed.ops.sampling import SamplingTensors
+    from highspeed.ops.triton import sampling as t_sampling
+
+    V = 154880
+    for B in (1, 32, 256):
+        logits = torch.randn(B, V, device=DEV) * 4
+        for mode in ("temperature", "min_p", "top_k+top_p"):
+            st = SamplingTensors.build(
+                temperature=[0.8] * B, top_k=[50 if mode == "top_k+top_p" else 0] * B,
+                top_p=[0.9 if mode == "top_k+top_p" else 1.0] * B, min_p=[0.05 if mode == "min_p" else 0.0] * B,
+                seeds=list(range(B)), steps=[123] * B, device=DEV)
+            out = t_sampling.sample(logits, st)
+            ref = ref_call(ops_sample, logits, st)
+            mism = int((out != ref).sum())
+            r.add(kernel="sample", case=f"B={B} V={V} {mode}", ids_equal=mism == 0, mismatches=mism,
+                  triton_ms=bench(lambda: t_sampling.sample(logits, st)),
+                  graph_ms=bench_graph(lambda: t_sampling.sample(logits, st)) if mode != "top_k+top_p" else None,
+                  ref_ms=bench(lambda: ref_call(ops_sample, logits, st)), bytes=2 * B * V * 4)
 
 
 def bench_norm(r: Runner) -> None:
@@ -212,11 +265,13 @@ def bench_norm(r: Runner) -> None:
             y = t_norm.rms_norm(x, w, 1e-5)
             r.add(kernel="rms_norm", case=f"T={T} H={H}", rel_err=rel_err(y, ref_call(ops.rms_norm, x, w, 1e-5)),
                   triton_ms=bench(lambda: t_norm.rms_norm(x, w, 1e-5)),
+                  graph_ms=bench_graph(lambda: t_norm.rms_norm(x, w, 1e-5)) if T == 1 else None,
                   ref_ms=bench(lambda: ref_call(ops.rms_norm, x, w, 1e-5)), bytes=2 * T * H * 2)
             y, s = t_norm.add_rms_norm(x, res, w, 1e-5)
             y_ref, s_ref = ref_call(ops.add_rms_norm, x, res, w, 1e-5)
             r.add(kernel="add_rms_norm", case=f"T={T} H={H}", rel_err=max(rel_err(y, y_ref), rel_err(s, s_ref)),
                   triton_ms=bench(lambda: t_norm.add_rms_norm(x, res, w, 1e-5)),
+                  graph_ms=bench_graph(lambda: t_norm.add_rms_norm(x, res, w, 1e-5)) if T == 1 else None,
                   ref_ms=bench(lambda: ref_call(ops.add_rms_norm, x, res, w, 1e-5)), bytes=4 * T * H * 2)
 
 
@@ -232,6 +287,7 @@ def bench_rope(r: Runner) -> None:
             r.add(kernel="rope", case=f"GLM-4.5 q T={T} partial64 inter={inter}",
                   rel_err=rel_err(out, ref_call(ops.rope, q, pos, cs, 64, inter)),
                   triton_ms=bench(lambda: t_rope.rope(q, pos, cs, 64, inter)),
+                  graph_ms=bench_graph(lambda: t_rope.rope(q, pos, cs, 64, inter)) if T == 1 else None,
                   ref_ms=bench(lambda: ref_call(ops.rope, q, pos, cs, 64, inter)), bytes=2 * q.numel() * 2)
         nb = T // 16 + 8
         kc = torch.zeros(nb, 16, 8, 128, device=DEV, dtype=BF16)
@@ -244,6 +300,8 @@ def bench_rope(r: Runner) -> None:
         byts = 2 * (2 * q.numel() + 3 * k.numel() + 2 * v.numel())
         r.add(kernel="rope_and_write_kv", case=f"GLM-4.5 T={T}", rel_err=err,
               triton_ms=bench(lambda: t_rope.rope_and_write_kv(q, k, v, pos, cs, 64, False, kc, vc, slots)),
+              graph_ms=bench_graph(lambda: t_rope.rope_and_write_kv(q, k, v, pos, cs, 64, False, kc, vc, slots))
+              if T == 1 else None,
               ref_ms=bench(lambda: ref_call(t_rope.rope_and_write_kv_reference, q, k, v, pos, cs, 64, False,
                                             kc2, vc2, slots)), bytes=byts)
         values = torch.randn(T, 576, device=DEV, dtype=BF16)
@@ -292,12 +350,28 @@ def bench_attention(r: Runner) -> None:
         ref = ref_call(ops.paged_attention, q, kc, vc, ctx, 128**-0.5)
         kv_bytes = sum(sl) * 8 * 128 * 2 * 2
         flops = sum(4 * q_ * s_ * 96 * 128 for q_, s_ in zip(ql, sl)) // (2 if ql[0] > 1 else 1)
-        ms = bench(lambda: t_attn.paged_attention(q, kc, vc, ctx, 128**-0.5))
+        decode = ql[0] == 1
+        fn = lambda: t_attn.paged_attention(q, kc, vc, ctx, 128**-0.5)  # noqa: E731
+        ms = bench(fn)
         r.add(kernel="paged_attention", case=f"GLM-4.5 96/8x128 {name}", rel_err=rel_err(out, ref), triton_ms=ms,
+              graph_ms=bench_graph(fn) if decode else None,
               ref_ms=bench(lambda: ref_call(ops.paged_attention, q, kc, vc, ctx, 128**-0.5)),
               bytes=kv_bytes + 2 * q.numel() * 2, tflops=flops / ms / 1e9)
+        if name == "decode B=1 ctx=32768":
+            saved = t_attn.SPLIT_PROGRAMS_PER_SM
+            for per_sm in (1, 4, 8):
+                t_attn.SPLIT_PROGRAMS_PER_SM = per_sm
+                r.add(kernel="paged_attention_cfg", case=f"B=1 ctx=32768 splits for {per_sm}/SM",
+                      rel_err=rel_err(fn(), ref), triton_ms=bench(fn), graph_ms=bench_graph(fn),
+                      bytes=kv_bytes + 2 * q.numel() * 2)
+            t_attn.SPLIT_PROGRAMS_PER_SM = saved
     mla = [("decode B=1 ctx=32768", [1], [32768], None), ("decode B=32 ctx=4096", [1] * 32, [4096] * 32, None),
            ("decode B=32 ctx=32768 DSA top2048", [1] * 32, [32768] * 32, 2048), ("prefill 2048", [2048], [2048], None)]
+    mla_cfgs = [dict(heads=16, block_n=32, num_warps=8, max_rows=32, num_stages=2),
+                dict(heads=32, block_n=32, num_warps=8, max_rows=32, num_stages=2),
+                dict(heads=64, block_n=32, num_warps=8, max_rows=64, num_stages=2),
+                dict(heads=16, block_n=64, num_warps=4, max_rows=32, num_stages=2),
+                dict(heads=32, block_n=16, num_warps=4, max_rows=32, num_stages=3)]
     for name, ql, sl, topk in mla:
         if r.time_left() < 30:
             return
@@ -312,15 +386,33 @@ def bench_attention(r: Runner) -> None:
         ref = ref_call(ops.mla_attention, q, lat, ctx, 192**-0.5, 512, ti)
         keys = [min(s, topk) if topk else s for s in sl]
         kv_bytes = sum(keys) * 576 * 2
+        byts = kv_bytes + q.numel() * 2 + T * 64 * 512 * 2
         flops = sum(2 * q_ * s_ * 64 * (576 + 512) for q_, s_ in zip(ql, keys)) // (2 if ql[0] > 1 else 1)
-        ms = bench(lambda: t_attn.mla_attention(q, lat, ctx, 192**-0.5, 512, ti))
+        decode = ql[0] == 1
+        fn = lambda: t_attn.mla_attention(q, lat, ctx, 192**-0.5, 512, ti)  # noqa: E731
+        ms = bench(fn)
         r.add(kernel="mla_attention", case=f"GLM-5 64x(512+64) {name}", rel_err=rel_err(out, ref), triton_ms=ms,
+              graph_ms=bench_graph(fn) if decode else None,
               ref_ms=bench(lambda: ref_call(ops.mla_attention, q, lat, ctx, 192**-0.5, 512, ti)),
-              bytes=kv_bytes + q.numel() * 2 + T * 64 * 512 * 2, tflops=flops / ms / 1e9)
+              bytes=byts, tflops=flops / ms / 1e9)
+        saved = dict(t_attn.MLA_WIDE)
+        for cfg in mla_cfgs:
+            if r.time_left() < 30:
+                break
+            t_attn.MLA_WIDE.update(cfg)
+            try:
+                err = rel_err(fn(), ref)
+                ms = bench(fn)
+                r.add(kernel="mla_attention_cfg", case=f"{name} h{cfg['heads']} n{cfg['block_n']} w{cfg['num_warps']}"
+                      f" s{cfg['num_stages']}", rel_err=err, triton_ms=ms, bytes=byts, tflops=flops / ms / 1e9)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for one shape
+                r.add(kernel="mla_attention_cfg", case=f"{name} {cfg} failed: {type(exc).__name__}")
+        t_attn.MLA_WIDE.clear()
+        t_attn.MLA_WIDE.update(saved)
 
 
-SECTIONS = {"moe_select": bench_select_experts, "norm": bench_norm, "rope": bench_rope,
-            "attention": bench_attention, "moe": bench_moe}
+SECTIONS = {"moe_select": bench_select_experts, "moe": bench_moe, "attention": bench_attention,
+            "norm": bench_norm, "rope": bench_rope, "sampling": bench_sampling}
 
 
 def main() -> None:

@@ -77,4 +77,4 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # Tolerances on rel_err by dtype: fp32 kernels land far under 1e-4 (TF32 dots aside); bf16 within 1e-2.
-TOL = {torch.float32: 2e-3 if HAS_CUDA else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+TOL = {torch.float32: 5e-3 if HAS_CUDA else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}

@@ -81,16 +81,20 @@ def test_moe_experts(triton_module, reference, monkeypatch, path, dtype, T, E, H
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
 
 
-def test_align_pairs_by_expert(triton_module):
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("T,k,E,bm", [(9, 3, 7, 4), (40, 4, 20, 16), (1, 2, 300, 16)])
+def test_align_pairs_by_expert(triton_module, use_kernel, T, k, E, bm):
     moe = triton_module("moe")
-    T, k, E, bm = 9, 3, 7, 4
     ids = torch.stack([torch.randperm(E, device=DEVICE)[:k] for _ in range(T)]).int()
-    sorted_pairs, block_expert = moe.align_pairs_by_expert(ids, E, bm)
+    ids[0, 0] = E - 1   # the last expert is always used (edge of the padded expert axis)
+    sorted_pairs, block_expert = moe.align_pairs_by_expert(ids, E, bm, use_kernel=use_kernel)
     P = T * k
     flat = ids.reshape(-1).long()
-    # Every pair appears exactly once; each block holds pairs of its own expert only; padding is P.
+    # Every pair appears exactly once; each block holds pairs of its own expert only, in pair order (stable);
+    # padding is P; blocks past the end are -1.
     real = sorted_pairs[sorted_pairs < P].long()
     assert torch.equal(real.sort().values, torch.arange(P, device=DEVICE))
+    assert torch.equal(flat[real], flat[real].sort(stable=True).values)
     blocks = sorted_pairs.view(-1, bm)
     for b in range(blocks.shape[0]):
         members = blocks[b][blocks[b] < P].long()
@@ -98,13 +102,15 @@ def test_align_pairs_by_expert(triton_module):
             assert members.numel() == 0
         else:
             assert members.numel() > 0 and (flat[members] == int(block_expert[b])).all()
+            assert torch.equal(members, members.sort().values)
+    assert (block_expert >= 0).sum() == sum(-(-int((flat == e).sum()) // bm) for e in range(E))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("T", [1, 4, 64, 333])
+@pytest.mark.parametrize("T", [1, 4, 64, 333, 1100])
 def test_moe_experts_model_sizes(triton_module, reference, T):
-    """Qwen3-30B-A3B expert sizes on both sides of the switch point."""
+    """Qwen3-30B-A3B expert sizes on both sides of the switch point and of the grouped tile switch."""
     moe = triton_module("moe")
     E, H, I, k = 128, 2048, 768, 8
     x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)

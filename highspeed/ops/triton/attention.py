@@ -27,6 +27,15 @@ from highspeed.ops.triton import interpreting, next_power_of_2
 
 _LOG2E = 1.4426950408889634
 
+# Launch shapes, module-level so benchmarks/kernels.py can sweep them. heads: query heads per program (rows of the
+# dot with BLOCK_Q = 1); block_n: keys per tile; max_rows: rows per program when several query tokens share it
+# (prefill); num_stages: software-pipelining depth (None = Triton's default).
+GQA = dict(heads=64, block_n=64, num_warps=4, max_rows=64, num_stages=None)
+MLA_WIDE = dict(heads=16, block_n=32, num_warps=8, max_rows=32, num_stages=None)    # 512-wide latents
+MLA_NARROW = dict(heads=16, block_n=64, num_warps=4, max_rows=64, num_stages=None)  # small (test) latents
+# Split-KV aims for this many programs per SM when the plain grid is smaller.
+SPLIT_PROGRAMS_PER_SM = 2
+
 
 @lru_cache(maxsize=8)
 def _num_sms(device: torch.device) -> int:
@@ -172,8 +181,8 @@ def _combine_kernel(
 
 def _attend(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
-    *, num_kv_heads: int, d_a: int, d_b: int, d_v: int, v_is_k: bool, heads_per_prog: int,
-    topk_indices: torch.Tensor | None, block_n: int, num_warps: int, max_rows: int,
+    *, num_kv_heads: int, d_a: int, d_b: int, d_v: int, v_is_k: bool, cfg: dict,
+    topk_indices: torch.Tensor | None,
     kv_strides: tuple[int, int, int], v_strides: tuple[int, int, int],
 ) -> torch.Tensor:
     if ctx.block_tables is None:
@@ -184,7 +193,8 @@ def _attend(
     if T == 0 or S == 0:
         return out
     group = Hq // num_kv_heads
-    heads = min(heads_per_prog, group)
+    heads = min(cfg["heads"], group)
+    block_n = cfg["block_n"]
     num_head_blocks = triton.cdiv(group, heads)
     max_q = ctx.max_query_len or max(ctx.query_lens)
     if topk_indices is not None:
@@ -192,7 +202,7 @@ def _attend(
         max_keys = topk_indices.shape[1]
     else:
         # Prefill: several query tokens per program so each K/V tile feeds up to max_rows rows of the dot.
-        block_q = 1 if max_q == 1 else max(1, max_rows // heads)
+        block_q = 1 if max_q == 1 else max(1, cfg["max_rows"] // heads)
         max_keys = ctx.max_seq_len or max(ctx.seq_lens)
     block_m = max(16, next_power_of_2(block_q * heads))
     q_tiles = triton.cdiv(max_q, block_q)
@@ -201,7 +211,7 @@ def _attend(
     num_splits = ctx.extra.get("num_kv_splits") if ctx.extra else None
     if num_splits is None:
         # Split only when the grid would leave SMs idle, and keep >= 4 tiles per split to amortise the merge.
-        want = triton.cdiv(2 * _num_sms(q.device), base_programs)
+        want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * _num_sms(q.device), base_programs)
         num_splits = max(1, min(want, n_tiles // 4, 64))
     num_splits = max(1, min(int(num_splits), n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, num_splits)
@@ -218,6 +228,9 @@ def _attend(
     topk_stride = topk_indices.stride(0) if topk_indices is not None else 0
     bt = ctx.block_tables
     grid = (S, q_tiles, num_kv_heads * num_head_blocks * num_splits)
+    launch = {"num_warps": cfg["num_warps"]}
+    if cfg.get("num_stages") is not None:
+        launch["num_stages"] = cfg["num_stages"]
     _paged_attn_kernel[grid](
         q, k_cache, v_cache, o_buf, lse,
         bt, ctx.seq_lens_t, ctx.query_start_loc, topk,
@@ -231,7 +244,7 @@ def _attend(
         BLOCK_DV=max(16, next_power_of_2(d_v)),
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, DOT_F32=interpreting(),
-        num_warps=num_warps,
+        **launch,
     )
     if split:
         _combine_kernel[(T * Hq,)](
@@ -255,8 +268,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q = q.contiguous()
     return _attend(
         q, k_cache, v_cache, ctx, scale,
-        num_kv_heads=Hkv, d_a=D, d_b=0, d_v=Dv, v_is_k=False, heads_per_prog=64,
-        topk_indices=None, block_n=64 if D <= 128 else 32, num_warps=4, max_rows=64,
+        num_kv_heads=Hkv, d_a=D, d_b=0, d_v=Dv, v_is_k=False,
+        cfg=GQA if max(D, Dv) <= 128 else dict(GQA, block_n=32), topk_indices=None,
         kv_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
         v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
     )
@@ -276,12 +289,11 @@ def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionCon
     if topk_indices is not None and topk_indices.stride(-1) != 1:
         topk_indices = topk_indices.contiguous()
     kv_strides = (latent_cache.stride(0), latent_cache.stride(1), 0)
-    big = L > 256   # 512-wide latents: smaller key tiles, more warps, to hold [rows, 512] accumulators
     return _attend(
         q, latent_cache, latent_cache, ctx, scale,
-        num_kv_heads=1, d_a=L, d_b=R, d_v=L, v_is_k=True, heads_per_prog=16,
-        topk_indices=topk_indices, block_n=32 if big else 64, num_warps=8 if big else 4,
-        max_rows=32 if big else 64,
+        num_kv_heads=1, d_a=L, d_b=R, d_v=L, v_is_k=True,
+        # 512-wide latents: smaller key tiles and more warps, to hold [rows, 512] accumulators in registers.
+        cfg=MLA_WIDE if L > 256 else MLA_NARROW, topk_indices=topk_indices,
         kv_strides=kv_strides, v_strides=kv_strides,
     )
 

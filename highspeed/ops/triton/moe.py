@@ -29,10 +29,16 @@ from highspeed.ops.triton import interpreting, next_power_of_2
 # Set from the H200 measurement in benchmarks/KERNEL_NOTES.md.
 GEMV_MAX_TOKENS: int = 16
 
-# Launch shapes, kept here so benchmarks can override them without touching the kernels.
-GEMV_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
-GEMV_DOWN = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
+# Launch shapes, kept here so benchmarks can override them without touching the kernels. GEMV: the H200 sweep
+# (run 1, KERNEL_NOTES.md) put 16 rows x 512 columns x 8 warps first for GLM-5 and within 1% of first for Qwen3.
+GEMV_GATE_UP = dict(BLOCK_N=16, BLOCK_K=512, num_warps=8)
+GEMV_DOWN = dict(BLOCK_N=16, BLOCK_K=512, num_warps=8)
+# Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
+# once most experts have >= 128 rows (compute-bound: run 1 measured 128x128x64 fastest at T=2048 on both models).
 GROUPED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+GROUPED_LARGE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# Pairs per expert (T * k / E) from which GROUPED_LARGE is used.
+GROUPED_LARGE_MIN_ROWS_PER_EXPERT: int = 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,13 +238,51 @@ def _moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 # Experts, grouped path: pairs sorted by expert, grouped GEMMs on tensor cores.
 # ----------------------------------------------------------------------------------------------------------------
 
-def align_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort (token, slot) pairs by expert and pad each expert's run to a multiple of ``block_m``.
+# Pair counts up to which the alignment runs as one single-program kernel; past it the torch version (sort +
+# a dozen small ops) is used, whose ~0.6 ms of host time per call (measured on the H200 VM) no longer matters.
+ALIGN_KERNEL_MAX_PAIRS: int = 16384
 
-    Returns ``sorted_pairs`` [max_blocks * block_m] (pair index ``token * k + slot``; ``T * k`` marks padding) and
-    ``block_expert`` [max_blocks] (the expert of each block, -1 past the end). Sizes are upper bounds known on
-    the host, so nothing is read back and the whole thing can be captured in a CUDA graph.
-    """
+
+@triton.jit
+def _align_kernel(
+    ids_ptr, sorted_pairs_ptr, block_expert_ptr, num_pairs, num_experts, max_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """One program: stable counting sort of (token, slot) pairs by expert, each expert's run padded to BLOCK_M."""
+    e = tl.arange(0, BLOCK_E)
+    c = tl.arange(0, CHUNK)
+    # 1. Pairs per expert (one-hot sums: histogram without atomics).
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for p0 in range(0, num_pairs, CHUNK):
+        ids = tl.load(ids_ptr + p0 + c, mask=p0 + c < num_pairs, other=-1)
+        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    total = tl.sum(padded, 0)
+    # 2. Expert of each block (-1 past the end), and padding sentinels everywhere.
+    for b0 in range(0, max_blocks, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        start = b * BLOCK_M
+        owner = tl.sum((padded_end[None, :] <= start[:, None]).to(tl.int32), 1)
+        owner = tl.where(start < total, owner, -1)
+        tl.store(block_expert_ptr + b, owner, mask=b < max_blocks)
+    for s0 in range(0, max_blocks * BLOCK_M, CHUNK):
+        tl.store(sorted_pairs_ptr + s0 + c, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs,
+                 mask=s0 + c < max_blocks * BLOCK_M)
+    tl.debug_barrier()   # the sentinel stores above must land before the scatter below overwrites some of them
+    # 3. Scatter: destination = expert's padded start + pairs of that expert before this one (stable).
+    running = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for p0 in range(0, num_pairs, CHUNK):
+        ids = tl.load(ids_ptr + p0 + c, mask=p0 + c < num_pairs, other=-1)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        rank = tl.sum(onehot * (tl.cumsum(onehot, 0) - 1 + running[None, :] + padded_start[None, :]), 1)
+        tl.store(sorted_pairs_ptr + rank, p0 + c, mask=p0 + c < num_pairs)
+        running += tl.sum(onehot, 0)
+
+
+def _align_torch(ids: torch.Tensor, num_experts: int, block_m: int, max_blocks: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     flat = ids.reshape(-1).to(torch.int64)
     P = flat.numel()
     dev = flat.device
@@ -251,12 +295,36 @@ def align_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> 
     start = torch.cumsum(counts, 0) - counts
     sorted_e = flat[order]
     dest = padded_start[sorted_e] + torch.arange(P, device=dev) - start[sorted_e]
-    max_blocks = triton.cdiv(P, block_m) + min(num_experts, P)
     sorted_pairs = torch.full((max_blocks * block_m,), P, dtype=torch.int32, device=dev)
     sorted_pairs[dest] = order.to(torch.int32)
     block_start = torch.arange(max_blocks, device=dev, dtype=torch.int64) * block_m
     block_expert = torch.searchsorted(padded_end, block_start, right=True)
     block_expert = torch.where(block_start < padded_end[-1], block_expert, -1).to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+def align_pairs_by_expert(ids: torch.Tensor, num_experts: int, block_m: int, use_kernel: bool | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert (stably) and pad each expert's run to a multiple of ``block_m``.
+
+    Returns ``sorted_pairs`` [max_blocks * block_m] (pair index ``token * k + slot``; ``T * k`` marks padding) and
+    ``block_expert`` [max_blocks] (the expert of each block, -1 past the end). Sizes are upper bounds known on
+    the host, so nothing is read back and the whole thing can be captured in a CUDA graph.
+    """
+    P = ids.numel()
+    max_blocks = triton.cdiv(P, block_m) + min(num_experts, P)
+    if use_kernel is None:
+        use_kernel = P <= ALIGN_KERNEL_MAX_PAIRS
+    if not use_kernel:
+        return _align_torch(ids, num_experts, block_m, max_blocks)
+    flat = ids.reshape(-1).to(torch.int32)
+    sorted_pairs = torch.empty(max_blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=ids.device)
+    block_e = next_power_of_2(num_experts)
+    _align_kernel[(1,)](
+        flat, sorted_pairs, block_expert, P, num_experts, max_blocks,
+        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, min(128, 8192 // block_e)), BLOCK_B=32, num_warps=8,
+    )
     return sorted_pairs, block_expert
 
 
@@ -340,7 +408,7 @@ def _moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: 
     E, _, I = w2.shape
     k = ids.shape[1]
     P = T * k
-    cfg = GROUPED
+    cfg = GROUPED_LARGE if P >= GROUPED_LARGE_MIN_ROWS_PER_EXPERT * E else GROUPED
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     sorted_pairs, block_expert = align_pairs_by_expert(ids, E, bm)
     nblocks = block_expert.numel()

@@ -17,34 +17,37 @@ from highspeed.ops.triton import next_power_of_2
 
 
 @triton.jit
-def _rotate_row(src, dst, dst2, cos, sin, D, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE2: tl.constexpr):
-    """Rotate one head row ``src[:2*HALF]``, copy ``src[2*HALF:D]``; store to dst (and dst2 when WRITE2)."""
+def _rotate_rows(src, dst, dst2, rmask, cos, sin, D, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE2: tl.constexpr):
+    """Rotate head rows ``src[r, :2*HALF]`` and copy ``src[r, 2*HALF:D]`` into dst (and dst2 when WRITE2).
+
+    src / dst / dst2 are [R, 1] pointer tensors (one row start per head), rmask [R, 1] the valid rows; all heads
+    of a program share one position, so cos / sin ([BLOCK_HALF]) are loaded once."""
     i = tl.arange(0, BLOCK_HALF)
-    m = i < HALF
+    m = rmask & (i < HALF)[None, :]
     if INTERLEAVED:
         i1 = 2 * i
         i2 = 2 * i + 1
     else:
         i1 = i
         i2 = i + HALF
-    x1 = tl.load(src + i1, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + i2, mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    tl.store(dst + i1, o1.to(dst.dtype.element_ty), mask=m)
-    tl.store(dst + i2, o2.to(dst.dtype.element_ty), mask=m)
+    x1 = tl.load(src + i1[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + i2[None, :], mask=m, other=0.0).to(tl.float32)
+    o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(dst.dtype.element_ty)
+    o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(dst.dtype.element_ty)
+    tl.store(dst + i1[None, :], o1, mask=m)
+    tl.store(dst + i2[None, :], o2, mask=m)
     if WRITE2:
-        # Round through the output dtype first so the cache holds exactly the returned k.
-        tl.store(dst2 + i1, o1.to(dst.dtype.element_ty).to(dst2.dtype.element_ty), mask=m)
-        tl.store(dst2 + i2, o2.to(dst.dtype.element_ty).to(dst2.dtype.element_ty), mask=m)
+        # The cache gets exactly the returned (rounded) k.
+        tl.store(dst2 + i1[None, :], o1.to(dst2.dtype.element_ty), mask=m)
+        tl.store(dst2 + i2[None, :], o2.to(dst2.dtype.element_ty), mask=m)
     for p0 in range(2 * HALF, D, BLOCK_PASS):
         p = p0 + tl.arange(0, BLOCK_PASS)
-        pm = p < D
-        v = tl.load(src + p, mask=pm)
-        tl.store(dst + p, v.to(dst.dtype.element_ty), mask=pm)
+        pm = rmask & (p < D)[None, :]
+        v = tl.load(src + p[None, :], mask=pm).to(dst.dtype.element_ty)
+        tl.store(dst + p[None, :], v, mask=pm)
         if WRITE2:
-            tl.store(dst2 + p, v.to(dst.dtype.element_ty).to(dst2.dtype.element_ty), mask=pm)
+            tl.store(dst2 + p[None, :], v.to(dst2.dtype.element_ty), mask=pm)
 
 
 @triton.jit
@@ -61,17 +64,20 @@ def _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF:
 def _rope_kernel(
     x_ptr, out_ptr, pos_ptr, cs_ptr,
     num_heads, D, stride_xt, stride_xh, stride_ot, stride_oh, stride_cs,
-    HEADS_PER_PROG: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    h0 = tl.program_id(1) * HEADS_PER_PROG
+    h = (tl.program_id(1) * HEADS + tl.arange(0, HEADS))[:, None]
     cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
-    for hh in range(HEADS_PER_PROG):
-        h = h0 + hh
-        if h < num_heads:
-            _rotate_row(x_ptr + t * stride_xt + h * stride_xh, out_ptr + t * stride_ot + h * stride_oh, out_ptr,
-                        cos, sin, D, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+    dst = out_ptr + t * stride_ot + h * stride_oh
+    _rotate_rows(x_ptr + t * stride_xt + h * stride_xh, dst, dst, h < num_heads,
+                 cos, sin, D, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+
+
+def _heads_per_prog(num_heads: int, width: int) -> int:
+    """Enough heads per program for ~1-2K elements: one position's cos/sin serve them all."""
+    return max(1, min(next_power_of_2(num_heads), next_power_of_2(max(1, 2048 // max(width, 1)))))
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int,
@@ -89,13 +95,13 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, rotary
     o3 = out.view(T, -1, D)
     H = x3.shape[1]
     half = rotary_dim // 2
-    hpp = min(H, 4)
-    _rope_kernel[(T, triton.cdiv(H, hpp))](
+    heads = _heads_per_prog(H, D)
+    _rope_kernel[(T, triton.cdiv(H, heads))](
         x3, o3, positions, cos_sin, H, D,
         x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), cos_sin.stride(0),
-        HEADS_PER_PROG=hpp, HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
+        HEADS=heads, HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
         BLOCK_PASS=max(16, min(256, next_power_of_2(max(D - rotary_dim, 1)))), INTERLEAVED=bool(interleaved),
-        num_warps=1,
+        num_warps=4 if heads * D >= 1024 else 1,
     )
     return out
 
@@ -103,35 +109,38 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, rotary
 @triton.jit
 def _rope_write_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
-    num_q_heads, Dq, Dk, Dv,
+    num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qot, stride_qoh, stride_kot, stride_koh,
     stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_V: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_V: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    hb = tl.program_id(1)
     cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
-    if h < num_q_heads:
-        _rotate_row(q_ptr + t * stride_qt + h * stride_qh, q_out_ptr + t * stride_qot + h * stride_qoh, q_out_ptr,
-                    cos, sin, Dq, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+    if hb < num_q_blocks:
+        h = (hb * HEADS + tl.arange(0, HEADS))[:, None]
+        dst = q_out_ptr + t * stride_qot + h * stride_qoh
+        _rotate_rows(q_ptr + t * stride_qt + h * stride_qh, dst, dst, h < num_q_heads,
+                     cos, sin, Dq, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
     else:
-        kh = h - num_q_heads
+        h = ((hb - num_q_blocks) * HEADS + tl.arange(0, HEADS))[:, None]
+        hmask = h < num_k_heads
         slot = tl.load(slot_ptr + t).to(tl.int64)
+        dst = k_out_ptr + t * stride_kot + h * stride_koh
         if slot >= 0:
-            _rotate_row(k_ptr + t * stride_kt + kh * stride_kh, k_out_ptr + t * stride_kot + kh * stride_koh,
-                        k_cache_ptr + slot * stride_kcs + kh * stride_kch,
-                        cos, sin, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, True)
+            _rotate_rows(k_ptr + t * stride_kt + h * stride_kh, dst, k_cache_ptr + slot * stride_kcs + h * stride_kch,
+                         hmask, cos, sin, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, True)
             for d0 in range(0, Dv, BLOCK_V):
-                d = d0 + tl.arange(0, BLOCK_V)
-                dm = d < Dv
-                v = tl.load(v_ptr + t * stride_vt + kh * stride_vh + d, mask=dm)
-                tl.store(v_cache_ptr + slot * stride_vcs + kh * stride_vch + d, v.to(v_cache_ptr.dtype.element_ty),
+                d = (d0 + tl.arange(0, BLOCK_V))[None, :]
+                dm = hmask & (d < Dv)
+                v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=dm)
+                tl.store(v_cache_ptr + slot * stride_vcs + h * stride_vch + d, v.to(v_cache_ptr.dtype.element_ty),
                          mask=dm)
         else:   # padded token: rotate k for the caller, write nothing
-            _rotate_row(k_ptr + t * stride_kt + kh * stride_kh, k_out_ptr + t * stride_kot + kh * stride_koh,
-                        k_out_ptr, cos, sin, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+            _rotate_rows(k_ptr + t * stride_kt + h * stride_kh, dst, dst, hmask,
+                         cos, sin, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
 
 
 def _cache_rows(cache: torch.Tensor, heads: int, width: int) -> torch.Tensor:
@@ -170,15 +179,18 @@ def rope_and_write_kv(
     vc = _cache_rows(v_cache, Hk, v3.shape[2])
     half = rotary_dim // 2
     Dk, Dv = k3.shape[2], v3.shape[2]
-    _rope_write_kernel[(T, Hq + Hk)](
+    heads = _heads_per_prog(max(Hq, Hk), max(q3.shape[2], Dk, Dv))
+    nqb = triton.cdiv(Hq, heads)
+    _rope_write_kernel[(T, nqb + triton.cdiv(Hk, heads))](
         q3, k3, v3, qo, ko, kc, vc, positions, cos_sin, slot_mapping,
-        Hq, q3.shape[2], Dk, Dv,
+        Hq, Hk, nqb, q3.shape[2], Dk, Dv,
         q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), cos_sin.stride(0),
-        HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
+        HEADS=heads, HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
         BLOCK_PASS=max(16, min(256, next_power_of_2(max(max(q3.shape[2], Dk) - rotary_dim, 1)))),
-        BLOCK_V=max(16, min(1024, next_power_of_2(Dv))), INTERLEAVED=bool(interleaved), num_warps=1,
+        BLOCK_V=max(16, min(1024, next_power_of_2(Dv))), INTERLEAVED=bool(interleaved),
+        num_warps=4 if heads * max(q3.shape[2], Dv) >= 1024 else 1,
     )
     return q_out, k_out
 
@@ -188,7 +200,6 @@ def rope_and_write_kv_reference(
     rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of ``rope_and_write_kv``: the unfused ops (run with HIGHSPEED_DISABLE_TRITON=1 on CUDA)."""
-    from highspeed.ops.attention import write_kv as ref_write_kv
     from highspeed.ops.rope import rope as ref_rope
 
     q_out = ref_rope(q, positions, cos_sin, rotary_dim, interleaved)
