@@ -100,6 +100,10 @@ class ServerMetrics:
         if tpot is not None and tpot >= 0:
             self.tpot.observe(tpot)
 
+    def observe_abort(self) -> None:
+        """A request that ended before producing anything (its client left while it waited)."""
+        self.request_success.labels(finished_reason="abort").inc()
+
     def observe_error(self, status: int) -> None:
         self.request_errors.labels(status=str(status)).inc()
 

@@ -246,14 +246,20 @@ class OpenAIServing:
                        priority: int) -> AsyncIterator[RequestOutput]:
         """One engine request; records its metrics when it ends, however it ends."""
         last: RequestOutput | None = None
+        refused = False
         try:
             async with aclosing(self.engine.generate(ids, params, rid, priority=priority)) as gen:
                 async for out in gen:
                     last = out
                     yield out
+        except Exception:
+            refused = last is None   # queue full, bad prompt: an error response, not a served request
+            raise
         finally:
             if last is not None:
                 self.metrics.observe_finished(last, None if last.finished else "abort")
+            elif not refused:
+                self.metrics.observe_abort()   # the client left before the first token
 
     async def _open(self, prompts: list[list[int]], params: list[SamplingParams], base_id: str,
                     priority: int) -> list[_Primed]:
@@ -288,7 +294,13 @@ class OpenAIServing:
             text = self._token_text(tid, entry.get(tid))
             lp.tokens.append(text)
             lp.token_logprobs.append(entry[tid].logprob if tid in entry else None)
-            lp.top_logprobs.append({self._token_text(t, l): l.logprob for t, l in self._top(entry, k)} if k else None)
+            top: dict[str, float] | None = None
+            if k:
+                top = {}
+                for t, l in self._top(entry, k):
+                    # Different ids can decode to the same text (partial UTF-8 bytes): the likeliest one keeps it.
+                    top.setdefault(self._token_text(t, l), l.logprob)
+            lp.top_logprobs.append(top)
             lp.text_offset.append(offset)
             offset += len(text)
         return lp, offset
