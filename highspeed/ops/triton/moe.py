@@ -25,14 +25,15 @@ import triton.language as tl
 
 from highspeed.ops.triton import interpreting, next_power_of_2
 
-# Largest token count that takes the GEMV path; above it tokens are grouped by expert.
-# Set from the H200 measurement in benchmarks/KERNEL_NOTES.md.
-GEMV_MAX_TOKENS: int = 16
+# Largest token count that takes the GEMV path; above it tokens are grouped by expert. H200 run 2 (CUDA-graph
+# times, KERNEL_NOTES.md): at T=1 GEMV wins for Qwen3-30B-A3B experts (33 vs 43 us) and is within 4% for GLM-5
+# (172 vs 165 us); from T=2 the grouped path wins or ties on both (54 vs 60 us; 318 vs 318 us).
+GEMV_MAX_TOKENS: int = 1
 
-# Launch shapes, kept here so benchmarks can override them without touching the kernels. GEMV: the H200 sweep
-# (run 1, KERNEL_NOTES.md) put 16 rows x 512 columns x 8 warps first for GLM-5 and within 1% of first for Qwen3.
-GEMV_GATE_UP = dict(BLOCK_N=16, BLOCK_K=512, num_warps=8)
-GEMV_DOWN = dict(BLOCK_N=16, BLOCK_K=512, num_warps=8)
+# Launch shapes, kept here so benchmarks can override them without touching the kernels. GEMV: the fastest of
+# the H200 run-2 sweep at T=1 for both Qwen3-30B-A3B and GLM-5 sizes (KERNEL_NOTES.md).
+GEMV_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
+GEMV_DOWN = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8)
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
 # once most experts have >= 128 rows (compute-bound: run 1 measured 128x128x64 fastest at T=2048 on both models).
 GROUPED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -238,9 +239,10 @@ def _moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 # Experts, grouped path: pairs sorted by expert, grouped GEMMs on tensor cores.
 # ----------------------------------------------------------------------------------------------------------------
 
-# Pair counts up to which the alignment runs as one single-program kernel; past it the torch version (sort +
-# a dozen small ops) is used, whose ~0.6 ms of host time per call (measured on the H200 VM) no longer matters.
-ALIGN_KERNEL_MAX_PAIRS: int = 16384
+# Pair counts up to which the alignment runs as one single-program kernel (O(pairs x experts) work on one SM:
+# H200 run 2, E=256: 4 us at 8 pairs, 43 us at 512, 396 us at 8192); past it the torch version (sort + a dozen
+# small ops: 50-130 us of device time, but 0.3-0.6 ms of host time per call on the H200 VM) is used.
+ALIGN_KERNEL_MAX_PAIRS: int = 2048
 
 
 @triton.jit
