@@ -57,7 +57,8 @@ def from_http_status(status: int, detail: Any = None) -> APIError:
     except ValueError:
         phrase = "Error"
     message = detail if isinstance(detail, str) and detail else phrase
-    code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+    # FastAPI raises 400 only when it cannot parse the body at all (bad encoding, nesting too deep, huge ints).
+    code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(status)
     return APIError(status, message, code=code)
 
 

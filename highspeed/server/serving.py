@@ -405,7 +405,9 @@ class OpenAIServing:
                     text = c.delta_text
                     if req.echo and idx not in offsets:
                         text = texts[i] + text
-                    if not text and not c.delta_token_ids and not c.finished:
+                    # Tokens whose text is held back (a partial character, a possible stop string) make no
+                    # chunk unless their logprobs must be sent.
+                    if not text and not c.finished and (req.logprobs is None or not c.delta_token_ids):
                         continue
                     lp = None
                     if req.logprobs is not None:
@@ -496,7 +498,8 @@ class OpenAIServing:
                 async for out in stream:
                     last = out
                     for c in out.outputs:
-                        if c.index in done or (not c.delta_text and not c.delta_token_ids and not c.finished):
+                        if c.index in done or (not c.delta_text and not c.finished
+                                               and (not req.logprobs or not c.delta_token_ids)):
                             continue
                         if c.finished:
                             done.add(c.index)

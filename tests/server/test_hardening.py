@@ -230,3 +230,25 @@ def test_still_serving_after_abuse(server, shared_engine, http):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
     assert http.get("/health").status_code == 200
     wait_idle_and_whole(shared_engine)
+
+
+def test_unparsable_bodies(http):
+    # Nesting deeper than the parser's recursion limit, and an integer too long to convert.
+    assert_error(post_raw(http, COMPLETIONS, b"[" * 100_000 + b"]" * 100_000), 400)
+    assert_error(post_raw(http, COMPLETIONS, b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"), 400)
+    r = http.post(COMPLETIONS, content=b"prompt=hi", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_error(r, 400)
+
+
+def test_streaming_disconnect_aborts_at_once(server, shared_engine):
+    wait_idle_and_whole(shared_engine)
+    steps_before = shared_engine.stats()["num_steps"]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        with c.stream("POST", COMPLETIONS, json={"prompt": "tell me everything", "max_tokens": 200,
+                                                 "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 4:
+                    break    # hang up with ~195 tokens still to go
+    stats = wait_idle_and_whole(shared_engine)
+    assert stats["num_steps"] - steps_before < 100, "the stream's request kept running after the client left"

@@ -13,6 +13,7 @@ from tests.server.conftest import MODEL_NAME, wait_idle_and_whole
 
 NUM_CLIENTS = 32
 DISCONNECT_EVERY = 4          # clients 0, 4, 8, ... hang up after a few chunks
+LONG = 150                    # what the hanging-up clients ask for: far more steps than the others need
 
 
 @dataclass
@@ -80,7 +81,7 @@ def _check_stream(rec: StreamRecord) -> None:
 def test_soak(server, shared_engine):
     rng = random.Random(0)
     records = [StreamRecord(client=i, chat=i % 3 == 0, n=2 if i % 5 == 0 else 1,
-                            max_tokens=48 if i % DISCONNECT_EVERY == 0 else rng.randrange(8, 33),
+                            max_tokens=LONG if i % DISCONNECT_EVERY == 0 else rng.randrange(8, 33),
                             disconnect=i % DISCONNECT_EVERY == 0)
                for i in range(NUM_CLIENTS)]
 
@@ -91,6 +92,8 @@ def test_soak(server, shared_engine):
         return 0.0
 
     aborted_before = aborts()
+    wait_idle_and_whole(shared_engine)
+    steps_before = shared_engine.stats()["num_steps"]
 
     async def main() -> list[StreamRecord]:
         limits = httpx.Limits(max_connections=NUM_CLIENTS * 2)
@@ -104,6 +107,8 @@ def test_soak(server, shared_engine):
             _check_stream(rec)
     stats = wait_idle_and_whole(shared_engine)
     assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+    # The others need at most 32 decode steps (+ prefill): had the hung-up requests run on, it would be ~LONG.
+    assert stats["num_steps"] - steps_before < LONG * 2 // 3, "requests ran on after their clients left"
     # The hung-up streams were aborted (not run to the end): each counts as an abort.
     hung_up = sum(r.disconnect for r in records)
     assert aborts() - aborted_before >= hung_up // 2
