@@ -36,7 +36,8 @@ class AttentionContext:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.query_lens)
+        # From the device tensor's shape, not the host list: valid inside a captured CUDA graph too.
+        return self.query_start_loc.shape[0] - 1
 
     @property
     def uses_cache(self) -> bool:

@@ -239,16 +239,21 @@ def _distinct_experts_decode(engine: Any, probe: list[list[int]]) -> int:
     """Prefill the probe prompts, then count distinct experts over one eager decode step of the whole batch."""
     from highspeed.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(probe):
-        engine.add_request(f"probe-{i}", p, params)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)   # alive through a chunked prefill
+    ids = [f"probe-{i}" for i in range(len(probe))]
+    for rid, p in zip(ids, probe):
+        engine.add_request(rid, p, params)
     graphs, engine.runner.graphs = engine.runner.graphs, None
+    overlap, engine.overlap = engine.overlap, False
     try:
-        while any(s.in_prefill or s.num_computed_tokens == 0 for s in engine.scheduler.waiting + engine.scheduler.running):
+        sched = engine.scheduler
+        while sched.waiting or any(s.in_prefill for s in sched.running):
             engine.step()
+        assert len(sched.running) == len(probe), "the probe batch did not fit in one decode step"
         count = count_distinct_experts(engine.model, engine.step)
-        while engine.has_unfinished_requests():
-            engine.step()
     finally:
+        for rid in ids:
+            engine.abort_request(rid)
         engine.runner.graphs = graphs
+        engine.overlap = overlap
     return count

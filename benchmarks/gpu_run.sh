@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: GPU correctness (kernels, fast path vs torch path), then the latency benchmarks.
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [quick]
+# Writes logs and JSON records under $OUT (or ./gpu_out).
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT" benchmarks/results
+# Whatever happens, bring the records back as one file ($OUT returns at most 8 files).
+trap 'tar czf "$OUT/results.tgz" benchmarks/results' EXIT
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/ops tests/engine/test_gpu_e2e.py 2>&1 | tail -n 40 | tee "$OUT/gpu_tests.log"
+
+bench() {  # name, args...
+  local name=$1; shift
+  timeout 150 python3 -m highspeed bench latency "$@" --output-json "benchmarks/results/$name.json" 2>&1 \
+    | grep -v Warning | tail -n 3 | tee -a "$OUT/bench.log"
+}
+bench latency-qwen3-30b-a3b-b1 --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256
+bench latency-qwen3-30b-a3b-b1-eager --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
+bench latency-glm-4.7-flash-b1 --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256
+bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
+[ "${1:-}" = quick ] && exit 0
+for b in 8 32; do
+  bench latency-qwen3-30b-a3b-b$b --preset qwen3-30b-a3b --random-weights --batch-size $b --input-len 128 --output-len 128
+  bench latency-glm-4.7-flash-b$b --preset glm-4.7-flash --random-weights --batch-size $b --input-len 128 --output-len 128
+done
