@@ -146,3 +146,33 @@ def test_overlapped_steps_give_the_same_tokens(tmp_path, blocks):
     assert o.token_ids == ref["r0"][0][:ref["r0"][0].index(stop_at) + 1]
     e2.drain()
     assert all(r == 0 for r in e2.pool.ref)
+
+
+def test_priority_runs_first_and_waits_are_bounded(tmp_path):
+    # One sequence at a time: the order of first tokens is the admission order.
+    e = make_engine(tmp_path, block_size=4, max_num_seqs=1, max_wait_steps=3)
+    first_token_order = []
+    e.add_request("low", _prompts(9, 1)[0], greedy(3), priority=5)
+    e.add_request("high", _prompts(10, 1)[0], greedy(3), priority=0)
+    while e.has_unfinished_requests():
+        for o in e.step():
+            if o.outputs[0].token_ids and o.request_id not in first_token_order:
+                first_token_order.append(o.request_id)
+    assert first_token_order == ["high", "low"]
+
+    # A request sharing no cached prefix is not starved by a stream of requests that hit the cache.
+    e = make_engine(tmp_path, block_size=4, max_num_seqs=1, max_wait_steps=3)
+    shared = _prompts(11, 1, lo=20, hi=21)[0]
+    run_all(e, [shared + [1]], [greedy(1)])                  # warm the prefix cache
+    e.add_request("loner", _prompts(12, 1)[0], greedy(2))
+    started, step = None, 0
+    for i in range(30):
+        e.add_request(f"hit{i}", shared + [2 + i], greedy(2))
+        for o in e.step():
+            if o.request_id == "loner" and started is None:
+                started = step
+        step += 1
+    assert started is not None and started <= 3 + 3, f"the loner waited {started} steps"
+    while e.has_unfinished_requests():
+        e.step()
+    e.pool.check_whole()
