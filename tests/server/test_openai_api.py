@@ -2,6 +2,8 @@
 seed, usage, models; and the server's greedy output equals the engine's own."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -180,3 +182,25 @@ def test_stop_token_ids_and_extras(client, make_engine):
 def test_server_left_whole(shared_engine, client):
     _greedy(client, max_tokens=2)
     wait_idle_and_whole(shared_engine)
+
+
+def test_streaming_n_and_continuous_usage(server):
+    body = {"model": MODEL_NAME, "prompt": ["Hello", "Goodbye"], "n": 2, "max_tokens": 5, "stream": True,
+            "ignore_eos": True, "temperature": 0.9, "seed": 11,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        events = [e for e in c.post("/v1/completions", json=body).text.split("\n\n") if e]
+        full = c.post("/v1/completions", json={**body, "stream": False, "stream_options": None}).json()
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for ch in chunks[:-1]:
+        assert ch["usage"]["total_tokens"] == ch["usage"]["prompt_tokens"] + ch["usage"]["completion_tokens"]
+        (choice,) = ch["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert finishes == {i: "length" for i in range(4)}
+    assert texts == {c["index"]: c["text"] for c in full["choices"]}   # same seed, same samples
+    assert chunks[-1]["usage"]["completion_tokens"] == 4 * 5 == full["usage"]["completion_tokens"]
