@@ -58,14 +58,17 @@ class CudaGraphDecoder:
         self.sizes = sorted(batch_sizes)
         m = self.sizes[-1]
         self.ids = torch.zeros(m, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(m, dtype=torch.int64, device=dev)
-        self.slots = torch.full((m,), -1, dtype=torch.int64, device=dev)
+        # Positions and slots share one buffer so a steady decode step advances both with a single add.
+        self.pos_slots = torch.zeros((2, m), dtype=torch.int64, device=dev)
+        self.pos, self.slots = self.pos_slots[0], self.pos_slots[1]
+        self.slots.fill_(-1)
         self.tables = torch.zeros((m, max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(m, dtype=torch.int32, device=dev)
         self.qsl = torch.arange(m + 1, dtype=torch.int32, device=dev)
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self._last: tuple | None = None   # (seq ids, graph size, block-table lengths, positions) of the last replay
 
     def _ctx(self, b: int) -> AttentionContext:
         return AttentionContext(
@@ -99,24 +102,44 @@ class CudaGraphDecoder:
                 return s
         return None
 
-    def run(self, ids: torch.Tensor, pos: list[int], slots: list[int], tables: list[list[int]],
-            seq_lens: list[int], runner: "ModelRunner") -> torch.Tensor:
+    def run(self, items: list, prev: "InFlight | None", runner: "ModelRunner") -> torch.Tensor:
+        """Fill the static inputs for these decode items and replay. In steady decode (the same sequences as the
+        last replay, one position further, no new block) the inputs advance on the device with two adds and the
+        token ids come straight from the previous step's samples: no host-to-device copy at all."""
         t0 = time.perf_counter()
-        b = len(pos)
+        bs = runner.block_size
+        b = len(items)
         g = self.size_for(b)
         assert g is not None
-        # One host->device copy per buffer; padding rows keep slot -1 and a one-token context.
-        self.ids[:b].copy_(ids)
-        self.pos[:b].copy_(runner._host(pos, torch.int64), non_blocking=True)
-        self.slots[:g].fill_(-1)
-        self.slots[:b].copy_(runner._host(slots, torch.int64), non_blocking=True)
-        self.seq_lens[:g].fill_(1)
-        self.seq_lens[:b].copy_(runner._host(seq_lens, torch.int32), non_blocking=True)
-        width = max(len(t) for t in tables)
-        host = torch.zeros((b, width), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            host[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.tables[:b, :width].copy_(runner._host(host, torch.int32), non_blocking=True)
+        seqs = [it.seq for it in items]
+        key = [s.seq_id for s in seqs]
+        pos = [it.start for it in items]
+        tlens = [len(s.block_table) for s in seqs]
+        last = self._last
+        if (last is not None and last[1] == g and last[0] == key and last[2] == tlens
+                and all(p == q + 1 for p, q in zip(pos, last[3]))):
+            self.pos_slots[:, :b].add_(1)
+            self.seq_lens[:b].add_(1)
+        else:
+            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+            host = runner._host([pos, slots], torch.int64)
+            self.pos[:g].fill_(0)       # padding rows: position 0, slot -1 (nothing written)
+            self.slots[:g].fill_(-1)
+            self.pos_slots[:, :b].copy_(host, non_blocking=True)
+            self.seq_lens[:g].fill_(1)
+            self.seq_lens[:b].copy_(runner._host([p + 1 for p in pos], torch.int32), non_blocking=True)
+            width = max(tlens)
+            tab = torch.zeros((b, width), dtype=torch.int32)
+            for i, s in enumerate(seqs):
+                tab[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+            self.tables[:b, :width].copy_(runner._host(tab, torch.int32), non_blocking=True)
+        self._last = (key, g, tlens, pos)
+        ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
+        if (prev is not None and prev.tokens is not None and prev.tokens.shape[0] >= b and all(t == -1 for t in ids)
+                and all(prev.row_of_seq.get(k) == i for i, k in enumerate(key))):
+            self.ids[:b].copy_(prev.tokens[:b])
+        else:
+            self.ids[:b].copy_(runner._input_ids(ids, prev, key))
         runner.host_time_s += time.perf_counter() - t0
         self.graphs[g].replay()
         return self.logits[g][:b]
@@ -272,21 +295,14 @@ class ModelRunner:
 
     def _run_graph(self, out: SchedulerOutput, prev: "InFlight | None") -> torch.Tensor:
         assert self.graphs is not None
-        bs = self.block_size
-        ids, seqs, pos, slots, tables, lens = [], [], [], [], [], []
-        for it in out.items:
-            p = it.start
-            ids.append(it.seq.token_ids[p])
-            seqs.append(it.seq.seq_id)
-            pos.append(p)
-            slots.append(it.seq.block_table[p // bs] * bs + p % bs)
-            tables.append(it.seq.block_table)
-            lens.append(p + 1)
-        return self.graphs.run(self._input_ids(ids, prev, seqs), pos, slots, tables, lens, self)
+        return self.graphs.run(out.items, prev, self)
 
     def _sample(self, logits: torch.Tensor, flight: "InFlight") -> None:
         specs = flight.specs
         p = [s.params for s in specs]
+        if all(x.temperature == 0 for x in p) and all(x.logprobs is None for x in p):
+            flight.tokens = logits.argmax(dim=-1)   # greedy batch: one kernel, no sampling tensors to build
+            return
         st = SamplingTensors.build(
             temperature=[x.temperature for x in p], top_k=[x.top_k for x in p], top_p=[x.top_p for x in p],
             min_p=[x.min_p for x in p], seeds=[s.seed for s in specs], steps=[s.step for s in specs],

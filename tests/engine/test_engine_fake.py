@@ -5,7 +5,7 @@ import random
 import pytest
 
 from highspeed.sampling import SamplingParams
-from tests.engine.fake_model import make_engine, run_all
+from tests.engine.fake_model import install_eager_graphs, make_engine, run_all
 
 
 def _prompts(seed, n, lo=3, hi=60, shared=0):
@@ -175,4 +175,19 @@ def test_priority_runs_first_and_waits_are_bounded(tmp_path):
     assert started is not None and started <= 3 + 3, f"the loner waited {started} steps"
     while e.has_unfinished_requests():
         e.step()
+    e.pool.check_whole()
+
+
+@pytest.mark.parametrize("blocks", [None, 20])
+def test_graph_decode_buffers_track_every_step(tmp_path, blocks):
+    """The decode-graph path (static buffers advanced on the device in steady decode, refilled when the batch
+    changes) with overlapped steps gives the plain path's tokens, across prefix hits, joins and preemption."""
+    prompts = _prompts(13, 7, lo=5, hi=30, shared=8)
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) for _ in prompts]
+    ref = _tokens(run_all(make_engine(tmp_path, block_size=4), prompts, [copy.copy(p) for p in params]))
+    e = make_engine(tmp_path, block_size=4, num_kv_blocks=blocks, async_scheduling=True, max_num_batched_tokens=24)
+    install_eager_graphs(e)
+    assert _tokens(run_all(e, prompts, params)) == ref
+    assert e.runner.graph_steps > 20
+    e.drain()
     e.pool.check_whole()
