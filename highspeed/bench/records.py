@@ -13,6 +13,9 @@ import torch
 
 
 def git_commit() -> str:
+    """The commit the figures come from; HIGHSPEED_COMMIT names it where the tree has no .git (a device copy)."""
+    if os.environ.get("HIGHSPEED_COMMIT"):
+        return os.environ["HIGHSPEED_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
