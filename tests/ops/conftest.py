@@ -1,13 +1,16 @@
 """Shared setup for the Triton kernel tests in tests/ops.
 
-Without a CUDA device the kernels run in Triton's interpreter on the CPU. The interpreter is chosen when a kernel
-is *decorated* (at import), so TRITON_INTERPRET is set here, before any test module of this folder imports a
-kernel module, and ``triton_module`` re-imports a module that some other test imported before that.
+Without a CUDA device the kernels run in Triton's interpreter on the CPU. The interpreter is chosen when a
+function is *decorated* with ``triton.jit`` (at import), and that includes Triton's own library (``tl.zeros``,
+``tl.cumsum``, ...). So TRITON_INTERPRET is set here, and if some test collected earlier already imported Triton
+without it (e.g. ``pytest.importorskip("triton")``), ``triton_module`` drops Triton and the kernel modules from
+``sys.modules`` once and imports them again in interpreter mode.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Callable, Iterator
@@ -29,9 +32,26 @@ def _interpreted(mod: ModuleType) -> bool:
     return all(isinstance(v, InterpretedFunction) for v in kernels)
 
 
+def _fresh_interpreted_triton() -> None:
+    """Re-import Triton in interpreter mode if it was imported (decorated) before TRITON_INTERPRET was set."""
+    if HAS_CUDA or "triton" not in sys.modules:
+        return
+    import triton.language as tl
+
+    if type(tl.zeros).__name__ == "InterpretedFunction":
+        return
+    for name in list(sys.modules):
+        # The native extension (triton._C) stays: initialising it twice aborts the process.
+        if name.startswith("triton._C"):
+            continue
+        if name == "triton" or name.startswith("triton.") or name.startswith("highspeed.ops.triton"):
+            del sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def triton_module() -> Callable[[str], ModuleType]:
     """``triton_module("moe")`` -> highspeed.ops.triton.moe, runnable on this machine (skips without triton)."""
+    _fresh_interpreted_triton()
     pytest.importorskip("triton")
 
     def load(name: str) -> ModuleType:
