@@ -11,7 +11,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/ops tests/engine/test_gpu_e2e.py 2>&1 | tail -n 40 | tee "$OUT/gpu_tests.log"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/engine/test_gpu_e2e.py 2>&1 | tail -n 60 > "$OUT/gpu_tests.log"
+tail -n 8 "$OUT/gpu_tests.log"
 
 bench() {  # name, args...
   local name=$1; shift
@@ -23,6 +24,9 @@ bench latency-qwen3-30b-a3b-b1-eager --preset qwen3-30b-a3b --random-weights --b
 bench latency-glm-4.7-flash-b1 --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256
 bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
 [ "${1:-}" = quick ] && exit 0
+bench latency-glm-4.5-air-20l-b1 --preset glm-4.5-air --num-layers 20 --random-weights --batch-size 1 --input-len 128 --output-len 128
+bench latency-deepseek-v2-lite-b1 --preset deepseek-v2-lite --random-weights --batch-size 1 --input-len 128 --output-len 128
+bench latency-glm-5-5l-b1 --preset glm-5 --num-layers 5 --random-weights --batch-size 1 --input-len 128 --output-len 64
 for b in 8 32; do
   bench latency-qwen3-30b-a3b-b$b --preset qwen3-30b-a3b --random-weights --batch-size $b --input-len 128 --output-len 128
   bench latency-glm-4.7-flash-b$b --preset glm-4.7-flash --random-weights --batch-size $b --input-len 128 --output-len 128

@@ -20,7 +20,9 @@ def next_power_of_2(n: int) -> int:
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (CPU tests). The interpreter's tl.dot is wrong for bf16 operands
-    (Triton 3.9: it returns garbage), so kernels upcast dot operands to fp32 there; on GPUs they stay bf16."""
+    (Triton 3.9: it returns garbage), so kernels upcast dot operands to fp32 there; on GPUs they stay bf16.
+    Kernels also take that fp32 branch, with IEEE precision (not TF32), when the operands are fp32: the fp32 fast
+    path must give the torch path's greedy tokens."""
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

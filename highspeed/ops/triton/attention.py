@@ -125,13 +125,13 @@ def _paged_attn_kernel(
         k_rows = k_ptr + blk * stride_kb + slot_off * stride_ks + kv_head * stride_kh
         ka = tl.load(k_rows[:, None] + da[None, :], mask=n_ok[:, None] & (da[None, :] < D_A), other=0.0)
         if DOT_F32:
-            s = tl.dot(qa.to(tl.float32), tl.trans(ka.to(tl.float32)))
+            s = tl.dot(qa.to(tl.float32), tl.trans(ka.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(qa, tl.trans(ka))
         if D_B > 0:
             kb = tl.load(k_rows[:, None] + D_A + db[None, :], mask=n_ok[:, None] & (db[None, :] < D_B), other=0.0)
             if DOT_F32:
-                s += tl.dot(qb.to(tl.float32), tl.trans(kb.to(tl.float32)))
+                s += tl.dot(qb.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
             else:
                 s += tl.dot(qb, tl.trans(kb))
         visible = row_ok[:, None] & n_ok[None, :] & (pos[None, :] <= q_pos[:, None])
@@ -148,7 +148,7 @@ def _paged_attn_kernel(
             v_rows = v_ptr + blk * stride_vb + slot_off * stride_vs + kv_head * stride_vh
             v = tl.load(v_rows[:, None] + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < D_V), other=0.0)
         if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -249,7 +249,7 @@ def _attend(
         BLOCK_DA=max(16, next_power_of_2(d_a)), BLOCK_DB=max(16, next_power_of_2(max(d_b, 1))),
         BLOCK_DV=max(16, next_power_of_2(d_v)),
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
-        V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, DOT_F32=interpreting(),
+        V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, DOT_F32=interpreting() or q.dtype == torch.float32,
         **launch,
     )
     if split:

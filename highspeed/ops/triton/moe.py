@@ -363,8 +363,11 @@ def _grouped_gate_up_silu_kernel(
         bu = tl.load(wu_cols + k[:, None], mask=bmask, other=0.0)
         if DOT_F32:
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
+            acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, bg, acc_g)
+            acc_u = tl.dot(a, bu, acc_u)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     out_ptrs = act_ptr + pairs[:, None].to(tl.int64) * stride_at + n[None, :]
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
@@ -396,8 +399,9 @@ def _grouped_down_weighted_kernel(
         a = tl.load(a_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_cols + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
         if DOT_F32:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
     wt = tl.load(wts_ptr + pairs, mask=mmask, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
     out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_op + n[None, :]
@@ -418,7 +422,7 @@ def _moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: 
     _grouped_gate_up_silu_kernel[(nblocks, triton.cdiv(I, bn))](
         x, w13, sorted_pairs, block_expert, act, P, H, I,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=interpreting(),
+        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=interpreting() or x.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     # Per-pair weighted outputs in fp32, then a fixed-order sum over the k slots: deterministic, no atomics.
@@ -426,7 +430,7 @@ def _moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: 
     _grouped_down_weighted_kernel[(nblocks, triton.cdiv(H, bn))](
         act, w2, sorted_pairs, block_expert, weights, per_pair, P, H, I,
         act.stride(0), w2.stride(0), w2.stride(1), per_pair.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=interpreting(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=interpreting() or x.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return per_pair.view(T, k, H).sum(dim=1).to(x.dtype)
