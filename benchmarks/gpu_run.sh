@@ -19,9 +19,9 @@ bench() {  # name, args...
   timeout 150 python3 -m highspeed bench latency "$@" --output-json "benchmarks/results/$name.json" 2>&1 \
     | grep -v Warning | tail -n 3 | tee -a "$OUT/bench.log"
 }
-bench latency-qwen3-30b-a3b-b1 --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256
+bench latency-qwen3-30b-a3b-b1 --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-qwen3-b1.txt"
 bench latency-qwen3-30b-a3b-b1-eager --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
-bench latency-glm-4.7-flash-b1 --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256
+bench latency-glm-4.7-flash-b1 --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-glm-flash-b1.txt"
 bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
 [ "${1:-}" = quick ] && exit 0
 bench latency-glm-4.5-air-20l-b1 --preset glm-4.5-air --num-layers 20 --random-weights --batch-size 1 --input-len 128 --output-len 128

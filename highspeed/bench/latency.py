@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-tokens", type=int, default=8)
     p.add_argument("--output-json", default=None, help="write the record here (default: benchmarks/results/...)")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--profile-out", default=None, help="write a per-kernel device-time table of decode steps here")
 
 
 def preset_config(name: str, num_layers: int | None) -> dict[str, Any]:
@@ -201,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         distinct = _distinct_experts_decode(engine, probe)
     ttft, steps, _ = generate(prompts(args.batch_size, args.input_len), args.output_len)
     device_ms = _graph_replay_ms(engine, args.batch_size)
+    if args.profile_out and device.type == "cuda":
+        _profile_decode(engine, prompts(args.batch_size, args.input_len), args.profile_out)
     step_s = statistics.median(steps)
     decode_s = sum(steps)
     tok_s_user = len(steps) / decode_s if decode_s else 0.0
@@ -277,3 +280,31 @@ def _graph_replay_ms(engine: Any, batch: int) -> float | None:
     end.record()
     torch.cuda.synchronize()
     return round(start.elapsed_time(end) / 20, 4)
+
+
+def _profile_decode(engine: Any, batch: list[list[int]], path: str, steps: int = 8) -> None:
+    """Kernel-by-kernel device time of eager decode steps (the same kernels a graph replays), for finding where a
+    step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from highspeed.sampling import SamplingParams
+
+    for i, p in enumerate(batch):
+        engine.add_request(f"prof-{i}", p, SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True))
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    try:
+        sched = engine.scheduler
+        while sched.waiting or any(s.in_prefill for s in sched.running):
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"{steps} eager decode steps, batch {len(batch)}\n{table}\n")
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.runner.graphs = graphs
