@@ -1,4 +1,5 @@
-"""Plot tokens/s against batch size from the latency records: python benchmarks/plot_latency.py OUT.png"""
+"""Plot tokens/s against batch size from latency records:
+python benchmarks/plot_latency.py OUT.png [GLOB]   (default GLOB: benchmarks/results/latency-*.json)"""
 from __future__ import annotations
 
 import glob
@@ -18,9 +19,10 @@ def main(out: str, pattern: str = "benchmarks/results/latency-*.json") -> None:
     for path in sorted(glob.glob(pattern)):
         with open(path, encoding="utf-8") as f:
             r = json.load(f)
-        if r.get("path") == "eager-torch":
+        if r.get("path") != "cuda-graphs+triton":
             continue
         series[r["preset"]].append((r["batch_size"], r["tok_s"], r["tok_s_per_user"]))
+    series = {k: v for k, v in series.items() if len(v) > 1}   # a curve needs several batch sizes
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for name, pts in sorted(series.items()):
         pts.sort()
@@ -39,4 +41,5 @@ def main(out: str, pattern: str = "benchmarks/results/latency-*.json") -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/latency.png")
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/latency.png",
+         *(sys.argv[2:3] or []))

@@ -219,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
         bench="latency", preset=args.preset or os.path.basename(os.path.normpath(args.model)),
         num_layers=int(hf["num_hidden_layers"]), batch_size=args.batch_size, input_len=args.input_len,
         output_len=args.output_len, dtype=str(dtype).replace("torch.", ""), device=device_name(device),
-        path="eager-torch" if eager else ("cuda-graphs+triton" if engine.cuda_graphs else "triton-eager"),
+        path="eager-torch" if eager else ("cuda-graphs+triton" if engine.cuda_graphs else
+                                          "triton-eager" if device.type == "cuda" else "torch-cpu"),
         tok_s=round(tok_s_user * args.batch_size, 2), tok_s_per_user=round(tok_s_user, 2),
         ms_per_token=round(step_s * 1e3, 4), ttft_s=round(ttft, 4), bytes_per_token=int(bytes_step / args.batch_size),
         bytes_per_step=int(bytes_step), distinct_experts_per_step=distinct, expert_bytes=per_expert,

@@ -131,7 +131,7 @@ class LLMEngine:
         self.num_steps = 0
         self.finished_requests = 0
         self.merged_requests = 0
-        self.host_time_s = 0.0   # scheduling and output processing, per step outside the runner
+        self.host_time_s = 0.0   # scheduling and output processing outside the runner, waits on the device excluded
         # Overlap (async scheduling): keep one step in flight. On by default on CUDA, where it hides host time.
         self.overlap = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         self._inflight: InFlight | None = None
@@ -271,6 +271,7 @@ class LLMEngine:
         until the read, and a stop noticed then drops the one extra token the sequence already ran.
         """
         t0 = time.perf_counter()
+        waited = self.runner.wait_time_s
         out = self.scheduler.schedule()
         prev, self._inflight = self._inflight, None
         outs: list[RequestOutput] = []
@@ -299,7 +300,8 @@ class LLMEngine:
                 outs = self._complete(prev)   # the device is busy with this step meanwhile
         else:
             outs = self._process(flight, self.runner.collect(flight))
-        self.host_time_s += (t1 - t0) + (time.perf_counter() - t2)
+        # Host work only: the time blocked reading samples back is the device's, not ours.
+        self.host_time_s += (t1 - t0) + (time.perf_counter() - t2) - (self.runner.wait_time_s - waited)
         return outs
 
     def _complete(self, flight: InFlight) -> list[RequestOutput]:

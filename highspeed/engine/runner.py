@@ -156,6 +156,7 @@ class ModelRunner:
         self.graph_steps = 0
         self.graphs: CudaGraphDecoder | None = None
         self.host_time_s = 0.0   # host work before each launch: building inputs, filling graph buffers
+        self.wait_time_s = 0.0   # time the host spent blocked on the device reading samples back
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """Capture decode graphs; on any failure (an op that syncs or reads host lengths) stay eager."""
@@ -271,7 +272,9 @@ class ModelRunner:
         """Read a launched step's samples back to the host: the one place the host waits for the device."""
         if not flight.specs:
             return []
+        t0 = time.perf_counter()
         tokens = flight.tokens.tolist()
+        self.wait_time_s += time.perf_counter() - t0
         if flight.logprobs is None:
             return [SampleResult(t) for t in tokens]
         chosen, vals, ids = (x.tolist() for x in flight.logprobs)
