@@ -14,7 +14,7 @@ from torch import nn
 
 from highspeed.context import AttentionContext, get_context
 from highspeed.models.layers import LayerNorm, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Sources
-from highspeed.ops import dsa_topk_indices, mla_attention, paged_attention, rope, write_kv
+from highspeed.ops import dsa_topk_indices, mla_attention, paged_attention, rope, rope_and_write_kv, write_kv
 from highspeed.ops.attention import causal_mask, dense_attention, indexer_topk, topk_mask
 
 
@@ -78,12 +78,13 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
         if ctx.uses_cache:
-            write_kv(self.kv_caches["k"], ctx.slot_mapping, k)
-            write_kv(self.kv_caches["v"], ctx.slot_mapping, v)
+            rot = self.rotary
+            q, k = rope_and_write_kv(q, k, v, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
+                                     self.kv_caches["k"], self.kv_caches["v"], ctx.slot_mapping)
             out = paged_attention(q, self.kv_caches["k"], self.kv_caches["v"], ctx, self.scale)
         else:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
             out = attention_without_cache(q, k, v, ctx, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
@@ -191,7 +192,15 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.view(t, h, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c = self.kv_a_layernorm(c)
-        q_pe, k_pe = self.rotary(q_pe, positions), self.rotary(k_pe, positions)
+        rot = self.rotary
+        if ctx.uses_cache:
+            # One fused op rotates q_pe/k_pe and stores [c | k_pe] into the two slices of the latent cache.
+            cache = self.kv_caches["latent"]
+            q_pe, k_pe = rope_and_write_kv(q_pe, k_pe, c, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
+                                           cache[..., self.kv_lora_rank:], cache[..., : self.kv_lora_rank],
+                                           ctx.slot_mapping)
+        else:
+            q_pe, k_pe = rot(q_pe, positions), rot(k_pe, positions)
 
         topk = None
         if self.indexer is not None:
@@ -201,8 +210,6 @@ class MLAttention(nn.Module):
             topk = aux.get("dsa_topk")
 
         if ctx.uses_cache:
-            cache = self.kv_caches["latent"]
-            write_kv(cache, ctx.slot_mapping, torch.cat([c, k_pe], dim=-1))
             w_kv = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
             w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
             q_abs = torch.cat([(q_nope.transpose(0, 1) @ w_uk).transpose(0, 1), q_pe], dim=-1)   # [T, H, L+R]

@@ -123,3 +123,27 @@ def rope(
     if rotary_dim == x.shape[-1]:
         return out.to(x.dtype)
     return torch.cat([out.to(x.dtype), x[..., rotary_dim:]], dim=-1)
+
+
+def rope_and_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q' = rope(q); k' = rope(k)``; store ``k'`` and ``v`` at ``slot_mapping`` (< 0 skips); return ``(q', k')``.
+
+    One kernel on CUDA instead of four (two rotations, two cache writes). The caches are
+    ``[num_blocks, block_size, ...]`` and may be last-dimension slices of one tensor: MLA passes its latent cache
+    as ``v_cache = latent[..., :L]`` (the compressed KV) and ``k_cache = latent[..., L:]`` (the rope key).
+    """
+    kernel = triton_kernel("rope", "rope_and_write_kv", q)
+    if kernel is not None:
+        return kernel(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache, slot_mapping)
+    q_out = rope(q, positions, cos_sin, rotary_dim, interleaved)
+    k_out = rope(k, positions, cos_sin, rotary_dim, interleaved)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    block, offset = slots // k_cache.shape[1], slots % k_cache.shape[1]
+    # Indexing by (block, offset) writes through non-contiguous cache views too.
+    k_cache[block, offset] = k_out[keep].reshape(-1, *k_cache.shape[2:]).to(k_cache.dtype)
+    v_cache[block, offset] = v[keep].reshape(-1, *v_cache.shape[2:]).to(v_cache.dtype)
+    return q_out, k_out
