@@ -43,18 +43,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, hf: HFConfig, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if dtype != "auto":
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-        return names[dtype]
-    stored = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
-    chosen = names.get(stored, torch.float32)
-    # Half precision matmuls on the CPU are slow and lossy: auto means float32 there.
-    return torch.float32 if device.type == "cpu" else chosen
+    """The loader's rule (a name, a torch.dtype, or the checkpoint's own for "auto"), except that "auto" on the
+    CPU means float32: half-precision matmuls there are slow and lossy."""
+    from highspeed.models.loader import resolve_dtype as checkpoint_dtype
+
+    if isinstance(dtype, str) and dtype.lower() == "auto" and device.type == "cpu":
+        return torch.float32
+    return checkpoint_dtype(dtype, hf)
 
 
 def _mix_seed(seed: int, index: int) -> int:
