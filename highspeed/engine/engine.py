@@ -211,7 +211,7 @@ class LLMEngine:
         if key is not None and self.config.enable_request_merging:
             self.merge_index[key] = req
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req.base_seed = base_seed  # type: ignore[attr-defined]
+        req.base_seed = base_seed
         self.scheduler.add(req, _mix_seed(base_seed, 0))
         req.seqs[0].detok = self._detokenizer(ids, params.skip_special_tokens)
         req.seqs[0].logprobs = [] if params.logprobs is not None else None
@@ -317,7 +317,7 @@ class LLMEngine:
             touched[id(req)] = req
             if width > 1:
                 group = results[i:i + width]
-                children = self.scheduler.fork(seq, width, [_mix_seed(req.base_seed, k)  # type: ignore[attr-defined]
+                children = self.scheduler.fork(seq, width, [_mix_seed(req.base_seed, k)
                                                              for k in range(width)])
                 for child in children:
                     child.detok = self._detokenizer(req.prompt_token_ids, req.params.skip_special_tokens)
@@ -338,7 +338,7 @@ class LLMEngine:
             req = seq.request
             copies = req.params.n if (req.params.n > 1 and not req.forked) else 1
             for c in range(copies):
-                seed = _mix_seed(req.base_seed, c) if copies > 1 else seq.seed  # type: ignore[attr-defined]
+                seed = _mix_seed(req.base_seed, c) if copies > 1 else seq.seed
                 specs.append(SampleSpec(item=k, params=req.params, seed=seed, step=seq.num_tokens))
                 owners.append(seq)
         return specs, owners

@@ -52,6 +52,7 @@ class Sequence:
     text: str = ""
     num_preemptions: int = 0
     num_placeholders: int = 0                    # trailing token ids sampled on the device, not yet read back
+    prompt_hashes: list[int] | None = None       # chain hashes of the prompt's full blocks (request merging)
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +92,7 @@ class Request:
     order: int = 0                               # arrival order, the FCFS tie-break
     subscribers: list[Any] = field(default_factory=list)
     merge_key: tuple | None = None
+    base_seed: int = 0                           # the request's seed (or a drawn one); sequence i uses a mix of it
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

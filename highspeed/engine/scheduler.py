@@ -198,11 +198,9 @@ class Scheduler:
             s.request.wait_steps += 1
 
     def _hashes(self, seq: Sequence) -> list[int]:
-        h = getattr(seq, "_prompt_hashes", None)
-        if h is None:
-            h = _chain_hashes(seq.token_ids[:seq.num_prompt_tokens], self.block_size)
-            seq._prompt_hashes = h  # type: ignore[attr-defined]
-        return h
+        if seq.prompt_hashes is None:
+            seq.prompt_hashes = _chain_hashes(seq.token_ids[:seq.num_prompt_tokens], self.block_size)
+        return seq.prompt_hashes
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Release a running sequence's blocks; it is recomputed (reusing its cached prefix) when readmitted."""
