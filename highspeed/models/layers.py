@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from highspeed.ops import add_rms_norm, build_cos_sin_cache, moe_experts, rms_norm, rope, select_experts, silu_and_mul
+from highspeed.ops import add_rms_norm, build_cos_sin_cache, fused_moe, rms_norm, rope, silu_and_mul
 
 # A weight source: (checkpoint name relative to the declaring module, index into the parameter).
 Source = tuple[str, tuple]
@@ -126,7 +126,8 @@ class DenseMLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Expert router; weight and correction bias stay fp32 whatever the model dtype (router math is fp32)."""
+    """Expert router parameters; weight and correction bias stay fp32 whatever the model dtype (router math is
+    fp32). The router product itself happens inside ``fused_moe``, where the decode kernels fuse it."""
 
     def __init__(self, hidden: int, num_experts: int, correction_bias: bool):
         super().__init__()
@@ -135,9 +136,6 @@ class Router(nn.Module):
             nn.Parameter(torch.empty(num_experts, dtype=torch.float32), requires_grad=False)
             if correction_bias else None
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
 
 
 class FusedExperts(nn.Module):
@@ -185,14 +183,14 @@ class SparseMoE(nn.Module):
         self.shared_experts = DenseMLP(hidden, shared_intermediate) if shared_intermediate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(
-            self.gate(x), self.top_k, self.scoring, self.renormalize, self.gate.e_score_correction_bias,
-            self.n_group, self.topk_group, self.routed_scaling_factor,
+        shared = self.shared_experts
+        return fused_moe(
+            x, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, self.top_k, self.scoring,
+            self.renormalize, self.gate.e_score_correction_bias, self.n_group, self.topk_group,
+            self.routed_scaling_factor,
+            shared.gate_up_proj.weight if shared is not None else None,
+            shared.down_proj.weight if shared is not None else None,
         )
-        y = moe_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
 
 
 class DecoderLayer(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from highspeed.ops.activation import silu_and_mul
 from highspeed.ops.dispatch import triton_kernel
 
 
@@ -84,3 +85,35 @@ def moe_experts(
         y = F.linear(F.silu(gate) * up, w2[expert])
         out = out.index_add(0, tokens, y.float() * flat_weights[sel, None])
     return out.to(x.dtype)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+    shared_w13: torch.Tensor | None = None,
+    shared_w2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A whole MoE block on the normalised hidden state ``x[T, H]``: the fp32 router (``gate_weight[E, H]``),
+    expert selection (see ``select_experts``), the routed experts (see ``moe_experts``) and, when given, the
+    always-on shared expert ``down(silu(gate(x)) * up(x))`` with ``shared_w13[2Is, H]`` (gate rows then up rows)
+    and ``shared_w2[H, Is]``. One op so that a kernel can fuse the router into the expert launches (decode)."""
+    kernel = triton_kernel("moe", "fused_moe", x)
+    if kernel is not None:
+        return kernel(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                      routed_scaling_factor, shared_w13, shared_w2)
+    logits = F.linear(x.float(), gate_weight.float())
+    weights, ids = select_experts(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                                  routed_scaling_factor)
+    y = moe_experts(x, w13, w2, weights, ids)
+    if shared_w13 is not None and shared_w2 is not None:
+        y = y + F.linear(silu_and_mul(F.linear(x, shared_w13)), shared_w2)
+    return y

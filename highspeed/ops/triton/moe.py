@@ -47,20 +47,20 @@ GROUPED_LARGE_MIN_ROWS_PER_EXPERT: int = 64
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _select_experts_kernel(
-    logits_ptr, bias_ptr, w_out_ptr, id_out_ptr,
-    stride_lt, n_group, per_group, scaling,
+def _route(
+    logits_ptr, bias_ptr, n_group, per_group, scaling,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """Routing of one token from its fp32 logits row: returns (weights, ids) as [BLOCK_K] vectors, best first.
+    Shared by the routing kernel and the fused decode MoE kernel (which routes inside its expert launch)."""
     # The expert axis is viewed as [group, expert-in-group] so group selection needs no reshape.
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, BLOCK_PG)
     valid = (g[:, None] < n_group) & (j[None, :] < per_group)
     flat = g[:, None] * per_group + j[None, :]
-    logits = tl.load(logits_ptr + row * stride_lt + flat, mask=valid, other=float("-inf")).to(tl.float32)
+    logits = tl.load(logits_ptr + flat, mask=valid, other=float("-inf")).to(tl.float32)
 
     if SIGMOID:
         scores = tl.sigmoid(logits)
@@ -104,9 +104,42 @@ def _select_experts_kernel(
     if RENORM:
         wvec = wvec / (tl.sum(wvec, 0) + 1e-20)
     wvec = wvec * scaling
+    return wvec, ivec
+
+
+@triton.jit
+def _select_experts_kernel(
+    logits_ptr, bias_ptr, w_out_ptr, id_out_ptr,
+    stride_lt, n_group, per_group, scaling,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    wvec, ivec = _route(logits_ptr + row * stride_lt, bias_ptr, n_group, per_group, scaling,
+                        TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RENORM)
+    kk = tl.arange(0, BLOCK_K)
     out_mask = kk < TOP_K
     tl.store(w_out_ptr + row * TOP_K + kk, wvec, mask=out_mask)
     tl.store(id_out_ptr + row * TOP_K + kk, ivec, mask=out_mask)
+
+
+def _routing_meta(E: int, top_k: int, scoring: str, renormalize: bool, correction_bias: torch.Tensor | None,
+                  n_group: int, topk_group: int) -> dict:
+    """Validated compile-time routing parameters for ``_route``."""
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown scoring function {scoring!r}; expected 'softmax' or 'sigmoid'")
+    if E % n_group != 0:
+        raise ValueError(f"{E} experts do not split into {n_group} groups")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k} must be in [1, {E}]")
+    use_groups = n_group > 1
+    return dict(
+        TOP_K=top_k, TOPK_GROUP=topk_group if use_groups else 1, BLOCK_K=next_power_of_2(top_k),
+        BLOCK_G=next_power_of_2(n_group), BLOCK_PG=next_power_of_2(E // n_group),
+        SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, USE_GROUPS=use_groups,
+        RENORM=bool(renormalize),
+    )
 
 
 def select_experts(
@@ -120,28 +153,18 @@ def select_experts(
     routed_scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing in one launch: returns (weights [T, k] fp32, expert ids [T, k] int32), best expert first."""
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"unknown scoring function {scoring!r}; expected 'softmax' or 'sigmoid'")
     T, E = router_logits.shape
-    if E % n_group != 0:
-        raise ValueError(f"{E} experts do not split into {n_group} groups")
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k={top_k} must be in [1, {E}]")
+    meta = _routing_meta(E, top_k, scoring, renormalize, correction_bias, n_group, topk_group)
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
     if T == 0:
         return weights, ids
-    per_group = E // n_group
-    use_groups = n_group > 1
     bias = correction_bias if correction_bias is not None else logits  # dummy pointer when absent
     _select_experts_kernel[(T,)](
         logits, bias, weights, ids,
-        logits.stride(0), n_group, per_group, float(routed_scaling_factor),
-        TOP_K=top_k, TOPK_GROUP=topk_group if use_groups else 1, BLOCK_K=next_power_of_2(top_k),
-        BLOCK_G=next_power_of_2(n_group), BLOCK_PG=next_power_of_2(per_group),
-        SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, USE_GROUPS=use_groups,
-        RENORM=bool(renormalize), num_warps=4 if E >= 256 else 2,
+        logits.stride(0), n_group, E // n_group, float(routed_scaling_factor),
+        **meta, num_warps=4 if E >= 256 else 2,
     )
     return weights, ids
 
@@ -231,6 +254,174 @@ def _moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         act, w2, ids, weights, out, H, I,
         act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         TOP_K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole MoE block at decode (``fused_moe``, T <= FUSED_MAX_TOKENS): three launches in place of seven.
+#   1. ``_router_kernel``: fp32 router logits, many programs (the router weight is 1-6 MB: one program would
+#      read it at a fraction of the bandwidth).
+#   2. ``_fused_gate_up_kernel``: each program routes its token from the logits (``_route``, in registers), then
+#      computes SiLU(gate) * up for one row block of one chosen expert -- or of the shared expert, whose rows are
+#      just more row blocks. Program 0 of each token stores the routing for step 3.
+#   3. ``_fused_down_kernel``: each program owns a block of output columns and reads that block of rows of ALL the
+#      token's chosen experts in one 2-D tile ([k * BLOCK_N, BLOCK_K]: k times the loads in flight of a
+#      per-expert loop), sums them with the routing weights in registers, then adds the shared expert's rows.
+# ----------------------------------------------------------------------------------------------------------------
+
+FUSED_MAX_TOKENS: int = 1
+ROUTER = dict(BLOCK_E=4, BLOCK_K=512, num_warps=4)
+FUSED_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
+FUSED_DOWN = dict(BLOCK_N=4, BLOCK_K=256, num_warps=4)
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, out_ptr, H, E, stride_xt, stride_we, stride_ot,
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = e < E
+    w_rows = w_ptr + e[:, None].to(tl.int64) * stride_we
+    acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        xv = tl.load(x_ptr + t * stride_xt + k, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + k[None, :], mask=emask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        acc += w * xv[None, :]
+    tl.store(out_ptr + t * stride_ot + e, tl.sum(acc, 1), mask=emask)
+
+
+@triton.jit
+def _fused_gate_up_kernel(
+    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr,
+    H, I, IS, n_group, per_group, scaling,
+    stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
+    blocks_per_expert = tl.cdiv(I, BLOCK_N)
+    r = tl.arange(0, BLOCK_N)
+    if p < TOP_K * blocks_per_expert:
+        slot = p // blocks_per_expert
+        n = (p % blocks_per_expert) * BLOCK_N + r
+        nmask = n < I
+        wvec, ivec = _route(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, scaling,
+                            TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RENORM)
+        kk = tl.arange(0, BLOCK_TK)
+        if p == 0:
+            tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
+            tl.store(ids_ptr + t * TOP_K + kk, ivec, mask=kk < TOP_K)
+        e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
+        w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
+        w_up = w_gate + I * stride_wn
+        out_cols = slot * I + n
+    else:
+        n = (p - TOP_K * blocks_per_expert) * BLOCK_N + r
+        nmask = n < IS
+        w_gate = ws13_ptr + n[:, None].to(tl.int64) * stride_sn
+        w_up = w_gate + IS * stride_sn
+        out_cols = TOP_K * I + n
+    x_row = x_ptr + t * stride_xt
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
+        m2 = nmask[:, None] & kmask[None, :]
+        acc_g += tl.load(w_gate + k[None, :], mask=m2, other=0.0).to(tl.float32) * xv[None, :]
+        acc_u += tl.load(w_up + k[None, :], mask=m2, other=0.0).to(tl.float32) * xv[None, :]
+    gate = tl.sum(acc_g, 1)
+    up = tl.sum(acc_u, 1)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _fused_down_kernel(
+    act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr,
+    H, I, IS,
+    stride_at, stride_we, stride_wn, stride_sn, stride_ot,
+    TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    # Tile rows are (slot, output column) pairs: every chosen expert's rows of this column block at once.
+    rows = tl.arange(0, SLOTS * BLOCK_N)
+    slot = rows // BLOCK_N
+    n = nb * BLOCK_N + rows % BLOCK_N
+    rmask = (slot < TOP_K) & (n < H)
+    e = tl.load(ids_ptr + t * TOP_K + slot, mask=rmask, other=0).to(tl.int64)
+    wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0)
+    w_rows = w2_ptr + e * stride_we + n.to(tl.int64) * stride_wn
+    a_rows = act_ptr + t * stride_at + slot * I
+    acc = tl.zeros([SLOTS * BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        m2 = rmask[:, None] & (k < I)[None, :]
+        a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc += tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32) * a
+    per_row = tl.sum(acc, 1) * wt
+    out = tl.sum(tl.reshape(per_row, [SLOTS, BLOCK_N]), 0)
+    c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = c < H
+    if HAS_SHARED:
+        s_rows = ws2_ptr + c[:, None].to(tl.int64) * stride_sn
+        a_shared = act_ptr + t * stride_at + TOP_K * I
+        acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, IS, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < IS
+            a = tl.load(a_shared + k, mask=kmask, other=0.0).to(tl.float32)
+            acc_s += tl.load(s_rows + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32) * a[None, :]
+        out += tl.sum(acc_s, 1)
+    tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
+                      shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None) -> torch.Tensor:
+    T, H = x.shape
+    E, _, I = w2.shape
+    k = meta["TOP_K"]
+    has_shared = shared_w13 is not None
+    IS = shared_w2.shape[1] if has_shared else 0
+    dev = x.device
+    logits = torch.empty(T, E, dtype=torch.float32, device=dev)
+    cfg = ROUTER
+    _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
+        x, gate_weight, logits, H, E, x.stride(0), gate_weight.stride(0), logits.stride(0),
+        BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
+    weights = torch.empty(T, k, dtype=torch.float32, device=dev)
+    ids = torch.empty(T, k, dtype=torch.int32, device=dev)
+    cfg = FUSED_GATE_UP
+    bn = cfg["BLOCK_N"]
+    ws13 = shared_w13 if has_shared else w13     # dummy pointer without a shared expert (never read)
+    bias = correction_bias if correction_bias is not None else logits
+    _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
+        x, logits, bias, w13, ws13, act, weights, ids,
+        H, I, IS, n_group, E // n_group, float(scaling),
+        x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
+        **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
+        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    out = torch.empty(T, H, dtype=x.dtype, device=dev)
+    cfg = FUSED_DOWN
+    ws2 = shared_w2 if has_shared else w2[0]
+    _fused_down_kernel[(T, triton.cdiv(H, cfg["BLOCK_N"]))](
+        act, w2, ws2, weights, ids, out, H, I, IS,
+        act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
+        TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
     )
     return out
 
@@ -459,3 +650,40 @@ def moe_experts(
     if T <= GEMV_MAX_TOKENS:
         return _moe_gemv(x, w13, w2, weights, ids)
     return _moe_grouped(x, w13, w2, weights, ids)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+    shared_w13: torch.Tensor | None = None,
+    shared_w2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Router + selection + routed experts + shared expert; see ``highspeed.ops.moe.fused_moe``."""
+    T, H = x.shape
+    E = gate_weight.shape[0]
+    meta = _routing_meta(E, top_k, scoring, renormalize, correction_bias, n_group, topk_group)
+    if (shared_w13 is None) != (shared_w2 is None):
+        raise ValueError("shared_w13 and shared_w2 come together")
+    if 0 < T <= FUSED_MAX_TOKENS:
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
+        w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+        return _fused_moe_decode(x, gate_weight.contiguous(), w13, w2, meta, correction_bias, n_group,
+                                 routed_scaling_factor, shared_w13, shared_w2)
+    logits = torch.nn.functional.linear(x.float(), gate_weight.float())
+    weights, ids = select_experts(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                                  routed_scaling_factor)
+    y = moe_experts(x, w13, w2, weights, ids)
+    if shared_w13 is not None and shared_w2 is not None:
+        g, u = torch.nn.functional.linear(x, shared_w13).chunk(2, dim=-1)
+        y = y + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, shared_w2)
+    return y
