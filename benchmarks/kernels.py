@@ -411,8 +411,78 @@ def bench_attention(r: Runner) -> None:
         t_attn.MLA_WIDE.update(saved)
 
 
-SECTIONS = {"moe_select": bench_select_experts, "moe": bench_moe, "attention": bench_attention,
-            "norm": bench_norm, "rope": bench_rope, "sampling": bench_sampling}
+def bench_fused_moe(r: Runner) -> None:
+    """The decode MoE block (``fused_moe``: router + routing + experts + shared expert) at T = 1..4: a sweep of
+    each of its three kernels' launch shapes (one at a time, keeping the best of the others), then the fused path
+    against the unfused one it replaces (router GEMM, select_experts, moe_experts, shared MLP)."""
+    models = [
+        # name, E, H, I, k, scoring, n_group, topk_group, shared intermediate
+        ("Qwen3-30B-A3B", 128, 2048, 768, 8, "softmax", 1, 1, 0),
+        ("GLM-4.7-Flash", 64, 2048, 1536, 4, "sigmoid", 1, 1, 1536),
+        ("GLM-5", 256, 6144, 2048, 8, "sigmoid", 1, 1, 2048),
+    ]
+    sweeps = {
+        "ROUTER": [dict(BLOCK_E=4, BLOCK_K=512, num_warps=4), dict(BLOCK_E=2, BLOCK_K=512, num_warps=4),
+                   dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4), dict(BLOCK_E=8, BLOCK_K=256, num_warps=4)],
+        "FUSED_GATE_UP": [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4), dict(BLOCK_N=8, BLOCK_K=256, num_warps=4),
+                          dict(BLOCK_N=8, BLOCK_K=512, num_warps=4), dict(BLOCK_N=16, BLOCK_K=512, num_warps=8),
+                          dict(BLOCK_N=32, BLOCK_K=256, num_warps=8), dict(BLOCK_N=4, BLOCK_K=512, num_warps=4)],
+        "FUSED_DOWN": [dict(BLOCK_N=4, BLOCK_K=256, num_warps=4), dict(BLOCK_N=2, BLOCK_K=256, num_warps=4),
+                       dict(BLOCK_N=8, BLOCK_K=256, num_warps=8), dict(BLOCK_N=4, BLOCK_K=512, num_warps=8),
+                       dict(BLOCK_N=2, BLOCK_K=512, num_warps=4), dict(BLOCK_N=1, BLOCK_K=512, num_warps=4),
+                       dict(BLOCK_N=8, BLOCK_K=128, num_warps=4)],
+    }
+    for name, E, H, I, k, scoring, ng, tg, S in models:
+        if r.time_left() < 60:
+            return
+        w13 = torch.randn(E, 2 * I, H, device=DEV, dtype=BF16) * H**-0.5
+        w2 = torch.randn(E, H, I, device=DEV, dtype=BF16) * I**-0.5
+        gate = torch.randn(E, H, device=DEV) * H**-0.5
+        bias = torch.randn(E, device=DEV) * 0.1 if scoring == "sigmoid" else None
+        ws13 = torch.randn(2 * S, H, device=DEV, dtype=BF16) * H**-0.5 if S else None
+        ws2 = torch.randn(H, S, device=DEV, dtype=BF16) * S**-0.5 if S else None
+        xs = [torch.randn(1, H, device=DEV, dtype=BF16) for _ in range(8)]
+        # Bytes a token must read: router (fp32), k experts, the shared expert.
+        byts = E * H * 4 + k * 3 * H * I * 2 + 3 * H * S * 2
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return t_moe.fused_moe(x, gate, w13, w2, k, scoring, True, bias, ng, tg, 2.5, ws13, ws2)
+
+        ref = ref_call(ops.fused_moe, xs[0], gate, w13, w2, k, scoring, True, bias, ng, tg, 2.5, ws13, ws2)
+        for which, cfgs in sweeps.items():
+            target = getattr(t_moe, which)
+            best = None
+            for cfg in cfgs:
+                target.clear()
+                target.update(cfg)
+                err = rel_err(run(xs[0]), ref)
+                gms = bench_graph(lambda: run(xs[0]))
+                label = " ".join(f"{key}={v}" for key, v in cfg.items())
+                r.add(kernel=f"fused_moe_{which.lower()}", case=f"{name} T=1 {label}", rel_err=err, graph_ms=gms,
+                      bytes=byts)
+                if gms is not None and (best is None or gms < best[0]):
+                    best = (gms, dict(cfg))
+            if best is not None:
+                target.clear()
+                target.update(best[1])
+                r.record.setdefault("fused_moe_best", {}).setdefault(name, {})[which] = best[1]
+        # Fused vs the unfused path, over T (FUSED_MAX_TOKENS decides which one the model takes).
+        saved = t_moe.FUSED_MAX_TOKENS
+        for T in (1, 2, 4, 8):
+            x = torch.randn(T, H, device=DEV, dtype=BF16)
+            ref = ref_call(ops.fused_moe, x, gate, w13, w2, k, scoring, True, bias, ng, tg, 2.5, ws13, ws2)
+            for path, limit in (("fused", 10**6), ("unfused", 0)):
+                t_moe.FUSED_MAX_TOKENS = limit
+                fn = lambda: t_moe.fused_moe(x, gate, w13, w2, k, scoring, True, bias, ng, tg, 2.5, ws13, ws2)  # noqa: E731
+                r.add(kernel=f"fused_moe_{path}", case=f"{name} T={T}", rel_err=rel_err(fn(), ref),
+                      graph_ms=bench_graph(fn), bytes=byts if T == 1 else None, T=T, model=name)
+        t_moe.FUSED_MAX_TOKENS = saved
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"moe_select": bench_select_experts, "fused_moe": bench_fused_moe, "moe": bench_moe,
+            "attention": bench_attention, "norm": bench_norm, "rope": bench_rope, "sampling": bench_sampling}
 
 
 def main() -> None:
