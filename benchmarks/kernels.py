@@ -473,7 +473,8 @@ def bench_fused_moe(r: Runner) -> None:
             ref = ref_call(ops.fused_moe, x, gate, w13, w2, k, scoring, True, bias, ng, tg, 2.5, ws13, ws2)
             for path, limit in (("fused", 10**6), ("unfused", 0)):
                 t_moe.FUSED_MAX_TOKENS = limit
-                fn = lambda: t_moe.fused_moe(x, gate, w13, w2, k, scoring, True, bias, ng, tg, 2.5, ws13, ws2)  # noqa: E731
+                fn = lambda: t_moe.fused_moe(  # noqa: E731
+                    x, gate, w13, w2, k, scoring, True, bias, ng, tg, 2.5, ws13, ws2)
                 r.add(kernel=f"fused_moe_{path}", case=f"{name} T={T}", rel_err=rel_err(fn(), ref),
                       graph_ms=bench_graph(fn), bytes=byts if T == 1 else None, T=T, model=name)
         t_moe.FUSED_MAX_TOKENS = saved
@@ -481,8 +482,52 @@ def bench_fused_moe(r: Runner) -> None:
         torch.cuda.empty_cache()
 
 
-SECTIONS = {"moe_select": bench_select_experts, "fused_moe": bench_fused_moe, "moe": bench_moe,
-            "attention": bench_attention, "norm": bench_norm, "rope": bench_rope, "sampling": bench_sampling}
+def bench_linear(r: Runner) -> None:
+    """Skinny GEMM (decode projections): the Triton GEMV's launch shapes against cuBLAS (F.linear) on the
+    projection shapes of the benchmark models, at M = 1..16 rows."""
+    from highspeed.ops.triton import linear as t_lin
+
+    shapes = [
+        # name, N, K
+        ("qwen3 qkv", 5120, 2048), ("qwen3 o", 2048, 4096), ("qwen3 lm_head", 151936, 2048),
+        ("glm-flash q_a+kv_a", 1344, 2048), ("glm-flash q_b", 8960, 768), ("glm-flash o", 2048, 5120),
+        ("glm-flash shared gate_up", 3072, 2048), ("glm-flash shared down", 2048, 1536),
+        ("glm-5 o", 6144, 16384), ("glm-5 q_b", 32768, 2048),
+    ]
+    cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
+            for bn, bk, st in ((32, 256, 4), (16, 256, 4), (16, 512, 3), (64, 128, 4), (8, 512, 3), (32, 128, 6))]
+    saved = dict(t_lin.GEMV), dict(t_lin.GEMV_SMALL_N), t_lin.SMALL_N
+    t_lin.SMALL_N = 0   # every shape uses GEMV, which the sweep sets
+    try:
+        for name, N, K in shapes:
+            if r.time_left() < 30:
+                return
+            w = torch.randn(N, K, device=DEV, dtype=BF16) * K**-0.5
+            for M in (1, 4, 16) if N * K < 10**8 else (1,):
+                x = torch.randn(M, K, device=DEV, dtype=BF16)
+                ref = torch.nn.functional.linear(x, w)
+                byts = N * K * 2
+                r.add(kernel="linear_cublas", case=f"{name} M={M}", graph_ms=bench_graph(
+                    lambda: torch.nn.functional.linear(x, w)), bytes=byts, M=M)
+                for cfg in cfgs:
+                    t_lin.GEMV.clear()
+                    t_lin.GEMV.update(cfg)
+                    label = " ".join(f"{key}={v}" for key, v in cfg.items())
+                    r.add(kernel="linear_gemv", case=f"{name} M={M} {label}",
+                          rel_err=rel_err(t_lin.linear(x, w), ref),
+                          graph_ms=bench_graph(lambda: t_lin.linear(x, w)), bytes=byts, M=M)
+            del w
+    finally:
+        t_lin.GEMV.clear()
+        t_lin.GEMV.update(saved[0])
+        t_lin.GEMV_SMALL_N.clear()
+        t_lin.GEMV_SMALL_N.update(saved[1])
+        t_lin.SMALL_N = saved[2]
+
+
+SECTIONS = {"moe_select": bench_select_experts, "fused_moe": bench_fused_moe, "linear": bench_linear,
+            "moe": bench_moe, "attention": bench_attention, "norm": bench_norm, "rope": bench_rope,
+            "sampling": bench_sampling}
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from highspeed.config import HFConfig
 from highspeed.models.layers import DecoderLayer, Embedding, Linear, RMSNorm
+from highspeed.ops import linear
 
 _ALWAYS_IGNORED = re.compile(r"(^|\.)rotary_emb\.|\.inv_freq$")
 
@@ -72,7 +73,7 @@ class CausalLM(nn.Module):
         return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight).float()
 
     def forward_mtp(self, input_ids: torch.Tensor, positions: torch.Tensor, previous_hidden: torch.Tensor) -> torch.Tensor:
         """MTP draft step: ``input_ids`` are the tokens t_{i+1}, ``previous_hidden`` the main model's post-norm

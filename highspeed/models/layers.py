@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from highspeed.ops import add_rms_norm, build_cos_sin_cache, fused_moe, rms_norm, rope, silu_and_mul
+from highspeed.ops import add_rms_norm, build_cos_sin_cache, fused_moe, linear, rms_norm, rope, silu_and_mul
 
 # A weight source: (checkpoint name relative to the declaring module, index into the parameter).
 Source = tuple[str, tuple]
@@ -27,7 +27,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):

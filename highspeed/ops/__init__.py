@@ -2,11 +2,12 @@
 (see ``dispatch.py``). Imports nothing of the project except ``highspeed.context`` types."""
 from highspeed.ops.activation import silu_and_mul
 from highspeed.ops.attention import dsa_topk_indices, mla_attention, paged_attention, write_kv
+from highspeed.ops.linear import linear
 from highspeed.ops.moe import fused_moe, moe_experts, select_experts
 from highspeed.ops.norm import add_rms_norm, rms_norm
 from highspeed.ops.rope import build_cos_sin_cache, rope, rope_and_write_kv
 
 __all__ = [
-    "add_rms_norm", "build_cos_sin_cache", "dsa_topk_indices", "fused_moe", "mla_attention", "moe_experts",
+    "add_rms_norm", "build_cos_sin_cache", "dsa_topk_indices", "fused_moe", "linear", "mla_attention", "moe_experts",
     "paged_attention", "rms_norm", "rope", "rope_and_write_kv", "select_experts", "silu_and_mul", "write_kv",
 ]

@@ -380,7 +380,8 @@ def _fused_down_kernel(
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < IS
             a = tl.load(a_shared + k, mask=kmask, other=0.0).to(tl.float32)
-            acc_s += tl.load(s_rows + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32) * a[None, :]
+            w = tl.load(s_rows + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc_s += w * a[None, :]
         out += tl.sum(acc_s, 1)
     tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 

@@ -1,0 +1,76 @@
+"""Skinny GEMM for decode: ``y[M, N] = x[M, K] @ W[N, K]^T`` with M a handful of rows.
+
+cuBLAS picks latency-bound kernels at M = 1..8 (H200 profile, batch-1 decode: 46-64% of copy bandwidth on the
+2-21 MB attention projections, plus a separate split-K reduce launch). Here each program owns ``BLOCK_N`` output
+columns over the whole K range and streams its weight rows through a software-pipelined ``tl.dot`` against the
+rows of x padded to 16 (the tensor cores' minimum; the padding costs nothing when the weights dominate the
+bytes). No split-K, so the result is deterministic and needs no second launch. Larger M, other layouts and
+anything the kernel does not cover go to ``torch.nn.functional.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from highspeed.ops.triton import interpreting
+
+# Rows up to which the GEMV runs (above: cuBLAS). Launch shapes by weight size; benchmarks/kernels.py sweeps them.
+MAX_ROWS: int = 16
+GEMV = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+GEMV_SMALL_N = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4)   # N < SMALL_N: more programs
+SMALL_N: int = 4096
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    nmask = n < N
+    mmask = m < M
+    x_rows = x_ptr + m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + n[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_rows + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)   # [BLOCK_K, BLOCK_N]
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + m[:, None].to(tl.int64) * stride_ym + n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as ``highspeed.ops.linear.linear``."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    M = x.numel() // K if K else 0
+    if (M == 0 or M > MAX_ROWS or weight.dim() != 2 or weight.stride(-1) != 1 or x.dtype != weight.dtype
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.requires_grad):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(M, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    cfg = GEMV_SMALL_N if N < SMALL_N else GEMV
+    bn = cfg["BLOCK_N"]
+    _gemv_kernel[(triton.cdiv(N, bn),)](
+        x2, weight, bias if bias is not None else weight, y, M, N, K,
+        x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        DOT_F32=interpreting() or x.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y.view(*x.shape[:-1], N)

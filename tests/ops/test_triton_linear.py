@@ -1,0 +1,38 @@
+"""Triton skinny GEMM (highspeed.ops.triton.linear) against F.linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.ops.conftest import DEVICE, HAS_CUDA, TOL, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,bias", [(1, 40, 24, False), (3, 17, 50, True), (16, 33, 8, False), (2, 5, 300, True)])
+def test_linear_gemv(triton_module, monkeypatch, dtype, M, N, K, bias):
+    lin = triton_module("linear")
+    if not HAS_CUDA:  # small tiles: several programs and K steps, partial tiles, under the interpreter
+        monkeypatch.setattr(lin, "GEMV_SMALL_N", dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1))
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
+    y = lin.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), b.double() if bias else None)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
+
+
+def test_linear_shapes_and_fallback(triton_module):
+    """Leading dims are kept; more rows than MAX_ROWS take F.linear (same numbers either way)."""
+    lin = triton_module("linear")
+    x = torch.randn(2, 1, 24, device=DEVICE)
+    w = torch.randn(8, 24, device=DEVICE)
+    assert lin.linear(x, w).shape == (2, 1, 8)
+    big = torch.randn(lin.MAX_ROWS + 1, 24, device=DEVICE)
+    assert torch.equal(lin.linear(big, w), F.linear(big, w))
