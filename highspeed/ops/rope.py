@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from highspeed.ops.dispatch import triton_kernel
+from highspeed.ops.norm import rms_norm
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
@@ -128,17 +129,34 @@ def rope(
 def rope_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
     rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+    v_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, q_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q' = rope(q); k' = rope(k)``; store ``k'`` and ``v`` at ``slot_mapping`` (< 0 skips); return ``(q', k')``.
 
     One kernel on CUDA instead of four (two rotations, two cache writes). The caches are
     ``[num_blocks, block_size, ...]`` and may be last-dimension slices of one tensor: MLA passes its latent cache
     as ``v_cache = latent[..., :L]`` (the compressed KV) and ``k_cache = latent[..., L:]`` (the rope key).
+
+    Optional RMSNorms (weights in the input's dtype, one ``eps``) run first, over each head's whole last dim:
+    ``q_norm_weight`` / ``k_norm_weight`` are Qwen3's per-head QK-norm, ``v_norm_weight`` MLA's
+    ``kv_a_layernorm`` of the latent (only the cache sees the normed v). ``q_out`` (same shape as q, may be a
+    strided view) receives q' instead of a new tensor, e.g. the rope slice of MLA's absorbed query.
     """
     kernel = triton_kernel("rope", "rope_and_write_kv", q)
     if kernel is not None:
-        return kernel(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache, slot_mapping)
-    q_out = rope(q, positions, cos_sin, rotary_dim, interleaved)
+        return kernel(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache, slot_mapping,
+                      q_norm_weight, k_norm_weight, v_norm_weight, eps, q_out)
+    # Exactly the unfused model code: each norm rounds to the model dtype, then the rotation.
+    if q_norm_weight is not None:
+        q = rms_norm(q, q_norm_weight, eps)
+    if k_norm_weight is not None:
+        k = rms_norm(k, k_norm_weight, eps)
+    if v_norm_weight is not None:
+        v = rms_norm(v, v_norm_weight, eps)
+    q_rot = rope(q, positions, cos_sin, rotary_dim, interleaved)
+    if q_out is not None:
+        q_rot = q_out.copy_(q_rot)
     k_out = rope(k, positions, cos_sin, rotary_dim, interleaved)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -146,4 +164,4 @@ def rope_and_write_kv(
     # Indexing by (block, offset) writes through non-contiguous cache views too.
     k_cache[block, offset] = k_out[keep].reshape(-1, *k_cache.shape[2:]).to(k_cache.dtype)
     v_cache[block, offset] = v[keep].reshape(-1, *v_cache.shape[2:]).to(v_cache.dtype)
-    return q_out, k_out
+    return q_rot, k_out

@@ -6,6 +6,12 @@ gather, float, rotate, cat, cast). ``rope_and_write_kv`` rotates q and k, and st
 into their cache slots in the same launch, so the new keys never make a separate trip through ``write_kv``.
 MLA uses it too: its "k" is k_pe [T, 1, R] and its "v" the latent c [T, 1, L], with ``k_cache`` / ``v_cache``
 views ``latent_cache[..., L:]`` / ``latent_cache[..., :L]`` of the one cache tensor.
+
+The RMSNorms that precede RoPE fold into the same launch: Qwen3's per-head QK-norm (q and k rows, over the whole
+head incl. a partial rotary's pass-through part) and MLA's ``kv_a_layernorm`` (the latent row, written only to the
+cache). The normed values could stay fp32 in registers up to the rotation, but they are rounded to the model
+dtype where transformers rounds them (after ``x * rstd`` and after the weight): it costs nothing in registers and
+keeps the fused result equal to the unfused ops.
 """
 from __future__ import annotations
 
@@ -17,12 +23,22 @@ from highspeed.ops.triton import next_power_of_2
 
 
 @triton.jit
-def _rotate_rows(src, dst, dst2, rmask, cos, sin, D, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE2: tl.constexpr):
+def _norm_scale(x, rstd, w_ptr, idx, wmask, ROUND_TY: tl.constexpr, OUT_TY: tl.constexpr):
+    """RMSNorm's last steps with transformers' rounding: ``(x * rstd)`` to the input dtype, times the weight,
+    rounded to the output dtype; returned in fp32 (the value the unfused ops would hand to RoPE)."""
+    w = tl.load(w_ptr + idx, mask=wmask, other=0.0).to(tl.float32)
+    return ((x * rstd).to(ROUND_TY).to(tl.float32) * w[None, :]).to(OUT_TY).to(tl.float32)
+
+
+@triton.jit
+def _rotate_rows(src, dst, dst2, rmask, cos, sin, w_ptr, eps, D, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE2: tl.constexpr, NORM: tl.constexpr):
     """Rotate head rows ``src[r, :2*HALF]`` and copy ``src[r, 2*HALF:D]`` into dst (and dst2 when WRITE2).
 
     src / dst / dst2 are [R, 1] pointer tensors (one row start per head), rmask [R, 1] the valid rows; all heads
-    of a program share one position, so cos / sin ([BLOCK_HALF]) are loaded once."""
+    of a program share one position, so cos / sin ([BLOCK_HALF]) are loaded once. With NORM each row is first
+    RMS-normalised over all D dims and scaled by ``w_ptr[:D]`` (the pass-through part is read twice: once for
+    the statistics, once to write; the second read hits L1)."""
     i = tl.arange(0, BLOCK_HALF)
     m = rmask & (i < HALF)[None, :]
     if INTERLEAVED:
@@ -33,6 +49,15 @@ def _rotate_rows(src, dst, dst2, rmask, cos, sin, D, HALF: tl.constexpr, BLOCK_H
         i2 = i + HALF
     x1 = tl.load(src + i1[None, :], mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(src + i2[None, :], mask=m, other=0.0).to(tl.float32)
+    if NORM:
+        ss = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)
+        for p0 in range(2 * HALF, D, BLOCK_PASS):
+            p = p0 + tl.arange(0, BLOCK_PASS)
+            xp = tl.load(src + p[None, :], mask=rmask & (p < D)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xp * xp, 1)
+        rstd = (1.0 / tl.sqrt(ss / D + eps))[:, None]
+        x1 = _norm_scale(x1, rstd, w_ptr, i1, i < HALF, src.dtype.element_ty, dst.dtype.element_ty)
+        x2 = _norm_scale(x2, rstd, w_ptr, i2, i < HALF, src.dtype.element_ty, dst.dtype.element_ty)
     o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(dst.dtype.element_ty)
     o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(dst.dtype.element_ty)
     tl.store(dst + i1[None, :], o1, mask=m)
@@ -44,7 +69,12 @@ def _rotate_rows(src, dst, dst2, rmask, cos, sin, D, HALF: tl.constexpr, BLOCK_H
     for p0 in range(2 * HALF, D, BLOCK_PASS):
         p = p0 + tl.arange(0, BLOCK_PASS)
         pm = rmask & (p < D)[None, :]
-        v = tl.load(src + p[None, :], mask=pm).to(dst.dtype.element_ty)
+        if NORM:
+            xp = tl.load(src + p[None, :], mask=pm, other=0.0).to(tl.float32)
+            v = _norm_scale(xp, rstd, w_ptr, p, p < D, src.dtype.element_ty, dst.dtype.element_ty)
+            v = v.to(dst.dtype.element_ty)
+        else:
+            v = tl.load(src + p[None, :], mask=pm).to(dst.dtype.element_ty)
         tl.store(dst + p[None, :], v, mask=pm)
         if WRITE2:
             tl.store(dst2 + p[None, :], v.to(dst2.dtype.element_ty), mask=pm)
@@ -72,7 +102,7 @@ def _rope_kernel(
     cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
     dst = out_ptr + t * stride_ot + h * stride_oh
     _rotate_rows(x_ptr + t * stride_xt + h * stride_xh, dst, dst, h < num_heads,
-                 cos, sin, D, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+                 cos, sin, x_ptr, 0.0, D, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False, False)
 
 
 def _heads_per_prog(num_heads: int, width: int) -> int:
@@ -109,12 +139,14 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, rotary
 @triton.jit
 def _rope_write_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
+    qw_ptr, kw_ptr, vw_ptr, eps,
     num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qot, stride_qoh, stride_kot, stride_koh,
     stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
     HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_V: tl.constexpr, INTERLEAVED: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -123,7 +155,7 @@ def _rope_write_kernel(
         h = (hb * HEADS + tl.arange(0, HEADS))[:, None]
         dst = q_out_ptr + t * stride_qot + h * stride_qoh
         _rotate_rows(q_ptr + t * stride_qt + h * stride_qh, dst, dst, h < num_q_heads,
-                     cos, sin, Dq, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+                     cos, sin, qw_ptr, eps, Dq, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False, Q_NORM)
     else:
         h = ((hb - num_q_blocks) * HEADS + tl.arange(0, HEADS))[:, None]
         hmask = h < num_k_heads
@@ -131,16 +163,26 @@ def _rope_write_kernel(
         dst = k_out_ptr + t * stride_kot + h * stride_koh
         if slot >= 0:
             _rotate_rows(k_ptr + t * stride_kt + h * stride_kh, dst, k_cache_ptr + slot * stride_kcs + h * stride_kch,
-                         hmask, cos, sin, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, True)
-            for d0 in range(0, Dv, BLOCK_V):
-                d = (d0 + tl.arange(0, BLOCK_V))[None, :]
-                dm = hmask & (d < Dv)
-                v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=dm)
-                tl.store(v_cache_ptr + slot * stride_vcs + h * stride_vch + d, v.to(v_cache_ptr.dtype.element_ty),
-                         mask=dm)
+                         hmask, cos, sin, kw_ptr, eps, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, True, K_NORM)
+            if V_NORM:
+                # MLA's kv_a_layernorm: the whole latent row is one block (BLOCK_V >= Dv), normed in registers.
+                d = tl.arange(0, BLOCK_V)
+                dm = hmask & (d < Dv)[None, :]
+                v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d[None, :], mask=dm, other=0.0).to(tl.float32)
+                rstd = (1.0 / tl.sqrt(tl.sum(v * v, 1) / Dv + eps))[:, None]
+                v = _norm_scale(v, rstd, vw_ptr, d, d < Dv, v_ptr.dtype.element_ty, v_ptr.dtype.element_ty)
+                tl.store(v_cache_ptr + slot * stride_vcs + h * stride_vch + d[None, :],
+                         v.to(v_cache_ptr.dtype.element_ty), mask=dm)
+            else:
+                for d0 in range(0, Dv, BLOCK_V):
+                    d = (d0 + tl.arange(0, BLOCK_V))[None, :]
+                    dm = hmask & (d < Dv)
+                    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=dm)
+                    tl.store(v_cache_ptr + slot * stride_vcs + h * stride_vch + d,
+                             v.to(v_cache_ptr.dtype.element_ty), mask=dm)
         else:   # padded token: rotate k for the caller, write nothing
             _rotate_rows(k_ptr + t * stride_kt + h * stride_kh, dst, dst, hmask,
-                         cos, sin, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False)
+                         cos, sin, kw_ptr, eps, Dk, HALF, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, False, K_NORM)
 
 
 def _cache_rows(cache: torch.Tensor, heads: int, width: int) -> torch.Tensor:
@@ -151,14 +193,26 @@ def _cache_rows(cache: torch.Tensor, heads: int, width: int) -> torch.Tensor:
     return rows
 
 
+def _norm_weight(w: torch.Tensor | None, width: int, name: str) -> torch.Tensor | None:
+    if w is not None and (w.dim() != 1 or w.shape[0] != width or w.stride(0) != 1):
+        raise ValueError(f"{name} must be a contiguous [{width}] vector, got {tuple(w.shape)}")
+    return w
+
+
 def rope_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
     rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+    v_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, q_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q' = rope(q); k' = rope(k); write_kv(k_cache, slots, k'); write_kv(v_cache, slots, v)``; returns (q', k').
+    """``q' = rope(norm_q(q)); k' = rope(norm_k(k)); write_kv(k_cache, slots, k'); write_kv(v_cache, slots,
+    norm_v(v))``; returns (q', k'). Each norm is an optional per-row RMSNorm over the last dim (QK-norm, MLA's
+    latent norm); it rounds like transformers' RMSNorm (to the input dtype before and after the weight), so the
+    fused op equals the unfused ops up to fp32 summation order.
 
     q [T, Hq, Dq], k [T, Hk, Dk], v [T, Hk, Dv] (2-D [T, D] means one head); caches [num_blocks, block_size,
-    (Hk,) D], possibly last-dim slices of one tensor (MLA). Slots < 0 are skipped.
+    (Hk,) D], possibly last-dim slices of one tensor (MLA). Slots < 0 are skipped. ``q_out`` (q's shape, may be
+    a strided view with unit last stride) receives q' instead of a new tensor.
     """
     T = q.shape[0]
     q3 = q.reshape(T, -1, q.shape[-1])
@@ -167,7 +221,10 @@ def rope_and_write_kv(
     Hq, Hk = q3.shape[1], k3.shape[1]
     if v3.shape[1] != Hk:
         raise ValueError(f"k has {Hk} heads but v has {v3.shape[1]}")
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q_out is None:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif q_out.shape != q.shape or q_out.dtype != q.dtype or q_out.stride(-1) != 1:
+        raise ValueError(f"q_out must match q {tuple(q.shape)} {q.dtype} with unit last stride")
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T == 0:
         return q_out, k_out
@@ -179,17 +236,23 @@ def rope_and_write_kv(
     vc = _cache_rows(v_cache, Hk, v3.shape[2])
     half = rotary_dim // 2
     Dk, Dv = k3.shape[2], v3.shape[2]
+    qw = _norm_weight(q_norm_weight, q3.shape[2], "q_norm_weight")
+    kw = _norm_weight(k_norm_weight, Dk, "k_norm_weight")
+    vw = _norm_weight(v_norm_weight, Dv, "v_norm_weight")
     heads = _heads_per_prog(max(Hq, Hk), max(q3.shape[2], Dk, Dv))
     nqb = triton.cdiv(Hq, heads)
     _rope_write_kernel[(T, nqb + triton.cdiv(Hk, heads))](
         q3, k3, v3, qo, ko, kc, vc, positions, cos_sin, slot_mapping,
+        q3 if qw is None else qw, q3 if kw is None else kw, q3 if vw is None else vw, float(eps),
         Hq, Hk, nqb, q3.shape[2], Dk, Dv,
         q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), cos_sin.stride(0),
         HEADS=heads, HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
         BLOCK_PASS=max(16, min(256, next_power_of_2(max(max(q3.shape[2], Dk) - rotary_dim, 1)))),
-        BLOCK_V=max(16, min(1024, next_power_of_2(Dv))), INTERLEAVED=bool(interleaved),
+        # A normed v row must fit one block (its statistics need the whole row): MLA's 512-wide latent does.
+        BLOCK_V=max(16, next_power_of_2(Dv) if vw is not None else min(1024, next_power_of_2(Dv))),
+        INTERLEAVED=bool(interleaved), Q_NORM=qw is not None, K_NORM=kw is not None, V_NORM=vw is not None,
         num_warps=4 if heads * max(q3.shape[2], Dv) >= 1024 else 1,
     )
     return q_out, k_out
@@ -198,11 +261,22 @@ def rope_and_write_kv(
 def rope_and_write_kv_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
     rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+    v_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, q_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of ``rope_and_write_kv``: the unfused ops (run with HIGHSPEED_DISABLE_TRITON=1 on CUDA)."""
+    from highspeed.ops.norm import rms_norm as ref_rms_norm
     from highspeed.ops.rope import rope as ref_rope
 
-    q_out = ref_rope(q, positions, cos_sin, rotary_dim, interleaved)
+    if q_norm_weight is not None:
+        q = ref_rms_norm(q, q_norm_weight, eps)
+    if k_norm_weight is not None:
+        k = ref_rms_norm(k, k_norm_weight, eps)
+    if v_norm_weight is not None:
+        v = ref_rms_norm(v, v_norm_weight, eps)
+    q_rot = ref_rope(q, positions, cos_sin, rotary_dim, interleaved)
+    if q_out is not None:
+        q_rot = q_out.copy_(q_rot)
     k_out = ref_rope(k, positions, cos_sin, rotary_dim, interleaved)
     T = q.shape[0]
     k3, v3 = k_out.reshape(T, -1, k.shape[-1]), v.reshape(T, -1, v.shape[-1])
@@ -211,4 +285,4 @@ def rope_and_write_kv_reference(
     keep = slot_mapping >= 0
     kc[slot_mapping[keep].long()] = k3[keep].to(kc.dtype)
     vc[slot_mapping[keep].long()] = v3[keep].to(vc.dtype)
-    return q_out, k_out
+    return q_rot, k_out
