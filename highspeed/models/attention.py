@@ -76,14 +76,18 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         if ctx.uses_cache:
-            rot = self.rotary
+            # One launch: the per-head QK-norm (if any), RoPE of q and k, and the k/v cache write.
+            rot, qn, kn = self.rotary, self.q_norm, self.k_norm
             q, k = rope_and_write_kv(q, k, v, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
-                                     self.kv_caches["k"], self.kv_caches["v"], ctx.slot_mapping)
+                                     self.kv_caches["k"], self.kv_caches["v"], ctx.slot_mapping,
+                                     q_norm_weight=None if qn is None else qn.weight,
+                                     k_norm_weight=None if kn is None else kn.weight,
+                                     eps=1e-6 if qn is None else qn.eps)
             out = paged_attention(q, self.kv_caches["k"], self.kv_caches["v"], ctx, self.scale)
         else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(q, positions), self.rotary(k, positions)
             out = attention_without_cache(q, k, v, ctx, self.scale)
         return self.o_proj(out.reshape(t, -1))
@@ -191,15 +195,22 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(q_latent)
         q_nope, q_pe = q.view(t, h, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c = self.kv_a_layernorm(c)
-        rot = self.rotary
+        rot, lat = self.rotary, self.kv_lora_rank
         if ctx.uses_cache:
-            # One fused op rotates q_pe/k_pe and stores [c | k_pe] into the two slices of the latent cache.
+            # The absorbed query [T, H, L+R] is filled in place, no cat: q_nope @ W_UK lands in its first L dims;
+            # one fused op writes rope(q_pe) into its last R dims and [kv_a_layernorm(c) | rope(k_pe)] into the
+            # latent cache. (bmm's out= has no autograd: fine, the paged path is inference only.)
             cache = self.kv_caches["latent"]
-            q_pe, k_pe = rope_and_write_kv(q_pe, k_pe, c, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
-                                           cache[..., self.kv_lora_rank:], cache[..., : self.kv_lora_rank],
-                                           ctx.slot_mapping)
+            w_kv = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, lat)
+            w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
+            q_abs = q.new_empty(t, h, lat + self.rope_dim)
+            torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_abs[..., :lat].transpose(0, 1))
+            norm = self.kv_a_layernorm
+            rope_and_write_kv(q_pe, k_pe, c, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
+                              cache[..., lat:], cache[..., :lat], ctx.slot_mapping,
+                              v_norm_weight=norm.weight, eps=norm.eps, q_out=q_abs[..., lat:])
         else:
+            c = self.kv_a_layernorm(c)
             q_pe, k_pe = rot(q_pe, positions), rot(k_pe, positions)
 
         topk = None
@@ -210,11 +221,10 @@ class MLAttention(nn.Module):
             topk = aux.get("dsa_topk")
 
         if ctx.uses_cache:
-            w_kv = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
-            q_abs = torch.cat([(q_nope.transpose(0, 1) @ w_uk).transpose(0, 1), q_pe], dim=-1)   # [T, H, L+R]
-            out_latent = mla_attention(q_abs, cache, ctx, self.scale, self.kv_lora_rank, topk)
-            out = (out_latent.transpose(0, 1) @ w_uv.transpose(1, 2)).transpose(0, 1)             # [T, H, V]
+            out_latent = mla_attention(q_abs, cache, ctx, self.scale, lat, topk)
+            # Written head-major into a token-major [T, H, V], so o_proj's reshape needs no copy.
+            out = q.new_empty(t, h, self.v_dim)
+            torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
         else:
             k_nope, v = self.kv_b_proj(c).view(t, h, -1).split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, None, :].expand(t, h, self.rope_dim)], dim=-1)
