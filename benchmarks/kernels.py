@@ -312,6 +312,51 @@ def bench_rope(r: Runner) -> None:
         r.add(kernel="write_kv", case=f"MLA latent 576 T={T}", rel_err=rel_err(lat, lat2),
               triton_ms=bench(lambda: t_attn.write_kv(lat, slots, values)),
               ref_ms=bench(lambda: ref_call(ops.write_kv, lat2, slots, values)), bytes=2 * values.numel() * 2)
+        # RMSNorms folded into the fused op; "unfused_*" is what the models ran before (separate norm launches, and
+        # for MLA the cat that built the absorbed query).
+        eps, cs_full = 1e-6, ops.build_cos_sin_cache(128, 65536, 1e6, device=DEV)
+        q3 = torch.randn(T, 32, 128, device=DEV, dtype=BF16)   # Qwen3-30B-A3B: 32 q / 4 kv heads x 128
+        k3, v3 = torch.randn(2, T, 4, 128, device=DEV, dtype=BF16)
+        qw, kw = (torch.rand(2, 128, device=DEV) + 0.5).to(BF16)
+        kc3, vc3 = torch.zeros(2, nb, 16, 4, 128, device=DEV, dtype=BF16)
+        kc3r, vc3r = kc3.clone(), vc3.clone()
+        args3 = (pos, cs_full, 128, False, kc3, vc3, slots)
+        fused = lambda: t_rope.rope_and_write_kv(q3, k3, v3, *args3, qw, kw, None, eps)  # noqa: E731
+        unfused = lambda: t_rope.rope_and_write_kv(  # noqa: E731
+            t_norm.rms_norm(q3, qw, eps), t_norm.rms_norm(k3, kw, eps), v3, *args3)
+        qo, ko = fused()
+        qr, kr = ref_call(t_rope.rope_and_write_kv_reference, q3, k3, v3, pos, cs_full, 128, False, kc3r, vc3r, slots,
+                          qw, kw, None, eps)
+        err = max(rel_err(qo, qr), rel_err(ko, kr), rel_err(kc3, kc3r), rel_err(vc3, vc3r))
+        r.add(kernel="rope_norm_write_kv", case=f"Qwen3-30B qk_norm T={T}", rel_err=err,
+              triton_ms=bench(fused), graph_ms=bench_graph(fused) if T == 1 else None,
+              unfused_ms=bench(unfused), unfused_graph_ms=bench_graph(unfused) if T == 1 else None,
+              bytes=2 * (2 * q3.numel() + 3 * k3.numel() + 2 * v3.numel()))
+        H, L, R, P = 20, 512, 64, 192   # GLM-4.7-Flash MLA: the latent norm, rope(q_pe) into the absorbed query
+        q = torch.randn(T, H, P + R, device=DEV, dtype=BF16)
+        c, k_pe = torch.randn(T, L + R, device=DEV, dtype=BF16).split([L, R], dim=-1)
+        lw = (torch.rand(L, device=DEV) + 0.5).to(BF16)
+        q_abs, q_abs_r = torch.zeros(2, T, H, L + R, device=DEV, dtype=BF16)
+        lat_r = lat.clone()
+        cs_r = ops.build_cos_sin_cache(R, 65536, 1e4, device=DEV)
+
+        def mla_fused() -> None:
+            t_rope.rope_and_write_kv(q[..., P:], k_pe, c, pos, cs_r, R, True, lat[..., L:], lat[..., :L], slots,
+                                     None, None, lw, eps, q_abs[..., L:])
+
+        def mla_unfused() -> torch.Tensor:
+            qp, _ = t_rope.rope_and_write_kv(q[..., P:], k_pe, t_norm.rms_norm(c, lw, eps), pos, cs_r, R, True,
+                                             lat[..., L:], lat[..., :L], slots)
+            return torch.cat([q_abs[..., :L], qp], dim=-1)
+
+        mla_fused()
+        ref_call(t_rope.rope_and_write_kv_reference, q[..., P:], k_pe, c, pos, cs_r, R, True, lat_r[..., L:],
+                 lat_r[..., :L], slots, None, None, lw, eps, q_abs_r[..., L:])
+        r.add(kernel="rope_norm_write_kv", case=f"MLA H={H} L={L} R={R} T={T}",
+              rel_err=max(rel_err(q_abs, q_abs_r), rel_err(lat, lat_r)),
+              triton_ms=bench(mla_fused), graph_ms=bench_graph(mla_fused) if T == 1 else None,
+              unfused_ms=bench(mla_unfused), unfused_graph_ms=bench_graph(mla_unfused) if T == 1 else None,
+              bytes=2 * (2 * T * H * R + 3 * T * R + 2 * T * L))
 
 
 def make_ctx(qlens: list[int], slens: list[int], block_size: int) -> tuple[AttentionContext, int]:
