@@ -99,28 +99,33 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def count_distinct_experts(model: torch.nn.Module, run_probe: Any) -> int:
-    """Run one probe step with the routed-experts op wrapped to record the distinct experts each layer reads."""
+    """Run one probe step with the MoE op wrapped to record the distinct routed experts each layer reads (the
+    routing is recomputed from the same router inputs, so the count does not depend on how the op is fused)."""
     import highspeed.ops.moe as moe_ops
 
     seen: list[int] = []
-    original = moe_ops.moe_experts
+    original = moe_ops.fused_moe
 
-    def recording(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+    def recording(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+                  *args: Any) -> torch.Tensor:
+        scoring, renormalize, bias, n_group, topk_group, scaling = args[:6]
+        logits = torch.nn.functional.linear(x.float(), gate_weight.float())
+        _, ids = moe_ops.select_experts(logits, top_k, scoring, renormalize, bias, n_group, topk_group, scaling)
         seen.append(int(torch.unique(ids).numel()))
-        return original(x, w13, w2, weights, ids)
+        return original(x, gate_weight, w13, w2, top_k, *args)
 
     patched = []
     for mod in list(__import__("sys").modules.values()):
-        if getattr(mod, "__name__", "").startswith("highspeed.models") and getattr(mod, "moe_experts", None) is original:
-            mod.moe_experts = recording
+        if getattr(mod, "__name__", "").startswith("highspeed.models") and getattr(mod, "fused_moe", None) is original:
+            mod.fused_moe = recording
             patched.append(mod)
-    moe_ops.moe_experts = recording
+    moe_ops.fused_moe = recording
     try:
         run_probe()
     finally:
-        moe_ops.moe_experts = original
+        moe_ops.fused_moe = original
         for mod in patched:
-            mod.moe_experts = original
+            mod.fused_moe = original
     return sum(seen)
 
 
