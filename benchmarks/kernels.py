@@ -541,8 +541,8 @@ def bench_linear(r: Runner) -> None:
     ]
     cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
             for bn, bk, st in ((32, 256, 4), (16, 256, 4), (16, 512, 3), (64, 128, 4), (8, 512, 3), (32, 128, 6))]
-    saved = dict(t_lin.GEMV), dict(t_lin.GEMV_SMALL_N), t_lin.SMALL_N
-    t_lin.SMALL_N = 0   # every shape uses GEMV, which the sweep sets
+    saved = dict(t_lin.GEMV), t_lin.use_gemv
+    t_lin.use_gemv = lambda *a: True   # every shape takes the kernel here, with the swept launch shape
     try:
         for name, N, K in shapes:
             if r.time_left() < 30:
@@ -565,14 +565,48 @@ def bench_linear(r: Runner) -> None:
     finally:
         t_lin.GEMV.clear()
         t_lin.GEMV.update(saved[0])
-        t_lin.GEMV_SMALL_N.clear()
-        t_lin.GEMV_SMALL_N.update(saved[1])
-        t_lin.SMALL_N = saved[2]
+        t_lin.use_gemv = saved[1]
+
+
+def bench_dsa(r: Runner) -> None:
+    """GLM-5's lightning indexer (32 heads x 128, top-2048) at decode: the score kernel alone and with torch.topk.
+    "bound" cases size the score buffer for a larger max_seq_len than the contexts, as a captured decode graph
+    does (max_model_len), to show what that costs."""
+    from highspeed.ops.triton import dsa as t_dsa
+
+    bs, H, D, topk, scale = 64, 32, 128, 2048, 128**-0.5
+    cases = [(1, 4096, None), (1, 32768, None), (32, 4096, None), (32, 32768, None),
+             (1, 4096, 131072), (32, 4096, 131072)]
+    for B, ctx_len, bound in cases:
+        if r.time_left() < 30:
+            return
+        ctx, nb = make_ctx([1] * B, [ctx_len] * B, bs)
+        ref_ctx = ctx   # the reference loops over the real lengths; a bound only widens the kernel's buffer
+        if bound:
+            width = -(-bound // bs)
+            ctx = AttentionContext(**{**ctx.__dict__, "max_seq_len": bound, "block_tables": torch.nn.functional.pad(
+                ctx.block_tables, (0, width - ctx.block_tables.shape[1]))})
+        q = torch.randn(B, H, D, device=DEV, dtype=BF16)
+        w = torch.randn(B, H, device=DEV) * H**-0.5
+        kc = torch.randn(nb, bs, D, device=DEV, dtype=BF16)
+        got = t_dsa.dsa_topk_indices(q, w, kc, ctx, topk, scale)
+        ref = ref_call(ops.dsa_topk_indices, q, w, kc, ref_ctx, topk, scale)
+        common = sum(len(set(g[g >= 0].tolist()) & set(f[f >= 0].tolist())) for g, f in zip(got, ref))
+        overlap = common / max(1, int((ref >= 0).sum()))   # bf16 near-ties may swap a few picks
+        keys = ctx.max_seq_len
+        byts = B * ctx_len * D * 2 + q.numel() * 2 + B * keys * 4 * 2   # keys, queries, score buffer out + in
+        case = f"GLM-5 32x128 top2048 B={B} ctx={ctx_len}" + (f" bound={bound}" if bound else "")
+        fn = lambda: t_dsa.dsa_topk_indices(q, w, kc, ctx, topk, scale)  # noqa: E731
+        scores_fn = lambda: t_dsa.indexer_scores(q, w, kc, ctx, scale, keys)  # noqa: E731
+        r.add(kernel="dsa_topk_indices", case=case, overlap=overlap, triton_ms=bench(fn), graph_ms=bench_graph(fn),
+              ref_ms=bench(lambda: ref_call(ops.dsa_topk_indices, q, w, kc, ref_ctx, topk, scale)), bytes=byts)
+        r.add(kernel="dsa_indexer_scores", case=case, triton_ms=bench(scores_fn), graph_ms=bench_graph(scores_fn),
+              bytes=byts - B * keys * 4)
 
 
 SECTIONS = {"moe_select": bench_select_experts, "fused_moe": bench_fused_moe, "linear": bench_linear,
             "moe": bench_moe, "attention": bench_attention, "norm": bench_norm, "rope": bench_rope,
-            "sampling": bench_sampling}
+            "sampling": bench_sampling, "dsa": bench_dsa}
 
 
 def main() -> None:

@@ -14,11 +14,12 @@ def _seed() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,N,K,bias", [(1, 40, 24, False), (3, 17, 50, True), (16, 33, 8, False), (2, 5, 300, True)])
+@pytest.mark.parametrize("M,N,K,bias", [(1, 20, 40, False), (3, 17, 50, True), (16, 33, 48, False), (2, 5, 300, True)])
 def test_linear_gemv(triton_module, monkeypatch, dtype, M, N, K, bias):
     lin = triton_module("linear")
     if not HAS_CUDA:  # small tiles: several programs and K steps, partial tiles, under the interpreter
-        monkeypatch.setattr(lin, "GEMV_SMALL_N", dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1))
+        monkeypatch.setattr(lin, "GEMV", dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1))
+    assert lin.use_gemv(M, N, K, torch.empty(N, K))
     x = torch.randn(M, K, device=DEVICE).to(dtype)
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
     b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
@@ -29,10 +30,11 @@ def test_linear_gemv(triton_module, monkeypatch, dtype, M, N, K, bias):
 
 
 def test_linear_shapes_and_fallback(triton_module):
-    """Leading dims are kept; more rows than MAX_ROWS take F.linear (same numbers either way)."""
+    """Leading dims are kept; more rows than MAX_ROWS, or N >= K, take F.linear (same numbers either way)."""
     lin = triton_module("linear")
     x = torch.randn(2, 1, 24, device=DEVICE)
     w = torch.randn(8, 24, device=DEVICE)
     assert lin.linear(x, w).shape == (2, 1, 8)
     big = torch.randn(lin.MAX_ROWS + 1, 24, device=DEVICE)
+    assert not lin.use_gemv(lin.MAX_ROWS + 1, 8, 24, w) and not lin.use_gemv(1, 24, 24, w)
     assert torch.equal(lin.linear(big, w), F.linear(big, w))

@@ -1,11 +1,13 @@
 """Skinny GEMM for decode: ``y[M, N] = x[M, K] @ W[N, K]^T`` with M a handful of rows.
 
-cuBLAS picks latency-bound kernels at M = 1..8 (H200 profile, batch-1 decode: 46-64% of copy bandwidth on the
-2-21 MB attention projections, plus a separate split-K reduce launch). Here each program owns ``BLOCK_N`` output
-columns over the whole K range and streams its weight rows through a software-pipelined ``tl.dot`` against the
-rows of x padded to 16 (the tensor cores' minimum; the padding costs nothing when the weights dominate the
-bytes). No split-K, so the result is deterministic and needs no second launch. Larger M, other layouts and
-anything the kernel does not cover go to ``torch.nn.functional.linear``.
+Each program owns ``BLOCK_N`` output columns over the whole K range and streams its weight rows through a
+software-pipelined ``tl.dot`` against the rows of x padded to 16 (the tensor cores' minimum; the padding costs
+nothing when the weights dominate the bytes). No split-K, so the result is deterministic and needs no second
+launch. H200 sweep (benchmarks/kernels.py ``linear``, CUDA-graph times, M = 1): cuBLAS is as fast or faster
+where N >= K (Qwen3 qkv 6.4 vs 6.8 us, GLM-4.7-Flash q_b 4.5 vs 5.2 us, lm_head within 6%), but where N < K it
+falls back to split-K plus a reduce launch and this kernel wins: Qwen3 o_proj 6.7 vs 7.8 us, GLM-4.7-Flash
+o_proj 7.9 vs 8.9, its q_a+kv_a 4.3 vs 6.2, the shared expert's down 3.8 vs 4.3. So only those shapes come here
+(and only up to ``MAX_WEIGHT_BYTES``: GLM-5's 200 MB o_proj is at 92% of copy bandwidth in cuBLAS already).
 """
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ import triton.language as tl
 
 from highspeed.ops.triton import interpreting
 
-# Rows up to which the GEMV runs (above: cuBLAS). Launch shapes by weight size; benchmarks/kernels.py sweeps them.
+# Rows up to which the GEMV may run (above: cuBLAS), and the largest weight it takes.
 MAX_ROWS: int = 16
-GEMV = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
-GEMV_SMALL_N = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4)   # N < SMALL_N: more programs
-SMALL_N: int = 4096
+MAX_WEIGHT_BYTES: int = 64 * 2**20
+GEMV = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # the fastest of six shapes on all N < K cases
+
+
+def use_gemv(M: int, N: int, K: int, weight: torch.Tensor) -> bool:
+    return 0 < M <= MAX_ROWS and N < K and weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES
 
 
 @triton.jit
@@ -57,14 +62,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     K = x.shape[-1]
     N = weight.shape[0]
     M = x.numel() // K if K else 0
-    if (M == 0 or M > MAX_ROWS or weight.dim() != 2 or weight.stride(-1) != 1 or x.dtype != weight.dtype
+    if (not use_gemv(M, N, K, weight) or weight.dim() != 2 or weight.stride(-1) != 1 or x.dtype != weight.dtype
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.requires_grad):
         return F.linear(x, weight, bias)
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    cfg = GEMV_SMALL_N if N < SMALL_N else GEMV
+    cfg = GEMV
     bn = cfg["BLOCK_N"]
     _gemv_kernel[(triton.cdiv(N, bn),)](
         x2, weight, bias if bias is not None else weight, y, M, N, K,
