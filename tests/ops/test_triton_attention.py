@@ -1,6 +1,8 @@
 """Triton paged attention (GQA, absorbed MLA with DSA top-k) and write_kv against highspeed.ops.attention."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,6 +106,120 @@ def test_mla_attention(triton_module, reference, qlens, slens, H, L, R, bs, topk
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
 
 
+# ---- Batch-1..few decode with short contexts: many splits, grids sized for a longer max_seq_len (CUDA graphs) ----
+
+class _NoHostLengths(list):
+    """Host lengths as inside a CUDA graph: reading them is a bug (the kernel must use the device tensors)."""
+
+    def _fail(self, *a: object, **k: object) -> None:
+        raise AssertionError("host-side lengths read while planning a graph-safe launch")
+
+    __iter__ = __getitem__ = __len__ = _fail  # type: ignore[assignment]
+
+
+def _graph_ctx(ctx: AttentionContext, max_seq_len: int) -> AttentionContext:
+    return dataclasses.replace(ctx, query_lens=_NoHostLengths(), seq_lens=_NoHostLengths(), max_query_len=1,
+                               max_seq_len=max_seq_len, extra={"cuda_graph": True})
+
+
+@pytest.fixture
+def h200_grid(triton_module, monkeypatch):
+    """Split as on an H200 (132 SMs x 4 programs) although the interpreter reports 4 SMs."""
+    attn = triton_module("attention")
+    monkeypatch.setattr(attn, "SPLIT_PROGRAMS_PER_SM", 132)
+    return attn
+
+
+SHORT_GQA_CASES = [
+    # seq_lens (one query each), max_seq_len of the grid, Hq, Hkv, D, block_size, merge
+    ([37], 384, 8, 2, 32, 16, "fused"),            # splits past the end, length not a multiple of any tile
+    ([1, 50, 200], 256, 8, 2, 32, 16, "separate"),  # a padded graph row (length 1) beside longer ones
+    ([16, 64], 64, 4, 1, 16, 8, "fused"),          # lengths exactly a tile; max_seq_len = the real maximum
+    ([129], 4096, 6, 2, 16, 16, "separate"),       # 64 splits, all but a few inactive
+]
+
+
+def _merge_mode(attn, monkeypatch, merge: str) -> int:
+    """Force the fused merge (any size) or the separate _combine_kernel; returns the calls to make (the second
+    call of a fused merge finds the arrival counters that the first one reset)."""
+    monkeypatch.setattr(attn, "FUSED_MERGE_MAX_ELEMS", 1 << 20 if merge == "fused" else 0)
+    if merge == "fused":
+        monkeypatch.setattr(attn, "_combine_kernel", None)   # a separate merge launch would fail
+    return 2 if merge == "fused" else 1
+
+
+@pytest.mark.parametrize("slens,max_len,Hq,Hkv,D,bs,merge", SHORT_GQA_CASES)
+def test_paged_attention_short_decode(h200_grid, reference, monkeypatch, slens, max_len, Hq, Hkv, D, bs, merge):
+    attn = h200_grid
+    calls = _merge_mode(attn, monkeypatch, merge)
+    nb = sum((s + bs - 1) // bs for s in slens) + 2
+    ctx = make_ctx([1] * len(slens), slens, bs, nb)
+    q = torch.randn(len(slens), Hq, D, device=DEVICE)
+    k_cache = torch.randn(nb, bs, Hkv, D, device=DEVICE)
+    v_cache = torch.randn(nb, bs, Hkv, D, device=DEVICE)
+    ref = reference(ref_paged_attention, q, k_cache, v_cache, ctx, D**-0.5)
+    gctx = _graph_ctx(ctx, max_len)
+    for _ in range(calls):
+        out = attn.paged_attention(q, k_cache, v_cache, gctx, D**-0.5)
+        assert rel_err(out, ref) < TOL[torch.float32], rel_err(out, ref)
+    for buf in attn._counters.values():
+        assert int(buf.abs().sum()) == 0
+
+
+SHORT_MLA_CASES = [
+    # seq_lens, max_seq_len, H, L, R, block_size, topk, merge
+    ([40], 200, 20, 512, 64, 16, None, "separate"),   # GLM-4.7-Flash: 20 heads in one program, 512 + 64 latent
+    ([1, 23], 128, 20, 512, 64, 16, None, "fused"),
+    ([30, 70], 96, 20, 32, 16, 16, None, "fused"),    # narrow latent: two head blocks (16 + 4 heads)
+    ([30, 70], 128, 5, 64, 16, 16, 24, "fused"),      # DSA top-k: every split active, some slots empty
+]
+
+
+@pytest.mark.parametrize("slens,max_len,H,L,R,bs,topk,merge", SHORT_MLA_CASES)
+def test_mla_attention_short_decode(h200_grid, reference, monkeypatch, slens, max_len, H, L, R, bs, topk, merge):
+    attn = h200_grid
+    calls = _merge_mode(attn, monkeypatch, merge)
+    nb = sum((s + bs - 1) // bs for s in slens) + 2
+    ctx = make_ctx([1] * len(slens), slens, bs, nb)
+    q = torch.randn(len(slens), H, L + R, device=DEVICE)
+    cache = torch.randn(nb, bs, L + R, device=DEVICE)
+    ti = _topk_indices([1] * len(slens), slens, topk) if topk else None
+    scale = (L + R) ** -0.5
+    ref = reference(ref_mla_attention, q, cache, ctx, scale, L, ti)
+    gctx = _graph_ctx(ctx, max_len)
+    for _ in range(calls):
+        out = attn.mla_attention(q, cache, gctx, scale, L, ti)
+        assert rel_err(out, ref) < TOL[torch.float32], rel_err(out, ref)
+    for buf in attn._counters.values():
+        assert int(buf.abs().sum()) == 0
+
+
+def test_split_plan(triton_module):
+    """Decode at small grids splits down to one tile per program; prefill and long contexts keep the old rule
+    (>= 4 tiles per split, at most 64 splits, about 4 programs per SM)."""
+    attn = triton_module("attention")
+
+    def old_rule(max_keys: int, block_n: int, base: int) -> tuple[int, int]:
+        n_tiles = max(1, -(-max_keys // block_n))
+        splits = max(1, min(-(-4 * 132 // base), n_tiles // 4, 64))
+        per = -(-n_tiles // splits)
+        return -(-n_tiles // per), per
+
+    for max_keys in (1, 17, 100, 384, 1000, 4096, 32768):
+        for base in (1, 4, 8, 32, 100, 256, 600):
+            splits, bn, per = attn._split_plan(max_keys, 64, base, False, 16 * 128, 132)
+            assert (splits, per) == old_rule(max_keys, 64, base) and bn == 64
+            splits, bn, per = attn._split_plan(max_keys, 64, base, True, 16 * 128, 132)
+            assert 16 <= bn <= 64 and splits * per * bn >= max_keys and splits <= 64
+            if max_keys >= 4 * 64 * min(-(-528 // base), 64):   # long context: unchanged
+                assert (splits, per, bn) == (*old_rule(max_keys, 64, base), 64)
+    # Qwen3-30B-A3B at batch 1 in a graph for 384 tokens: 6 one-tile splits per KV head, merged in the launch.
+    assert attn._split_plan(384, 64, 4, True, 8 * 128, 132) == (6, 64, 1)
+    assert attn._split_plan(128, 64, 4, True, 8 * 128, 132) == (8, 16, 1)
+    # GLM-4.7-Flash (20 heads x 512 in one program): 16-key tiles, one per program.
+    assert attn._split_plan(384, 32, 1, True, 32 * 512, 132) == (24, 16, 1)
+
+
 @pytest.mark.parametrize("shape", [(2, 3), (4, 5, 7), (1, 576)])
 def test_write_kv(triton_module, reference, shape):
     attn = triton_module("attention")
@@ -136,3 +252,41 @@ def test_model_sized_decode(triton_module, reference):
     qm = torch.randn(38, 64, 576, device=DEVICE, dtype=torch.bfloat16)
     ref_m = reference(ref_mla_attention, qm, lc, ctx, 192**-0.5, 512)
     assert rel_err(attn.mla_attention(qm, lc, ctx, 192**-0.5, 512), ref_m) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_short_decode_cuda_graph_replays(triton_module, reference):
+    """Qwen3-30B-A3B GQA (32/4 x 128) and GLM-4.7-Flash MLA (20 x 512+64) at batch 1 in graphs captured for 384
+    tokens, replayed while the device-side length grows: splits turn active one by one, and the fused merge's
+    counters must be back at zero after every replay."""
+    attn = triton_module("attention")
+    bs = 16
+    ctx = make_ctx([1], [120], bs, 30)
+    qg = torch.randn(1, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    kc = torch.randn(30, bs, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+    vc = torch.randn(30, bs, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+    qm = torch.randn(1, 20, 576, device=DEVICE, dtype=torch.bfloat16)
+    lc = torch.randn(30, bs, 576, device=DEVICE, dtype=torch.bfloat16)
+    gctx = _graph_ctx(ctx, 384)
+    # Whole blocks for every length below: the block table must cover 384 tokens.
+    gctx.block_tables = torch.randperm(30, device=DEVICE)[:24].int()[None, :].contiguous()
+    ctx.block_tables = gctx.block_tables
+    fns = [lambda: attn.paged_attention(qg, kc, vc, gctx, 128**-0.5),
+           lambda: attn.mla_attention(qm, lc, gctx, 192**-0.5, 512)]
+    refs = [lambda: reference(ref_paged_attention, qg, kc, vc, ctx, 128**-0.5),
+            lambda: reference(ref_mla_attention, qm, lc, ctx, 192**-0.5, 512)]
+    for fn, ref_fn in zip(fns, refs):
+        fn()   # eager warm-up: compiles, allocates the counters
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn()
+        for n in [120, 121, 128, 129, 200, 255, 256, 257, 383, 384, 1, 17]:
+            ctx.seq_lens = [n]
+            gctx.seq_lens_t.fill_(n)
+            for _ in range(3):
+                g.replay()
+                torch.cuda.synchronize()
+                assert rel_err(out, ref_fn()) < TOL[torch.bfloat16], (n, rel_err(out, ref_fn()))
+                assert int(attn._counters[qg.device].abs().sum()) == 0

@@ -7,7 +7,13 @@ so each K/V tile read from the cache feeds ``BLOCK_Q * HEADS`` rows of ``tl.dot`
 and an optional part B (MLA: ``c`` and ``k_pe``), and for MLA the values are part A of the keys themselves
 (``V_IS_K``), so the latent is read once per tile. Decode (one query per sequence) at small batch has too few
 programs to fill the GPU, so the key range is split over ``num_splits`` programs (flash-decoding) whose partial
-results are merged by ``_combine_kernel`` with their log-sum-exps.
+results are merged with their log-sum-exps, by ``_combine_kernel`` or, when the partials of one program's rows are
+small, inside the same launch by whichever split finishes last (``FUSED_MERGE``, see ``_split_counters``).
+
+The grid and the split count depend only on host-known shapes (``ctx.max_seq_len``, the batch): inside a CUDA
+graph the real lengths exist only on the device (``ctx.seq_lens_t``). Splits that start past a sequence's real
+length exit at once and the merge skips them, so a graph sized for ``max_model_len`` pays little for short
+sequences.
 
 Queries are causal per sequence: query ``i`` of a sequence with ``q`` new tokens and ``s`` total sits at position
 ``s - q + i`` and sees keys ``0..s - q + i``. With ``topk_indices`` (DSA) a query sees only the listed positions
@@ -41,6 +47,18 @@ MLA_NARROW = dict(heads=16, block_n=64, num_warps=4, max_rows=64, num_stages=Non
 # Split-KV aims for this many programs per SM when the plain grid is smaller (H200 run 2, GQA B=1 at 32K context:
 # 4/SM 43.5 us, 8/SM 43.5 us, 2/SM 54.3 us, 1/SM 83 us).
 SPLIT_PROGRAMS_PER_SM = 4
+MAX_KV_SPLITS = 64
+# Prefill keeps >= 4 key tiles per split to amortise the merge. Decode (one query per sequence) splits down to one
+# tile per program, and halves its key tile (not below DECODE_MIN_BLOCK_N) while the context has fewer tiles than
+# the splits wanted: at batch 1 and a few hundred keys the old rule left 4 programs (GQA) walking every tile
+# serially, 9 us per layer for Qwen3-30B-A3B on the H200, where one tile's latency is what a program should pay.
+# Long contexts are unaffected: they already have >= 4 tiles per wanted split.
+DECODE_MIN_BLOCK_N = 16
+# Decode merges inside the attention launch (no _combine_kernel launch) when one program's partials, padded to
+# powers of two ([splits, rows, Dv] fp32), fit in this many elements: the last split to finish reads them all, so
+# the bound keeps that one program's read small (32 KB). 0 turns the fused merge off.
+FUSED_MERGE_MAX_ELEMS = 8192
+_COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
 
 
 @lru_cache(maxsize=8)
@@ -50,21 +68,43 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """Zeroed int32 arrival counters for the fused merge, one per (query tile, head block); every launch leaves
+    them zero again (the merging program resets its own), so one buffer per device serves every layer and graph
+    replay. Launches on one device must not overlap in time (one stream). None when there are too few, or when the
+    buffer would first be allocated inside a CUDA-graph capture (the eager warm-up allocates it): then the caller
+    merges with _combine_kernel."""
+    if needed > _COUNTERS:
+        return None
+    buf = _counters.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _counters[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
 @triton.jit
 def _paged_attn_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, lse_ptr, counter_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, topk_ptr,
     qk_scale, group, block_size, num_keys_topk, tiles_per_split, num_head_blocks, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_os,
+    stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps,
     stride_lt, stride_lh,
     stride_bt, stride_tt,
     D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
+    V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -89,6 +129,25 @@ def _paged_attn_kernel(
     head = kv_head * group + hh
     q_pos = ctx_start + qi
 
+    # Key range of this program: positions (or top-k slots) [lo, hi). The grid was sized on the host for the
+    # longest possible context; splits starting past this tile's keys are inactive and leave at once (the merge
+    # skips them). The last split also takes any keys past the planned range, so a max_seq_len that is too small
+    # costs time, not correctness.
+    if USE_TOPK:
+        n_keys = num_keys_topk
+    else:
+        last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
+        n_keys = ctx_start + last_q + 1
+    keys_per_split = tiles_per_split * BLOCK_N
+    lo = split * keys_per_split
+    hi = tl.minimum(n_keys, lo + keys_per_split)
+    hi = tl.where(split == num_splits - 1, n_keys, hi)
+    n_active = tl.maximum(tl.minimum((n_keys + keys_per_split - 1) // keys_per_split, num_splits), 1)
+    if split >= n_active:
+        if SPLIT and not FUSED_MERGE:
+            tl.store(lse_ptr + tok * stride_lt + head.to(tl.int64) * stride_lh + split, float("-inf"), mask=row_ok)
+        return
+
     da = tl.arange(0, BLOCK_DA)
     q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
     qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
@@ -96,15 +155,6 @@ def _paged_attn_kernel(
         db = tl.arange(0, BLOCK_DB)
         qb = tl.load(q_rows + D_A + db[None, :], mask=row_ok[:, None] & (db[None, :] < D_B), other=0.0)
     dv = tl.arange(0, BLOCK_DV)
-
-    # Key range of this program: positions (or top-k slots) [lo, hi).
-    if USE_TOPK:
-        n_keys = num_keys_topk
-    else:
-        last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
-        n_keys = ctx_start + last_q + 1
-    lo = split * tiles_per_split * BLOCK_N
-    hi = tl.minimum(n_keys, lo + tiles_per_split * BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -156,13 +206,54 @@ def _paged_attn_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     o_mask = row_ok[:, None] & (dv[None, :] < D_V)
-    o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + dv[None, :]
+    out_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + dv[None, :]
     if SPLIT:
-        tl.store(o_ptrs + split * stride_os, o, mask=o_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-        tl.store(lse_ptr + tok * stride_lt + head.to(tl.int64) * stride_lh + split, lse, mask=row_ok)
+        part_ptrs = part_ptr + tok[:, None] * stride_pt + head[:, None].to(tl.int64) * stride_ph + dv[None, :]
+        lse_ptrs = lse_ptr + tok * stride_lt + head.to(tl.int64) * stride_lh
+        if FUSED_MERGE:
+            if n_active == 1:
+                # The only active split (a short sequence in a grid sized for a long one): nothing to merge.
+                tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+            else:
+                tl.store(part_ptrs + split * stride_ps, o, mask=o_mask)
+                tl.store(lse_ptrs + split, lse, mask=row_ok)
+                # Arrival count per (query tile, head block). The CTA barrier orders every thread's stores before
+                # the one thread's acq_rel atomic (release is cumulative), so the program that sees the count
+                # reach n_active - 1 also sees every partial. It merges them and resets the counter for the
+                # next launch (stream order makes that visible to it).
+                tl.debug_barrier()
+                grp = (seq * tl.num_programs(1) + q_tile) * (tl.num_programs(2) // num_splits) + pid2 // num_splits
+                arrived = tl.atomic_add(counter_ptr + grp, 1, sem="acq_rel", scope="gpu")
+                if arrived == n_active - 1:
+                    tl.store(counter_ptr + grp, 0)
+                    tl.debug_barrier()
+                    mm = tl.arange(0, MERGE_M)
+                    qi2 = q_tile * BLOCK_Q + mm // HEADS
+                    hh2 = hb * HEADS + mm % HEADS
+                    ok2 = (mm < BLOCK_Q * HEADS) & (qi2 < q_len) & (hh2 < group)
+                    tok2 = (q_start + qi2).to(tl.int64)
+                    head2 = (kv_head * group + hh2).to(tl.int64)
+                    sp = tl.arange(0, MERGE_S)
+                    use = (sp[:, None] < n_active) & ok2[None, :]                       # [S, M]
+                    # .cg: read the other programs' partials from L2, never from a stale L1 line.
+                    lse_all = tl.load(lse_ptr + tok2[None, :] * stride_lt + head2[None, :] * stride_lh + sp[:, None],
+                                      mask=use, other=float("-inf"), cache_modifier=".cg")
+                    parts = tl.load(part_ptr + tok2[None, :, None] * stride_pt + head2[None, :, None] * stride_ph
+                                    + sp[:, None, None] * stride_ps + dv[None, None, :],
+                                    mask=use[:, :, None] & (dv[None, None, :] < D_V), other=0.0,
+                                    cache_modifier=".cg")
+                    mx = tl.max(lse_all, 0)
+                    w = tl.exp2(lse_all - tl.where(mx == float("-inf"), 0.0, mx)[None, :])   # 0 for empty splits
+                    den = tl.sum(w, 0)
+                    merged = tl.sum(parts * w[:, :, None], 0) / tl.where(den == 0.0, 1.0, den)[:, None]
+                    tl.store(out_ptr + tok2[:, None] * stride_ot + head2[:, None] * stride_oh + dv[None, :],
+                             merged.to(out_ptr.dtype.element_ty), mask=ok2[:, None] & (dv[None, :] < D_V))
+        else:
+            tl.store(part_ptrs + split * stride_ps, o, mask=o_mask)
+            tl.store(lse_ptrs + split, lse, mask=row_ok)
     else:
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -171,18 +262,57 @@ def _combine_kernel(
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
     D_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """out[t, h, chunk] = the splits' partials weighted by exp2(lse); splits with lse = -inf (past the sequence's
+    end, or nothing visible) are skipped and their partials never read."""
     pid = tl.program_id(0)
     t = (pid // num_heads).to(tl.int64)
     h = (pid % num_heads).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
-    dv = tl.arange(0, BLOCK_DV)
+    dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     lse = tl.load(lse_ptr + t * stride_lt + h * stride_lh + sp, mask=sp < num_splits, other=float("-inf"))
-    mx = tl.max(lse, 0)      # finite: split 0 always holds the query's own key
-    w = tl.exp2(lse - mx)
+    live = lse > float("-inf")
+    mx = tl.max(lse, 0)
+    w = tl.where(live, tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
+    # Loaded without waiting for lse (one round trip, not two); dead splits' memory is unwritten, so drop it.
     parts = tl.load(part_ptr + t * stride_pt + h * stride_ph + sp[:, None] * stride_ps + dv[None, :],
                     mask=(sp[:, None] < num_splits) & (dv[None, :] < D_V), other=0.0)
-    o = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    parts = tl.where(live[:, None], parts, 0.0)
+    den = tl.sum(w, 0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < D_V)
+
+
+def _merge_fits(splits: int, row_elems: int) -> bool:
+    """Can the last split merge ``splits`` partials of ``row_elems`` (rows x Dv, padded) in its registers?"""
+    return splits <= 1 or next_power_of_2(splits) * row_elems <= FUSED_MERGE_MAX_ELEMS
+
+
+def _split_plan(max_keys: int, block_n: int, base_programs: int, decode: bool, row_elems: int, num_sms: int,
+                forced: int | None = None) -> tuple[int, int, int]:
+    """(num_splits, block_n, tiles_per_split) for a grid of ``base_programs`` over at most ``max_keys`` keys.
+    Host shapes only, so a CUDA graph captured for ``max_keys`` serves every shorter context."""
+    def balanced(splits: int, tile: int) -> tuple[int, int]:   # (splits, tiles per split) after rounding
+        n_tiles = max(1, triton.cdiv(max_keys, tile))
+        per = triton.cdiv(n_tiles, max(1, min(splits, n_tiles)))
+        return triton.cdiv(n_tiles, per), per
+
+    if forced is not None:
+        splits, per = balanced(int(forced), block_n)
+        return splits, block_n, per
+    # Split only when the grid would leave SMs idle.
+    target = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * num_sms, base_programs), MAX_KV_SPLITS)
+    if not decode:
+        splits, per = balanced(max(1, min(target, triton.cdiv(max_keys, block_n) // 4)), block_n)
+        return splits, block_n, per
+    splits, per = balanced(target, block_n)
+    while block_n > DECODE_MIN_BLOCK_N:
+        # Halve the key tile while that gives more splits, but not at the price of the fused merge: a merge
+        # launch (~1.5 us) costs more than a 64-key tile's extra load time (~0.2 us; prediction, not measured).
+        more, more_per = balanced(target, block_n // 2)
+        if more <= splits or (_merge_fits(splits, row_elems) and not _merge_fits(more, row_elems)):
+            break
+        block_n, splits, per = block_n // 2, more, more_per
+    return splits, block_n, per
 
 
 def _attend(
@@ -213,23 +343,26 @@ def _attend(
     block_m = max(16, next_power_of_2(block_q * heads))
     q_tiles = triton.cdiv(max_q, block_q)
     base_programs = S * q_tiles * num_kv_heads * num_head_blocks
-    n_tiles = max(1, triton.cdiv(max_keys, block_n))
-    num_splits = ctx.extra.get("num_kv_splits") if ctx.extra else None
-    if num_splits is None:
-        # Split only when the grid would leave SMs idle, and keep >= 4 tiles per split to amortise the merge.
-        want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * _num_sms(q.device), base_programs)
-        num_splits = max(1, min(want, n_tiles // 4, 64))
-    num_splits = max(1, min(int(num_splits), n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, num_splits)
-    num_splits = triton.cdiv(n_tiles, tiles_per_split)
+    decode = max_q == 1
+    block_dv = max(16, next_power_of_2(d_v))
+    merge_m = next_power_of_2(block_q * heads)
+
+    num_splits, block_n, tiles_per_split = _split_plan(
+        max_keys, block_n, base_programs, decode, merge_m * block_dv, _num_sms(q.device),
+        ctx.extra.get("num_kv_splits") if ctx.extra else None)
     split = num_splits > 1
+    merge_s = next_power_of_2(num_splits)
+    counters = None
+    if split and decode and _merge_fits(num_splits, merge_m * block_dv):
+        counters = _split_counters(q.device, base_programs)
+    fused = counters is not None
     if split:
         part = torch.empty(T, Hq, num_splits, d_v, dtype=torch.float32, device=q.device)
         lse = torch.empty(T, Hq, num_splits, dtype=torch.float32, device=q.device)
-        o_buf, o_strides, l_strides = part, (part.stride(0), part.stride(1), part.stride(2)), (lse.stride(0), lse.stride(1))
+        p_strides, l_strides = (part.stride(0), part.stride(1), part.stride(2)), (lse.stride(0), lse.stride(1))
     else:
-        lse = out  # unused
-        o_buf, o_strides, l_strides = out, (out.stride(0), out.stride(1), 0), (0, 0)
+        part = lse = out  # unused
+        p_strides, l_strides = (0, 0, 0), (0, 0)
     topk = topk_indices if topk_indices is not None else ctx.seq_lens_t
     topk_stride = topk_indices.stride(0) if topk_indices is not None else 0
     bt = ctx.block_tables
@@ -238,26 +371,29 @@ def _attend(
     if cfg.get("num_stages") is not None:
         launch["num_stages"] = cfg["num_stages"]
     _paged_attn_kernel[grid](
-        q, k_cache, v_cache, o_buf, lse,
+        q, k_cache, v_cache, out, part, lse, counters if fused else ctx.seq_lens_t,
         bt, ctx.seq_lens_t, ctx.query_start_loc, topk,
         float(scale) * _LOG2E, group, ctx.block_size, max_keys, tiles_per_split, num_head_blocks, num_splits,
         q.stride(0), q.stride(1),
         *kv_strides, *v_strides,
-        *o_strides, *l_strides,
+        out.stride(0), out.stride(1),
+        *p_strides, *l_strides,
         bt.stride(0), topk_stride,
         D_A=d_a, D_B=d_b, D_V=d_v,
-        BLOCK_DA=max(16, next_power_of_2(d_a)), BLOCK_DB=max(16, next_power_of_2(max(d_b, 1))),
-        BLOCK_DV=max(16, next_power_of_2(d_v)),
+        BLOCK_DA=max(16, next_power_of_2(d_a)), BLOCK_DB=max(16, next_power_of_2(max(d_b, 1))), BLOCK_DV=block_dv,
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
-        V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, DOT_F32=interpreting() or q.dtype == torch.float32,
+        MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
+        V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
+        DOT_F32=interpreting() or q.dtype == torch.float32,
         **launch,
     )
-    if split:
-        _combine_kernel[(T * Hq,)](
+    if split and not fused:
+        cdv = min(128, next_power_of_2(d_v))
+        _combine_kernel[(T * Hq, triton.cdiv(d_v, cdv))](
             part, lse, out, Hq, num_splits,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=next_power_of_2(d_v), num_warps=4,
+            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, num_warps=4,
         )
     return out
 
