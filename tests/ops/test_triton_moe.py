@@ -48,6 +48,30 @@ def test_select_experts_groups_really_restrict(triton_module):
     assert ((ids >= 8) & (ids < 16)).all()
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_select_experts_ties_and_signs(triton_module, reference, scoring):
+    """Equal scores (saturated sigmoids, repeated logits) go to the lowest index -- torch.topk leaves the order of
+    ties unspecified, so against the reference only the chosen scores must agree -- and negative biased scores
+    order correctly (the kernel compares packed integer keys, not floats)."""
+    moe = triton_module("moe")
+    logits = torch.tensor([[0.5, 30.0, -2.0, 30.0, 0.5, 40.0, -7.0, 0.5]], device=DEVICE)
+    bias = torch.tensor([-3.0, -1.0, 0.0, -1.0, -3.0, -2.5, 0.0, -3.0], device=DEVICE) if scoring == "sigmoid" else None
+    score = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+    sel = score + bias if bias is not None else score
+    for k in (1, 3, 5, 8):
+        args = (logits, k, scoring, True, bias, 1, 1, 1.0)
+        w, ids = moe.select_experts(*args)
+        w_ref, ids_ref = reference(ref_select_experts, *args)
+        assert torch.equal(sel[0, ids[0].long()], sel[0, ids_ref[0].long()])
+        torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+        # Lowest index first within each group of equal selection scores.
+        picked = ids[0].tolist()
+        for a, b in zip(picked, picked[1:]):
+            assert sel[0, a] > sel[0, b] or (sel[0, a] == sel[0, b] and a < b)
+        last = sel[0, picked[-1]]
+        assert all(i in picked for i in range(8) if sel[0, i] == last and i < picked[-1])
+
+
 def _expert_weights(E: int, H: int, I: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     w13 = (torch.randn(E, 2 * I, H, device=DEVICE) / H**0.5).to(dtype)
     w2 = (torch.randn(E, H, I, device=DEVICE) / I**0.5).to(dtype)

@@ -53,8 +53,10 @@ def _route(
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
 ):
-    """Routing of one token from its fp32 logits row: returns (weights, ids) as [BLOCK_K] vectors, best first.
-    Shared by the routing kernel and the fused decode MoE kernel (which routes inside its expert launch)."""
+    """Routing of one token from its contiguous fp32 logits row: returns (weights, ids) as [BLOCK_K] vectors, best
+    first. Shared by the routing kernel and the fused decode MoE kernel, where it sits on the critical path of
+    every expert program, so it is written for latency: each of the k picks is ONE max-reduction over a packed
+    (order-preserving score bits, lowest index) int64 key, and the weights are gathered once at the end."""
     # The expert axis is viewed as [group, expert-in-group] so group selection needs no reshape.
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, BLOCK_PG)
@@ -66,8 +68,8 @@ def _route(
         scores = tl.sigmoid(logits)
     else:
         mx = tl.max(tl.max(logits, 1), 0)
-        ex = tl.where(valid, tl.exp(logits - mx), 0.0)
-        scores = ex / tl.sum(tl.sum(ex, 1), 0)
+        denom = tl.sum(tl.sum(tl.where(valid, tl.exp(logits - mx), 0.0), 1), 0)
+        scores = tl.exp(logits - mx) / denom
     sel = scores
     if HAS_BIAS:
         # The correction bias steers which experts are chosen; the weights stay the unbiased scores.
@@ -88,19 +90,27 @@ def _route(
             gscore = tl.where(g == gi, float("-inf"), gscore)
         sel = tl.where(keep[:, None], sel, float("-inf"))
 
-    kk = tl.arange(0, BLOCK_K)
-    wvec = tl.zeros([BLOCK_K], dtype=tl.float32)
-    ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
+    # Packed key: high 32 bits order like the fp32 score (flip the magnitude bits of negatives), low 32 bits are
+    # (big - index) so that among equal scores the lowest index wins, like torch.topk on distinct values.
     big = BLOCK_G * BLOCK_PG
+    bits = sel.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = ordered.to(tl.int64) * 4294967296 + (big - flat).to(tl.int64)
+    key = tl.where(valid, key, -9223372036854775807)
+    kk = tl.arange(0, BLOCK_K)
+    ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
     for i in tl.static_range(TOP_K):
-        best = tl.max(tl.max(sel, 1), 0)
-        # Lowest index among ties, like torch.topk on distinct values.
-        fi = tl.min(tl.min(tl.where(sel == best, flat, big), 1), 0)
-        hit = flat == fi
-        w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), 1), 0)
-        wvec = tl.where(kk == i, w, wvec)
+        best = tl.max(tl.max(key, 1), 0)
+        fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
         ivec = tl.where(kk == i, fi, ivec)
-        sel = tl.where(hit, float("-inf"), sel)
+        key = tl.where(flat == fi, -9223372036854775807, key)
+    # Weights: the chosen experts' unbiased scores, recomputed from a gather of their logits.
+    kmask = kk < TOP_K
+    lv = tl.load(logits_ptr + ivec, mask=kmask, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        wvec = tl.where(kmask, tl.sigmoid(lv), 0.0)
+    else:
+        wvec = tl.where(kmask, tl.exp(lv - mx) / denom, 0.0)
     if RENORM:
         wvec = wvec / (tl.sum(wvec, 0) + 1e-20)
     wvec = wvec * scaling
