@@ -15,7 +15,8 @@ from torch import nn
 from highspeed.context import AttentionContext, get_context
 from highspeed.models.layers import LayerNorm, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Sources
 from highspeed.ops import dsa_topk_indices, mla_attention, paged_attention, rope, rope_and_write_kv, write_kv
-from highspeed.ops.attention import causal_mask, dense_attention, indexer_topk, topk_mask
+from highspeed.ops.attention import causal_mask, dense_attention, topk_mask
+from highspeed.ops.dsa import indexer_topk
 
 
 def attention_without_cache(
@@ -113,13 +114,17 @@ class Indexer(nn.Module):
         ctx: AttentionContext, k_cache: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """Writes this step's indexer keys (paged mode) and returns int32 ``[T, topk]`` positions, or None when
-        no sequence is longer than ``topk`` (then every causal token is selected and dense MLA is exact)."""
+        no sequence can be longer than ``topk`` (then every causal token is selected and dense MLA is exact).
+
+        The choice reads only the host-known bound ``ctx.max_seq_len`` (max_model_len inside a captured decode
+        graph, where per-sequence lengths are unknown); a sequence shorter than ``topk`` then gets all its
+        positions, -1 padded, which is the same as dense."""
         with torch.no_grad():
             t = x.shape[0]
             k = rope(self.k_norm(self.wk(x)), positions, cos_sin, self.rope_dim, self.interleaved)
             if ctx.uses_cache:
                 write_kv(k_cache, ctx.slot_mapping, k)
-            longest = max(ctx.seq_lens if ctx.uses_cache else ctx.query_lens, default=0)
+            longest = ctx.max_seq_len or max(ctx.seq_lens if ctx.uses_cache else ctx.query_lens, default=0)
             if longest <= self.topk:
                 return None
             q = self.wq_b(q_latent).view(t, self.n_heads, self.head_dim)

@@ -1,7 +1,8 @@
 """Numeric primitives. Each is a plain-torch reference that dispatches to ``highspeed.ops.triton.<file>`` on CUDA
 (see ``dispatch.py``). Imports nothing of the project except ``highspeed.context`` types."""
 from highspeed.ops.activation import silu_and_mul
-from highspeed.ops.attention import dsa_topk_indices, mla_attention, paged_attention, write_kv
+from highspeed.ops.attention import mla_attention, paged_attention, write_kv
+from highspeed.ops.dsa import dsa_topk_indices
 from highspeed.ops.linear import linear
 from highspeed.ops.moe import fused_moe, moe_experts, select_experts
 from highspeed.ops.norm import add_rms_norm, rms_norm

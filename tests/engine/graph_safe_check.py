@@ -14,6 +14,7 @@ torch.set_num_threads(1)
 
 import highspeed.ops.activation  # noqa: E402
 import highspeed.ops.attention  # noqa: E402
+import highspeed.ops.dsa  # noqa: E402
 import highspeed.ops.moe  # noqa: E402
 import highspeed.ops.norm  # noqa: E402
 import highspeed.ops.rope  # noqa: E402
@@ -22,7 +23,8 @@ from highspeed.engine.kv_cache import allocate_kv_caches  # noqa: E402
 from highspeed.engine.runner import HostLengthsUnavailable  # noqa: E402
 from highspeed.models.loader import load_model  # noqa: E402
 
-OPS = (highspeed.ops.attention, highspeed.ops.moe, highspeed.ops.norm, highspeed.ops.rope, highspeed.ops.activation)
+OPS = (highspeed.ops.attention, highspeed.ops.dsa, highspeed.ops.moe, highspeed.ops.norm, highspeed.ops.rope,
+       highspeed.ops.activation)
 
 
 def triton_on_cpu(module: str, name: str, x: torch.Tensor):
@@ -32,17 +34,19 @@ def triton_on_cpu(module: str, name: str, x: torch.Tensor):
         return None
 
 
-def main(path: str) -> None:
+def main(path: str, lens: list[int]) -> None:
+    """One decode token for each of three sequences of these lengths (at most 8, 4 and 12 tokens)."""
     model, _ = load_model(path, dtype=torch.float32, device="cpu", progress=False)
     allocate_kv_caches(model, 16, 4, torch.float32, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for caches in (m.kv_caches for m in model.modules() if hasattr(m, "cache_spec")):
         for t in caches.values():
             t.normal_(generator=gen)
-    ids, pos = torch.tensor([3, 4, 9]), torch.tensor([6, 2, 9])
     tables = torch.tensor([[0, 1, 0], [2, 0, 0], [5, 6, 7]], dtype=torch.int32)
-    common = dict(query_start_loc=torch.arange(4, dtype=torch.int32), seq_lens_t=torch.tensor([7, 3, 10], dtype=torch.int32),
-                  slot_mapping=torch.tensor([6, 10, 29], dtype=torch.int64), block_tables=tables, block_size=4,
+    ids, pos = torch.tensor([3, 4, 9]), torch.tensor([n - 1 for n in lens])
+    slots = [int(tables[i, p // 4]) * 4 + p % 4 for i, p in enumerate(pos.tolist())]
+    common = dict(query_start_loc=torch.arange(4, dtype=torch.int32), seq_lens_t=torch.tensor(lens, dtype=torch.int32),
+                  slot_mapping=torch.tensor(slots, dtype=torch.int64), block_tables=tables, block_size=4,
                   max_query_len=1, decode_only=True)
     snapshot = {id(t): t.clone() for m in model.modules() if hasattr(m, "cache_spec") for t in m.kv_caches.values()}
 
@@ -53,7 +57,7 @@ def main(path: str) -> None:
                     t.copy_(snapshot[id(t)])
 
     with torch.inference_mode():
-        with use_context(AttentionContext(query_lens=[1, 1, 1], seq_lens=[7, 3, 10], max_seq_len=10, **common)):
+        with use_context(AttentionContext(query_lens=[1, 1, 1], seq_lens=list(lens), max_seq_len=max(lens), **common)):
             ref = model.compute_logits(model(ids, pos))
         restore()
         for m in OPS:
@@ -67,4 +71,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], [int(n) for n in (sys.argv[2] if len(sys.argv) > 2 else "7,3,10").split(",")])

@@ -72,7 +72,7 @@ def test_fast_path_greedy_equals_torch_path_fp32(tmp_path, arch):
     ref = _run(_engine(tmp_path / "ref", cfg, copy.deepcopy(model), "float32", fast=False), 64)
     fast_engine = _engine(tmp_path / "fast", cfg, model, "float32", fast=True)
     fast = _run(fast_engine, 64)
-    assert fast_engine.cuda_graphs or arch == "glm_moe_dsa", "decode graphs were not captured"
+    assert fast_engine.cuda_graphs, "decode graphs were not captured"
     assert [o.token_ids for o in fast] == [o.token_ids for o in ref]
 
 
