@@ -12,19 +12,15 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-import highspeed.ops.activation  # noqa: E402
-import highspeed.ops.attention  # noqa: E402
-import highspeed.ops.dsa  # noqa: E402
-import highspeed.ops.moe  # noqa: E402
-import highspeed.ops.norm  # noqa: E402
-import highspeed.ops.rope  # noqa: E402
+import highspeed.ops  # noqa: E402
 from highspeed.context import AttentionContext, use_context  # noqa: E402
 from highspeed.engine.kv_cache import allocate_kv_caches  # noqa: E402
 from highspeed.engine.runner import HostLengthsUnavailable  # noqa: E402
 from highspeed.models.loader import load_model  # noqa: E402
 
-OPS = (highspeed.ops.attention, highspeed.ops.dsa, highspeed.ops.moe, highspeed.ops.norm, highspeed.ops.rope,
-       highspeed.ops.activation)
+# The op modules by name: ``highspeed.ops.rope`` as an attribute is the re-exported function, not the module.
+OPS = tuple(importlib.import_module(f"highspeed.ops.{name}")
+            for name in ("activation", "attention", "dsa", "linear", "moe", "norm", "rope"))
 
 
 def triton_on_cpu(module: str, name: str, x: torch.Tensor):
