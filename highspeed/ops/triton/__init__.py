@@ -13,6 +13,19 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
     raise ImportError("highspeed.ops.triton needs the 'triton' package (pip install triton)") from exc
 
 
+import os  # noqa: E402
+from functools import lru_cache  # noqa: E402
+
+import torch  # noqa: E402
+
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton: the kernels' PDL branches are never compiled
+    _HAS_GDC = False
+    gdc_launch_dependents = gdc_wait = None
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (Triton block shapes must be powers of two)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
@@ -26,3 +39,25 @@ def interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=8)
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(x: torch.Tensor) -> dict:
+    """Launch arguments for programmatic dependent launch (PDL, Hopper and newer): ``kernel[grid](..., **pdl(x))``.
+
+    With PDL the next kernel of the decode chain is scheduled while this one still runs: its programs start,
+    issue the loads that do not depend on the previous kernel (weights), and park in ``gdc_wait`` until the
+    previous kernel has finished and its writes are visible. That hides the launch gap and the first DRAM round
+    trip of each of the ~10 small kernels per layer (CUDA graphs keep the programmatic edges). The contract for
+    every kernel taking ``PDL``: call ``gdc_launch_dependents()`` early and ``gdc_wait()`` before its first read of
+    anything a previous kernel wrote and before its first store, and never return before the wait (a kernel that
+    finishes without waiting would let the kernel after it run ahead of the one before). ``HIGHSPEED_PDL=0``
+    turns it off."""
+    on = (_HAS_GDC and x.is_cuda and not interpreting()
+          and os.environ.get("HIGHSPEED_PDL", "1").strip().lower() not in ("0", "false", "no")
+          and _pdl_device(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}

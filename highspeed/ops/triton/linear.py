@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import interpreting
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, pdl
 
 # Rows up to which the GEMV may run (above: cuBLAS), and the largest weight it takes.
 MAX_ROWS: int = 16
@@ -33,20 +33,33 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     nmask = n < N
     mmask = m < M
     x_rows = x_ptr + m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + n[None, :].to(tl.int64) * stride_wn
+    # Iteration 0 is peeled so its weight tile (independent of the previous kernel) loads before the PDL wait.
+    k = tl.arange(0, BLOCK_K)
+    kmask = k < K
+    b = tl.load(w_rows + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)   # [BLOCK_K, BLOCK_N]
+    if PDL:
+        gdc_wait()
+    a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if DOT_F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < K
         a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_rows + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)   # [BLOCK_K, BLOCK_N]
+        b = tl.load(w_rows + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -76,6 +89,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
         DOT_F32=interpreting() or x.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x2),
     )
     return y.view(*x.shape[:-1], N)

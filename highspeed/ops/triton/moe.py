@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import interpreting, next_power_of_2
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl
 
 # Largest token count that takes the GEMV path; above it tokens are grouped by expert. H200 run 2 (CUDA-graph
 # times, KERNEL_NOTES.md): at T=1 GEMV wins for Qwen3-30B-A3B experts (33 vs 43 us) and is within 4% for GLM-5
@@ -288,18 +288,27 @@ FUSED_DOWN = dict(BLOCK_N=4, BLOCK_K=256, num_warps=4)
 
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, out_ptr, H, E, stride_xt, stride_we, stride_ot,
-                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = e < E
     w_rows = w_ptr + e[:, None].to(tl.int64) * stride_we
+    # The router weights do not depend on the previous kernel: the first tile is in flight before the wait, and
+    # each iteration loads the next tile before using the current one.
+    k = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0)
+    if PDL:
+        gdc_wait()
     acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < H
-        xv = tl.load(x_ptr + t * stride_xt + k, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + k[None, :], mask=emask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        acc += w * xv[None, :]
+        xv = tl.load(x_ptr + t * stride_xt + k, mask=k < H, other=0.0).to(tl.float32)
+        kn = k + BLOCK_K
+        w_next = tl.load(w_rows + kn[None, :], mask=emask[:, None] & (kn < H)[None, :], other=0.0)
+        acc += w.to(tl.float32) * xv[None, :]
+        w = w_next
     tl.store(out_ptr + t * stride_ot + e, tl.sum(acc, 1), mask=emask)
 
 
@@ -311,8 +320,11 @@ def _fused_gate_up_kernel(
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # everything here depends on the router's logits
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
     blocks_per_expert = tl.cdiv(I, BLOCK_N)
@@ -359,8 +371,11 @@ def _fused_down_kernel(
     H, I, IS,
     stride_at, stride_we, stride_wn, stride_sn, stride_ot,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # everything here depends on gate_up's routing and activations
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     # Tile rows are (slot, output column) pairs: every chosen expert's rows of this column block at once.
@@ -406,10 +421,11 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     IS = shared_w2.shape[1] if has_shared else 0
     dev = x.device
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
+    launch = pdl(x)
     cfg = ROUTER
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
         x, gate_weight, logits, H, E, x.stride(0), gate_weight.stride(0), logits.stride(0),
-        BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch,
     )
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
@@ -423,7 +439,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         H, I, IS, n_group, E // n_group, float(scaling),
         x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
-        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = FUSED_DOWN
@@ -432,7 +448,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         act, w2, ws2, weights, ids, out, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
         TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch,
     )
     return out
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import next_power_of_2
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 
 
 @triton.jit
@@ -20,11 +20,16 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr,
     N, eps,
     stride_x, stride_r, stride_y, stride_s,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)   # a parameter: safe before the PDL wait
+    if PDL:
+        gdc_wait()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -34,7 +39,6 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,7 +67,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, y2, s2, N, float(eps),
         x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl(x2),
     )
     return y, s
 

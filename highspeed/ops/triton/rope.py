@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import next_power_of_2
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 
 
 @triton.jit
@@ -95,8 +95,11 @@ def _rope_kernel(
     x_ptr, out_ptr, pos_ptr, cs_ptr,
     num_heads, D, stride_xt, stride_xh, stride_ot, stride_oh, stride_cs,
     HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     h = (tl.program_id(1) * HEADS + tl.arange(0, HEADS))[:, None]
     cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
@@ -131,7 +134,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, rotary
         x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), cos_sin.stride(0),
         HEADS=heads, HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
         BLOCK_PASS=max(16, min(256, next_power_of_2(max(D - rotary_dim, 1)))), INTERLEAVED=bool(interleaved),
-        num_warps=4 if heads * D >= 1024 else 1,
+        num_warps=4 if heads * D >= 1024 else 1, **pdl(x3),
     )
     return out
 
@@ -146,8 +149,11 @@ def _rope_write_kernel(
     stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
     HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_V: tl.constexpr, INTERLEAVED: tl.constexpr,
-    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
@@ -253,7 +259,7 @@ def rope_and_write_kv(
         # A normed v row must fit one block (its statistics need the whole row): MLA's 512-wide latent does.
         BLOCK_V=max(16, next_power_of_2(Dv) if vw is not None else min(1024, next_power_of_2(Dv))),
         INTERLEAVED=bool(interleaved), Q_NORM=qw is not None, K_NORM=kw is not None, V_NORM=vw is not None,
-        num_warps=4 if heads * max(q3.shape[2], Dv) >= 1024 else 1,
+        num_warps=4 if heads * max(q3.shape[2], Dv) >= 1024 else 1, **pdl(q3),
     )
     return q_out, k_out
 
