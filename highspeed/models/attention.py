@@ -167,14 +167,16 @@ class MLAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.scale = scale
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
+        kv_a = ("kv_a_proj_with_mqa", kv_lora_rank + qk_rope_head_dim)
         if q_lora_rank is None:
             self.q_proj = Linear(hidden, num_heads * qk_dim)
+            self.kv_a_proj_with_mqa = Linear(hidden, kv_a[1], bias)
         else:
-            self.q_a_proj = Linear(hidden, q_lora_rank, bias)
+            # Both down-projections read the same x: one GEMM (one decode launch) instead of two.
+            self.fused_qkv_a_proj = MergedLinear(hidden, [("q_a_proj", q_lora_rank), kv_a], bias)
             self.q_a_layernorm = RMSNorm(q_lora_rank, 1e-6)
             self.q_b_proj = Linear(q_lora_rank, num_heads * qk_dim)
         self.q_lora_rank = q_lora_rank
-        self.kv_a_proj_with_mqa = Linear(hidden, kv_lora_rank + qk_rope_head_dim, bias)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, 1e-6)
         self.kv_b_proj = Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim))
         self.o_proj = Linear(num_heads * v_head_dim, hidden, bias)
@@ -182,6 +184,9 @@ class MLAttention(nn.Module):
         self.indexer = indexer
         self.shares_topk = shares_topk
         self.kv_caches: dict[str, torch.Tensor] = {}
+
+    def weight_sources(self) -> Sources:
+        return self.fused_qkv_a_proj.sources_from_parent("fused_qkv_a_proj") if self.q_lora_rank is not None else {}
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         spec = {"latent": (self.kv_lora_rank + self.rope_dim,)}
@@ -195,11 +200,13 @@ class MLAttention(nn.Module):
         q_latent = None
         if self.q_lora_rank is None:
             q = self.q_proj(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
         else:
-            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q_a, kv_a = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x))
+            q_latent = self.q_a_layernorm(q_a)
             q = self.q_b_proj(q_latent)
         q_nope, q_pe = q.view(t, h, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         rot, lat = self.rotary, self.kv_lora_rank
         if ctx.uses_cache:
             # The absorbed query [T, H, L+R] is filled in place, no cat: q_nope @ W_UK lands in its first L dims;
