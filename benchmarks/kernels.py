@@ -381,6 +381,65 @@ def make_ctx(qlens: list[int], slens: list[int], block_size: int) -> tuple[Atten
 
 
 def bench_attention(r: Runner) -> None:
+    # Batch-1 decode at short contexts (block_size 16, as the engine runs them), first: Qwen3-30B-A3B GQA 32/4 x 128
+    # and GLM-4.7-Flash absorbed MLA 20 x (512 + 64). max_seq_len = the context, plus the e2e benchmark's graph
+    # (max_model_len 384) holding a 200-token sequence. Sweeps: the smallest decode key tile x the fused merge
+    # bound, and the rule before this change (>= 4 tiles per split: forced split count, separate merge).
+    short = [(f"ctx={c}", c, c) for c in (128, 384, 1024, 4096)] + [("ctx=200 in graph for 384", 200, 384)]
+    sweep = [(16, 0), (16, 8192), (32, 0), (32, 8192), (32, 16384), (64, 0), (64, 8192), (64, 16384)]
+    saved = (t_attn.DECODE_MIN_BLOCK_N, t_attn.FUSED_MERGE_MAX_ELEMS)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for model in ("Qwen3-30B-A3B 32/4x128", "GLM-4.7-Flash 20x(512+64)"):
+        gqa_model = model.startswith("Qwen3")
+        for name, sl, max_len in short:
+            if r.time_left() < 30:
+                return
+            ctx, nb = make_ctx([1], [sl], 16)
+            ctx.max_seq_len = max_len
+            if gqa_model:
+                q = torch.randn(1, 32, 128, device=DEV, dtype=BF16)
+                kc = torch.randn(nb, 16, 4, 128, device=DEV, dtype=BF16)
+                vc = torch.randn(nb, 16, 4, 128, device=DEV, dtype=BF16)
+                fn = lambda: t_attn.paged_attention(q, kc, vc, ctx, 128**-0.5)  # noqa: E731
+                ref = ref_call(ops.paged_attention, q, kc, vc, ctx, 128**-0.5)
+                byts = sl * 4 * 128 * 2 * 2 + 2 * q.numel() * 2
+                plan = dict(block_n=t_attn.GQA["block_n"], base=4, rows=8 * 128)
+            else:
+                q = torch.randn(1, 20, 576, device=DEV, dtype=BF16)
+                lat = torch.randn(nb, 16, 576, device=DEV, dtype=BF16)
+                fn = lambda: t_attn.mla_attention(q, lat, ctx, 192**-0.5, 512)  # noqa: E731
+                ref = ref_call(ops.mla_attention, q, lat, ctx, 192**-0.5, 512)
+                byts = sl * 576 * 2 + q.numel() * 2 + 20 * 512 * 2
+                plan = dict(block_n=t_attn.MLA_WIDE_FEW_SEQS["block_n"], base=1, rows=32 * 512)
+            kernel = "paged_attention" if gqa_model else "mla_attention"
+            r.add(kernel=kernel, case=f"{model} decode B=1 {name}", rel_err=rel_err(fn(), ref),
+                  triton_ms=bench(fn), graph_ms=bench_graph(fn), bytes=byts)
+            old_splits = max(1, min(triton.cdiv(t_attn.SPLIT_PROGRAMS_PER_SM * sms, plan["base"]),
+                                    triton.cdiv(max_len, plan["block_n"]) // 4, 64))
+            configs = [(t_attn.DECODE_MIN_BLOCK_N, 0, old_splits)] + [(bn, fm, None) for bn, fm in sweep]
+            seen = set()
+            for i, (min_bn, fused_max, forced) in enumerate(configs):
+                if r.time_left() < 30:
+                    break
+                t_attn.DECODE_MIN_BLOCK_N, t_attn.FUSED_MERGE_MAX_ELEMS = min_bn, fused_max
+                splits, bn, per = t_attn._split_plan(max_len, plan["block_n"], plan["base"], True, plan["rows"], sms,
+                                                     forced)
+                fused = splits > 1 and t_attn._merge_fits(splits, plan["rows"])
+                t_attn.DECODE_MIN_BLOCK_N, t_attn.FUSED_MERGE_MAX_ELEMS = saved
+                if (splits, bn, per, fused) in seen:
+                    continue   # same launch as a row already measured
+                seen.add((splits, bn, per, fused))
+                t_attn.DECODE_MIN_BLOCK_N, t_attn.FUSED_MERGE_MAX_ELEMS = min_bn, fused_max
+                if forced is not None:
+                    ctx.extra["num_kv_splits"] = forced
+                label = "old rule" if i == 0 else f"min_n{min_bn} fused<={fused_max}"
+                try:
+                    r.add(kernel="attn_decode_cfg", case=f"{model} B=1 {name} {label}: {splits}x{per}x{bn} keys"
+                          f"{' fused' if fused else ''}", rel_err=rel_err(fn(), ref), graph_ms=bench_graph(fn),
+                          bytes=byts)
+                finally:
+                    ctx.extra.pop("num_kv_splits", None)
+                    t_attn.DECODE_MIN_BLOCK_N, t_attn.FUSED_MERGE_MAX_ELEMS = saved
     bs = 64
     gqa = [("decode B=1 ctx=32768", [1], [32768]), ("decode B=32 ctx=4096", [1] * 32, [4096] * 32),
            ("decode B=128 ctx=1024", [1] * 128, [1024] * 128), ("prefill 4096", [4096], [4096])]
