@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from highspeed.context import AttentionContext
-from highspeed.ops.triton import interpreting, next_power_of_2
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl
 
 _LOG2E = 1.4426950408889634
 
@@ -104,8 +104,12 @@ def _paged_attn_kernel(
     BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels.
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     pid2 = tl.program_id(2)
@@ -260,10 +264,13 @@ def _paged_attn_kernel(
 def _combine_kernel(
     part_ptr, lse_ptr, out_ptr, num_heads, num_splits,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    D_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[t, h, chunk] = the splits' partials weighted by exp2(lse); splits with lse = -inf (past the sequence's
     end, or nothing visible) are skipped and their partials never read."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     t = (pid // num_heads).to(tl.int64)
     h = (pid % num_heads).to(tl.int64)
@@ -367,7 +374,7 @@ def _attend(
     topk_stride = topk_indices.stride(0) if topk_indices is not None else 0
     bt = ctx.block_tables
     grid = (S, q_tiles, num_kv_heads * num_head_blocks * num_splits)
-    launch = {"num_warps": cfg["num_warps"]}
+    launch = {"num_warps": cfg["num_warps"], **pdl(q)}
     if cfg.get("num_stages") is not None:
         launch["num_stages"] = cfg["num_stages"]
     _paged_attn_kernel[grid](
@@ -393,7 +400,7 @@ def _attend(
             part, lse, out, Hq, num_splits,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, num_warps=4,
+            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, num_warps=4, **pdl(q),
         )
     return out
 
