@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# One device call: GPU correctness (kernels, fast path vs torch path), then the latency benchmarks.
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [quick]
-# Writes logs and JSON records under $OUT (or ./gpu_out).
+# GPU correctness (kernels, fast path vs torch path) and the latency benchmarks, in one or two device calls.
+# Usage (on the GPU machine, repo root): HIGHSPEED_COMMIT=<hash> bash benchmarks/gpu_run.sh [core|rest|all] [TAG]
+#   core: all op tests and the GPU end-to-end tests, then batch-1 Qwen3-30B-A3B and GLM-4.7-Flash (fast path with
+#         kernel profiles, PDL off as an ablation, and the plain-torch baseline);
+#   rest: the other presets, batch 8 and 32, and the kernel micro-benchmarks of attention, RoPE and the indexer.
+# Records go to benchmarks/results/ (named with TAG, e.g. h200-run5) and come back as $OUT/results.tgz.
 set -u
+MODE=${1:-all}
+TAG=${2:-h200}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT" benchmarks/results
 # Whatever happens, bring the records back as one file ($OUT returns at most 8 files).
@@ -11,23 +16,32 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/engine/test_gpu_e2e.py 2>&1 | tail -n 60 > "$OUT/gpu_tests.log"
-tail -n 8 "$OUT/gpu_tests.log"
-
 bench() {  # name, args...
   local name=$1; shift
-  timeout 150 python3 -m highspeed bench latency "$@" --output-json "benchmarks/results/$name.json" 2>&1 \
+  timeout 150 python3 -m highspeed bench latency "$@" --output-json "benchmarks/results/$name-$TAG.json" 2>&1 \
     | grep -v Warning | tail -n 3 | tee -a "$OUT/bench.log"
 }
-bench latency-qwen3-30b-a3b-b1 --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-qwen3-b1.txt"
-bench latency-qwen3-30b-a3b-b1-eager --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
-bench latency-glm-4.7-flash-b1 --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-glm-flash-b1.txt"
-bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
-[ "${1:-}" = quick ] && exit 0
-bench latency-glm-4.5-air-20l-b1 --preset glm-4.5-air --num-layers 20 --random-weights --batch-size 1 --input-len 128 --output-len 128
-bench latency-deepseek-v2-lite-b1 --preset deepseek-v2-lite --random-weights --batch-size 1 --input-len 128 --output-len 128
-bench latency-glm-5-5l-b1 --preset glm-5 --num-layers 5 --random-weights --batch-size 1 --input-len 128 --output-len 64
-for b in 8 32; do
-  bench latency-qwen3-30b-a3b-b$b --preset qwen3-30b-a3b --random-weights --batch-size $b --input-len 128 --output-len 128
-  bench latency-glm-4.7-flash-b$b --preset glm-4.7-flash --random-weights --batch-size $b --input-len 128 --output-len 128
-done
+
+if [ "$MODE" = core ] || [ "$MODE" = all ]; then
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/ops tests/engine/test_gpu_e2e.py 2>&1 | tail -n 60 \
+    > "$OUT/gpu_tests.log"
+  tail -n 8 "$OUT/gpu_tests.log"
+  bench latency-qwen3-30b-a3b-b1 --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-qwen3-b1.txt"
+  HIGHSPEED_PDL=0 bench latency-qwen3-30b-a3b-b1-nopdl --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256
+  bench latency-qwen3-30b-a3b-b1-eager --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
+  bench latency-glm-4.7-flash-b1 --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-glm-flash-b1.txt"
+  HIGHSPEED_PDL=0 bench latency-glm-4.7-flash-b1-nopdl --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256
+  bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
+fi
+if [ "$MODE" = rest ] || [ "$MODE" = all ]; then
+  bench latency-glm-4.5-air-20l-b1 --preset glm-4.5-air --num-layers 20 --random-weights --batch-size 1 --input-len 128 --output-len 128
+  bench latency-deepseek-v2-lite-b1 --preset deepseek-v2-lite --random-weights --batch-size 1 --input-len 128 --output-len 128
+  bench latency-glm-5-5l-b1 --preset glm-5 --num-layers 5 --random-weights --batch-size 1 --input-len 128 --output-len 64
+  for b in 8 32; do
+    bench latency-qwen3-30b-a3b-b$b --preset qwen3-30b-a3b --random-weights --batch-size $b --input-len 128 --output-len 128
+    bench latency-glm-4.7-flash-b$b --preset glm-4.7-flash --random-weights --batch-size $b --input-len 128 --output-len 128
+  done
+  timeout 200 python3 benchmarks/kernels.py "benchmarks/results/kernels-$TAG.json" --only attention,rope,dsa \
+    --budget 170 > "$OUT/kernels.log" 2>&1
+  tail -n 3 "$OUT/kernels.log"
+fi
