@@ -81,9 +81,10 @@ def test_fast_path_logprobs_close_bf16(tmp_path, arch):
     cfg = _config(arch)
     model = _model(cfg, torch.bfloat16)
     ref = _run(_engine(tmp_path / "ref", cfg, copy.deepcopy(model), "bfloat16", fast=False), 1, logprobs=5)
-    fast = _run(_engine(tmp_path / "fast", cfg, model, "bfloat16", fast=True), 1, logprobs=5)
+    fast = _run(_engine(tmp_path / "fast", cfg, model, "bfloat16", fast=True), 1, logprobs=10)
     for a, b in zip(ref, fast):
+        # A random tiny model's distribution is flat, so bf16 rounding may reorder near-equal ranks around the 5th:
+        # every reference top-5 token must be in the fast path's top 10, with a close log-probability.
         ra, rb = a.logprobs[0], b.logprobs[0]
-        common = set(ra) & set(rb)
-        assert len(common) >= 4
-        assert max(abs(ra[t].logprob - rb[t].logprob) for t in common) < 0.05
+        assert set(ra) <= set(rb), (sorted(ra), sorted(rb))
+        assert max(abs(ra[t].logprob - rb[t].logprob) for t in ra) < 0.05
