@@ -154,10 +154,11 @@ FUSED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
-def test_fused_moe_decode(triton_module, reference, monkeypatch, dtype, T, E, H, I, k, scoring, renorm, bias,
-                          n_group, topk_group, scale, shared):
+def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype, T, E, H, I, k, scoring, renorm,
+                          bias, n_group, topk_group, scale, shared):
     """The decode path (router + routing + experts + shared expert in three launches) against the reference."""
     from highspeed.ops.moe import fused_moe as ref_fused_moe
 
@@ -165,8 +166,11 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, dtype, T, E, H,
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
     if not HAS_CUDA:  # small tiles: partial tiles and several K steps under the interpreter
         monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
-        monkeypatch.setattr(moe, "FUSED_GATE_UP", dict(BLOCK_N=8, BLOCK_K=16, num_warps=4))
-        monkeypatch.setattr(moe, "FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=8, num_warps=4))
+        monkeypatch.setattr(moe, "FUSED_GATE_UP", dict(BLOCK_N=8, BLOCK_K=16, num_warps=4, PREFETCH=prefetch))
+        monkeypatch.setattr(moe, "FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=8, num_warps=4, PREFETCH=prefetch))
+    else:
+        monkeypatch.setattr(moe, "FUSED_GATE_UP", {**moe.FUSED_GATE_UP, "PREFETCH": prefetch})
+        monkeypatch.setattr(moe, "FUSED_DOWN", {**moe.FUSED_DOWN, "PREFETCH": prefetch})
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
     w13, w2 = _expert_weights(E, H, I, dtype)

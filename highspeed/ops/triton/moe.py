@@ -325,7 +325,7 @@ def _fused_gate_up_kernel(
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
         gdc_launch_dependents()
@@ -357,13 +357,29 @@ def _fused_gate_up_kernel(
     x_row = x_ptr + t * stride_xt
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
+        k = tl.arange(0, BLOCK_K)
+        m2 = nmask[:, None] & (k < H)[None, :]
+        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0)
+        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < H
         xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
-        m2 = nmask[:, None] & kmask[None, :]
-        acc_g += tl.load(w_gate + k[None, :], mask=m2, other=0.0).to(tl.float32) * xv[None, :]
-        acc_u += tl.load(w_up + k[None, :], mask=m2, other=0.0).to(tl.float32) * xv[None, :]
+        if PREFETCH:
+            kn = k + BLOCK_K
+            mn = nmask[:, None] & (kn < H)[None, :]
+            wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0)
+            wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0)
+        else:
+            m2 = nmask[:, None] & kmask[None, :]
+            wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0)
+            wu = tl.load(w_up + k[None, :], mask=m2, other=0.0)
+        acc_g += wg.to(tl.float32) * xv[None, :]
+        acc_u += wu.to(tl.float32) * xv[None, :]
+        if PREFETCH:
+            wg = wg_next
+            wu = wu_next
     gate = tl.sum(acc_g, 1)
     up = tl.sum(acc_u, 1)
     act = gate * tl.sigmoid(gate) * up
@@ -376,7 +392,7 @@ def _fused_down_kernel(
     H, I, IS,
     stride_at, stride_we, stride_wn, stride_sn, stride_ot,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on gate_up's routing and activations
         gdc_launch_dependents()
@@ -393,11 +409,21 @@ def _fused_down_kernel(
     w_rows = w2_ptr + e * stride_we + n.to(tl.int64) * stride_wn
     a_rows = act_ptr + t * stride_at + slot * I
     acc = tl.zeros([SLOTS * BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if PREFETCH:
+        k = tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows[:, None] + k[None, :], mask=rmask[:, None] & (k < I)[None, :], other=0.0)
     for k0 in range(0, I, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         m2 = rmask[:, None] & (k < I)[None, :]
         a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
-        acc += tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32) * a
+        if PREFETCH:
+            kn = k + BLOCK_K
+            w_next = tl.load(w_rows[:, None] + kn[None, :], mask=rmask[:, None] & (kn < I)[None, :], other=0.0)
+        else:
+            w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0)
+        acc += w.to(tl.float32) * a
+        if PREFETCH:
+            w = w_next
     per_row = tl.sum(acc, 1) * wt
     out = tl.sum(tl.reshape(per_row, [SLOTS, BLOCK_N]), 0)
     c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -444,7 +470,8 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         H, I, IS, n_group, E // n_group, float(scaling),
         x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
-        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch,
+        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
+        **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = FUSED_DOWN
@@ -453,7 +480,8 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         act, w2, ws2, weights, ids, out, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
         TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
+        num_warps=cfg["num_warps"], **launch,
     )
     return out
 
