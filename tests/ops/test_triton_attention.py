@@ -213,8 +213,9 @@ def test_split_plan(triton_module):
             assert 16 <= bn <= 64 and splits * per * bn >= max_keys and splits <= 64
             if max_keys >= 4 * 64 * min(-(-528 // base), 64):   # long context: unchanged
                 assert (splits, per, bn) == (*old_rule(max_keys, 64, base), 64)
-    # Qwen3-30B-A3B at batch 1 in a graph for 384 tokens: 6 one-tile splits per KV head, merged in the launch.
-    assert attn._split_plan(384, 64, 4, True, 8 * 128, 132) == (6, 64, 1)
+    # Qwen3-30B-A3B at batch 1 in a graph for 384 tokens: 12 one-tile splits of 32 keys per KV head.
+    assert attn._split_plan(384, 64, 4, True, 8 * 128, 132, min_block_n=32) == (12, 32, 1)
+    assert attn._split_plan(128, 64, 4, True, 8 * 128, 132, min_block_n=32) == (4, 32, 1)
     assert attn._split_plan(128, 64, 4, True, 8 * 128, 132) == (8, 16, 1)
     # GLM-4.7-Flash (20 heads x 512 in one program): 16-key tiles, one per program.
     assert attn._split_plan(384, 32, 1, True, 32 * 512, 132) == (24, 16, 1)

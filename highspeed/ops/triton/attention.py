@@ -36,7 +36,9 @@ _LOG2E = 1.4426950408889634
 # Launch shapes, module-level so benchmarks/kernels.py can sweep them. heads: query heads per program (rows of the
 # dot with BLOCK_Q = 1); block_n: keys per tile; max_rows: rows per program when several query tokens share it
 # (prefill); num_stages: software-pipelining depth (None = Triton's default).
-GQA = dict(heads=64, block_n=64, num_warps=4, max_rows=64, num_stages=None)
+# decode_min_block_n: the smallest key tile decode may split down to (H200 run 5, Qwen3-30B-A3B B=1 at 384 keys:
+# 12 x 32-key splits 5.1 us, 24 x 16 9.0 us, 6 x 64 6.8 us; at 128 keys 32 is also best).
+GQA = dict(heads=64, block_n=64, num_warps=4, max_rows=64, num_stages=None, decode_min_block_n=32)
 # 512-wide latents (H200 run 2, GLM-5 shapes): all 64 heads in one program reads each latent tile once for every
 # head: 2.2x faster than 16 heads at B=32 decode, 1.9x at prefill. With very few sequences the grid is then too
 # small (the split count is capped), and 32 heads won at B=1 (83 vs 116 us at 32K context).
@@ -54,10 +56,11 @@ MAX_KV_SPLITS = 64
 # serially, 9 us per layer for Qwen3-30B-A3B on the H200, where one tile's latency is what a program should pay.
 # Long contexts are unaffected: they already have >= 4 tiles per wanted split.
 DECODE_MIN_BLOCK_N = 16
-# Decode merges inside the attention launch (no _combine_kernel launch) when one program's partials, padded to
-# powers of two ([splits, rows, Dv] fp32), fit in this many elements: the last split to finish reads them all, so
-# the bound keeps that one program's read small (32 KB). 0 turns the fused merge off.
-FUSED_MERGE_MAX_ELEMS = 8192
+# Decode may merge inside the attention launch (no _combine_kernel launch) when one program's partials, padded to
+# powers of two ([splits, rows, Dv] fp32), fit in this many elements: the last split to finish reads them all.
+# Off (0): on the H200 (run 5) the fused merge cost more than the launch it saves -- Qwen3-30B-A3B B=1, 12 x
+# 32-key splits: 8.6 us fused vs 5.1 us with _combine_kernel; 4 x 32 at 128 keys: 7.1 vs 4.4 us.
+FUSED_MERGE_MAX_ELEMS = 0
 _COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
 
 
@@ -295,7 +298,7 @@ def _merge_fits(splits: int, row_elems: int) -> bool:
 
 
 def _split_plan(max_keys: int, block_n: int, base_programs: int, decode: bool, row_elems: int, num_sms: int,
-                forced: int | None = None) -> tuple[int, int, int]:
+                forced: int | None = None, min_block_n: int = DECODE_MIN_BLOCK_N) -> tuple[int, int, int]:
     """(num_splits, block_n, tiles_per_split) for a grid of ``base_programs`` over at most ``max_keys`` keys.
     Host shapes only, so a CUDA graph captured for ``max_keys`` serves every shorter context."""
     def balanced(splits: int, tile: int) -> tuple[int, int]:   # (splits, tiles per split) after rounding
@@ -312,7 +315,7 @@ def _split_plan(max_keys: int, block_n: int, base_programs: int, decode: bool, r
         splits, per = balanced(max(1, min(target, triton.cdiv(max_keys, block_n) // 4)), block_n)
         return splits, block_n, per
     splits, per = balanced(target, block_n)
-    while block_n > DECODE_MIN_BLOCK_N:
+    while block_n > min_block_n:
         # Halve the key tile while that gives more splits, but not at the price of the fused merge: a merge
         # launch (~1.5 us) costs more than a 64-key tile's extra load time (~0.2 us; prediction, not measured).
         more, more_per = balanced(target, block_n // 2)
@@ -356,7 +359,7 @@ def _attend(
 
     num_splits, block_n, tiles_per_split = _split_plan(
         max_keys, block_n, base_programs, decode, merge_m * block_dv, _num_sms(q.device),
-        ctx.extra.get("num_kv_splits") if ctx.extra else None)
+        ctx.extra.get("num_kv_splits") if ctx.extra else None, cfg.get("decode_min_block_n", DECODE_MIN_BLOCK_N))
     split = num_splits > 1
     merge_s = next_power_of_2(num_splits)
     counters = None
