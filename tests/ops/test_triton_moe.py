@@ -167,9 +167,11 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     if not HAS_CUDA:  # small tiles: partial tiles and several K steps under the interpreter
         monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
         monkeypatch.setattr(moe, "FUSED_GATE_UP", dict(BLOCK_N=8, BLOCK_K=16, num_warps=4, PREFETCH=prefetch))
+        monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=prefetch))
         monkeypatch.setattr(moe, "FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=8, num_warps=4, PREFETCH=prefetch))
     else:
         monkeypatch.setattr(moe, "FUSED_GATE_UP", {**moe.FUSED_GATE_UP, "PREFETCH": prefetch})
+        monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", {**moe.FUSED_GATE_UP_NARROW, "PREFETCH": prefetch})
         monkeypatch.setattr(moe, "FUSED_DOWN", {**moe.FUSED_DOWN, "PREFETCH": prefetch})
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)

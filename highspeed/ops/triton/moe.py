@@ -289,6 +289,10 @@ FUSED_MAX_TOKENS: int = 2
 ROUTER = dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4)
 FUSED_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
 FUSED_DOWN = dict(BLOCK_N=4, BLOCK_K=256, num_warps=4)
+# Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
+# 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
+FUSED_GATE_UP_NARROW = dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True)
+NARROW_I: int = 1024
 
 
 @triton.jit
@@ -461,7 +465,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
-    cfg = FUSED_GATE_UP
+    cfg = FUSED_GATE_UP_NARROW if I <= NARROW_I else FUSED_GATE_UP
     bn = cfg["BLOCK_N"]
     ws13 = shared_w13 if has_shared else w13     # dummy pointer without a shared expert (never read)
     bias = correction_bias if correction_bias is not None else logits
