@@ -440,8 +440,8 @@ def _fused_down_kernel(
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < IS
             a = tl.load(a_shared + k, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(s_rows + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            acc_s += w * a[None, :]
+            w_s = tl.load(s_rows + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc_s += w_s * a[None, :]
         out += tl.sum(acc_s, 1)
     tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
