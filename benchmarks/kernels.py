@@ -598,8 +598,8 @@ def _bench_fused_moe_model(r: Runner, sweeps: dict, name: str, E: int, H: int, I
 
 
 def bench_linear(r: Runner) -> None:
-    """Skinny GEMM (decode projections) on the projection shapes of the benchmark models: cuBLAS (F.linear), the
-    row kernel (M = 1, launch-shape sweep) and the dot kernel, with the weights cold in L2 -- each timed call cycles
+    """Batch-1 GEMV on the projection shapes of the benchmark models: cuBLAS (F.linear) and the row kernel
+    (launch-shape sweep), with the weights cold in L2 -- each timed call cycles
     through enough copies of the weight to overflow the 50 MB L2, as a model's distinct layers do (run 5's first
     sweep reused one weight, so every shape under ~40 MB was served from L2 and looked faster than in the model)."""
     from highspeed.ops.triton import linear as t_lin
@@ -614,8 +614,9 @@ def bench_linear(r: Runner) -> None:
     rows = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PREFETCH=pf)
             for bn, bk, nw, pf in ((4, 512, 4, True), (4, 512, 4, False), (8, 256, 4, True), (2, 1024, 4, True),
                                    (8, 512, 8, True), (4, 1024, 8, True), (16, 256, 4, True))]
-    saved = dict(t_lin.GEMV_ROW), t_lin.use_gemv
-    t_lin.use_gemv = lambda *a: True   # every shape takes the kernels here
+    saved = dict(t_lin.GEMV_ROW), t_lin.use_gemv, t_lin.NARROW_N
+    t_lin.use_gemv = lambda *a: True   # every shape takes the kernel here, with the swept launch shape
+    t_lin.NARROW_N = 0
     try:
         for name, N, K in shapes:
             if r.time_left() < 30:
@@ -623,7 +624,7 @@ def bench_linear(r: Runner) -> None:
             nbytes = N * K * 2
             copies = max(1, min(16, -(-160 * 2**20 // nbytes)))
             ws = [torch.randn(N, K, device=DEV, dtype=BF16) * K**-0.5 for _ in range(copies)]
-            for M in (1, 4):
+            for M in (1,):
                 x = torch.randn(M, K, device=DEV, dtype=BF16)
                 ref = torch.nn.functional.linear(x, ws[0])
 
@@ -636,18 +637,15 @@ def bench_linear(r: Runner) -> None:
                           graph_ms=ms / copies if ms else None, bytes=nbytes, M=M)
 
                 add("linear_cublas_cold", "", torch.nn.functional.linear)
-                if M == 1:
-                    for cfg in rows:
-                        t_lin.GEMV_ROW.clear()
-                        t_lin.GEMV_ROW.update(cfg)
-                        add("linear_row_cold", " ".join(f"{k}={v}" for k, v in cfg.items()), t_lin.linear)
-                else:
-                    add("linear_dot_cold", " ".join(f"{k}={v}" for k, v in t_lin.GEMV.items()), t_lin.linear)
+                for cfg in rows:
+                    t_lin.GEMV_ROW.clear()
+                    t_lin.GEMV_ROW.update(cfg)
+                    add("linear_row_cold", " ".join(f"{k}={v}" for k, v in cfg.items()), t_lin.linear)
             del ws
     finally:
         t_lin.GEMV_ROW.clear()
         t_lin.GEMV_ROW.update(saved[0])
-        t_lin.use_gemv = saved[1]
+        t_lin.use_gemv, t_lin.NARROW_N = saved[1], saved[2]
 
 
 def bench_dsa(r: Runner) -> None:

@@ -1,4 +1,4 @@
-"""Triton skinny GEMM (highspeed.ops.triton.linear) against F.linear."""
+"""Triton batch-1 GEMV (highspeed.ops.triton.linear) against F.linear."""
 from __future__ import annotations
 
 import pytest
@@ -13,41 +13,37 @@ def _seed() -> None:
     torch.manual_seed(7)
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,N,K,bias", [(1, 20, 40, False), (1, 7, 37, True), (3, 17, 50, True), (16, 33, 48, False),
-                                        (2, 5, 300, True)])
-def test_linear_gemv(triton_module, monkeypatch, dtype, M, N, K, bias):
+@pytest.mark.parametrize("N,K,bias", [(20, 40, False), (7, 37, True), (33, 48, False), (5, 300, True), (64, 16, True)])
+def test_linear_row_gemv(triton_module, monkeypatch, prefetch, dtype, N, K, bias):
     lin = triton_module("linear")
     if not HAS_CUDA:  # small tiles: several programs and K steps, partial tiles, under the interpreter
-        monkeypatch.setattr(lin, "GEMV", dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1))
-        monkeypatch.setattr(lin, "GEMV_ROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=M % 2 == 1))
-    assert lin.use_gemv(M, N, K, torch.empty(N, K))
-    x = torch.randn(M, K, device=DEVICE).to(dtype)
+        cfg = dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=prefetch)
+        monkeypatch.setattr(lin, "GEMV_ROW", cfg)
+        monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**cfg, "BLOCK_N": 2, "BLOCK_K": 32})
+        monkeypatch.setattr(lin, "NARROW_N", 32)
+    else:
+        monkeypatch.setattr(lin, "GEMV_ROW", {**lin.GEMV_ROW, "PREFETCH": prefetch})
+        monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**lin.GEMV_ROW_NARROW, "PREFETCH": prefetch})
+    x = torch.randn(1, K, device=DEVICE).to(dtype)
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
     b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
+    assert lin.use_gemv(1, N, K, w)
     y = lin.linear(x, w, b)
     ref = F.linear(x.double(), w.double(), b.double() if bias else None)
-    assert y.shape == (M, N) and y.dtype == dtype
+    assert y.shape == (1, N) and y.dtype == dtype
     assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
 
 
 def test_linear_shapes_and_fallback(triton_module):
-    """Leading dims are kept; more rows than MAX_ROWS, or N >= K, take F.linear (same numbers either way)."""
+    """Leading dims are kept; more than one row, or a weight over MAX_WEIGHT_BYTES, takes F.linear."""
     lin = triton_module("linear")
-    x = torch.randn(2, 1, 24, device=DEVICE)
+    x = torch.randn(1, 1, 24, device=DEVICE)
     w = torch.randn(8, 24, device=DEVICE)
-    assert lin.linear(x, w).shape == (2, 1, 8)
-    big = torch.randn(lin.MAX_ROWS + 1, 24, device=DEVICE)
-    assert not lin.use_gemv(lin.MAX_ROWS + 1, 8, 24, w) and not lin.use_gemv(1, 24, 24, w)
-    assert torch.equal(lin.linear(big, w), F.linear(big, w))
-
-
-def test_row_kernel_all_shapes(triton_module, monkeypatch):
-    """ROW_ALL_SHAPES sends N >= K at one row to the row kernel too."""
-    lin = triton_module("linear")
-    monkeypatch.setattr(lin, "ROW_ALL_SHAPES", True)
-    if not HAS_CUDA:
-        monkeypatch.setattr(lin, "GEMV_ROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=True))
-    x, w = torch.randn(1, 24, device=DEVICE), torch.randn(40, 24, device=DEVICE)
-    assert lin.use_gemv(1, 40, 24, w) and not lin.use_gemv(2, 40, 24, w)
-    assert rel_err(lin.linear(x, w), F.linear(x.double(), w.double())) < TOL[torch.float32]
+    assert lin.linear(x, w).shape == (1, 1, 8)
+    two = torch.randn(2, 24, device=DEVICE)
+    assert not lin.use_gemv(2, 8, 24, w)
+    assert torch.equal(lin.linear(two, w), F.linear(two, w))
+    big = torch.empty(lin.MAX_WEIGHT_BYTES // 4 + 1, device="meta").view(1, -1)
+    assert not lin.use_gemv(1, 1, big.shape[1], big)

@@ -1,14 +1,12 @@
-"""Skinny GEMM for decode: ``y[M, N] = x[M, K] @ W[N, K]^T`` with M a handful of rows.
+"""GEMV for batch-1 decode: ``y[1, N] = x[1, K] @ W[N, K]^T``.
 
-Two kernels, no split-K (deterministic, no second launch), each program owning some output columns over the
-whole K range:
-* M = 1 (batch-1 decode): ``_gemv_row_kernel``, multiply-and-reduce in registers with a few weight rows per
-  program and double-buffered weight tiles;
-* 1 < M <= MAX_ROWS: ``_gemv_kernel``, a software-pipelined ``tl.dot`` against the rows of x padded to 16 (the
-  tensor cores' minimum; the padding costs nothing when the weights dominate the bytes).
-Which shapes come here is measured (benchmarks/kernels.py ``linear``, KERNEL_NOTES.md): where N < K cuBLAS falls
-back to split-K plus a reduce launch and loses; elsewhere cuBLAS stays unless ``ROW_ALL_SHAPES``. Weights above
-``MAX_WEIGHT_BYTES`` stay with cuBLAS (GLM-5's 200 MB o_proj is at 92% of copy bandwidth there already).
+Multiply-and-reduce in registers (no tensor cores: one row of x), a few weight rows per program over the whole K
+range (no split-K, so deterministic and no second launch), with the next weight tile loaded while the current one
+is used. H200, weights cold in L2 as in a model (benchmarks/kernels.py ``linear``, run 5): it beats cuBLAS on every
+attention/shared-expert projection shape of Qwen3-30B-A3B and GLM-4.7-Flash -- o_proj 6.4 vs 9.6 us (cuBLAS takes
+split-K plus a reduce launch where N < K), qkv 7.2 vs 7.9, GLM-4.7-Flash q_a+kv_a 3.5 vs 6.6 -- and only loses on
+GLM-5's 200 MB o_proj (53 vs 52 us, 91% of copy bandwidth in cuBLAS), hence ``MAX_WEIGHT_BYTES``. With more than
+one row cuBLAS stays: the tensor-core variant tried here (x padded to 16 rows) was slower or even there.
 """
 from __future__ import annotations
 
@@ -17,23 +15,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, pdl
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, pdl
 
-# Rows up to which the GEMV may run (above: cuBLAS), and the largest weight it takes.
-MAX_ROWS: int = 16
 MAX_WEIGHT_BYTES: int = 64 * 2**20
-GEMV = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # the fastest of six shapes on all N < K cases
-
-
-# One row (batch-1 decode): a plain multiply-and-reduce GEMV, no tensor cores, BLOCK_N weight rows per program
-# (many more programs than the 16-wide dot tiles allow) and software double-buffered weight tiles.
+# Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
+# shared down: 672-1024 programs), 4 x 512 otherwise (qkv, q_b: 1280 programs).
 GEMV_ROW = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, PREFETCH=True)
-ROW_ALL_SHAPES: bool = False    # also take N >= K shapes at M = 1 (else cuBLAS keeps them)
+GEMV_ROW_NARROW = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, PREFETCH=True)
+NARROW_N: int = 4096
 
 
 def use_gemv(M: int, N: int, K: int, weight: torch.Tensor) -> bool:
-    small = weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES
-    return 0 < M <= MAX_ROWS and small and (N < K or (M == 1 and ROW_ALL_SHAPES))
+    return M == 1 and weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES
 
 
 @triton.jit
@@ -73,48 +66,6 @@ def _gemv_row_kernel(
     tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-@triton.jit
-def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
-    stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr, PDL: tl.constexpr,
-):
-    if PDL:
-        gdc_launch_dependents()
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    nmask = n < N
-    mmask = m < M
-    x_rows = x_ptr + m[:, None].to(tl.int64) * stride_xm
-    w_rows = w_ptr + n[None, :].to(tl.int64) * stride_wn
-    # Iteration 0 is peeled so its weight tile (independent of the previous kernel) loads before the PDL wait.
-    k = tl.arange(0, BLOCK_K)
-    kmask = k < K
-    b = tl.load(w_rows + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)   # [BLOCK_K, BLOCK_N]
-    if PDL:
-        gdc_wait()
-    a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if DOT_F32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_rows + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + m[:, None].to(tl.int64) * stride_ym + n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``highspeed.ops.linear.linear``."""
     K = x.shape[-1]
@@ -127,22 +78,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 1:
-        cfg = GEMV_ROW
-        _gemv_row_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), M)](
-            x2, weight, bias if bias is not None else weight, y, N, K,
-            x2.stride(0), weight.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
-            num_warps=cfg["num_warps"], **pdl(x2),
-        )
-        return y.view(*x.shape[:-1], N)
-    cfg = GEMV
-    bn = cfg["BLOCK_N"]
-    _gemv_kernel[(triton.cdiv(N, bn),)](
-        x2, weight, bias if bias is not None else weight, y, M, N, K,
+    cfg = GEMV_ROW_NARROW if N < NARROW_N else GEMV_ROW
+    _gemv_row_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), M)](
+        x2, weight, bias if bias is not None else weight, y, N, K,
         x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
-        DOT_F32=interpreting() or x.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(x2),
+        HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
+        num_warps=cfg["num_warps"], **pdl(x2),
     )
     return y.view(*x.shape[:-1], N)
