@@ -395,7 +395,7 @@ def _fused_down_kernel(
     act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr,
     H, I, IS,
     stride_at, stride_we, stride_wn, stride_sn, stride_ot,
-    TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr,
+    TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on gate_up's routing and activations
@@ -413,6 +413,12 @@ def _fused_down_kernel(
     w_rows = w2_ptr + e * stride_we + n.to(tl.int64) * stride_wn
     a_rows = act_ptr + t * stride_at + slot * I
     acc = tl.zeros([SLOTS * BLOCK_N, BLOCK_K], dtype=tl.float32)
+    c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = c < H
+    if HAS_SHARED:
+        s_rows = ws2_ptr + c[:, None].to(tl.int64) * stride_sn
+        a_shared = act_ptr + t * stride_at + TOP_K * I
+        acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PREFETCH:
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows[:, None] + k[None, :], mask=rmask[:, None] & (k < I)[None, :], other=0.0)
@@ -425,23 +431,22 @@ def _fused_down_kernel(
             w_next = tl.load(w_rows[:, None] + kn[None, :], mask=rmask[:, None] & (kn < I)[None, :], other=0.0)
         else:
             w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0)
+        if SHARED_IN_LOOP:   # the shared expert has the routed width: its rows load in the same iterations
+            a_sl = tl.load(a_shared + k, mask=k < I, other=0.0).to(tl.float32)
+            w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0)
+            acc_s += w_sl.to(tl.float32) * a_sl[None, :]
         acc += w.to(tl.float32) * a
         if PREFETCH:
             w = w_next
     per_row = tl.sum(acc, 1) * wt
     out = tl.sum(tl.reshape(per_row, [SLOTS, BLOCK_N]), 0)
-    c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = c < H
     if HAS_SHARED:
-        s_rows = ws2_ptr + c[:, None].to(tl.int64) * stride_sn
-        a_shared = act_ptr + t * stride_at + TOP_K * I
-        acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, IS, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < IS
-            a = tl.load(a_shared + k, mask=kmask, other=0.0).to(tl.float32)
-            w_s = tl.load(s_rows + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            acc_s += w_s * a[None, :]
+        if not SHARED_IN_LOOP:
+            for k0 in range(0, IS, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                a_sh = tl.load(a_shared + ks, mask=ks < IS, other=0.0).to(tl.float32)
+                w_sh = tl.load(s_rows + ks[None, :], mask=cmask[:, None] & (ks < IS)[None, :], other=0.0)
+                acc_s += w_sh.to(tl.float32) * a_sh[None, :]
         out += tl.sum(acc_s, 1)
     tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
@@ -483,7 +488,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     _fused_down_kernel[(T, triton.cdiv(H, cfg["BLOCK_N"]))](
         act, w2, ws2, weights, ids, out, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
-        TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared,
+        TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
         num_warps=cfg["num_warps"], **launch,
     )
