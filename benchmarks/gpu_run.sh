@@ -2,7 +2,7 @@
 # GPU correctness (kernels, fast path vs torch path) and the latency benchmarks, in one or two device calls.
 # Usage (on the GPU machine, repo root): HIGHSPEED_COMMIT=<hash> bash benchmarks/gpu_run.sh [core|rest|all] [TAG]
 #   core: all op tests and the GPU end-to-end tests, then batch-1 Qwen3-30B-A3B and GLM-4.7-Flash (fast path with
-#         kernel profiles, PDL on as an ablation, and the plain-torch baseline);
+#         kernel profiles, PDL off as an ablation, and the plain-torch baseline);
 #   rest: the other presets, batch 8 and 32, and the kernel micro-benchmarks of the fused MoE, attention, RoPE
 #         and the indexer.
 # Records go to benchmarks/results/ (named with TAG, e.g. h200-run5) and come back as $OUT/results.tgz.
@@ -28,10 +28,10 @@ if [ "$MODE" = core ] || [ "$MODE" = all ]; then
     > "$OUT/gpu_tests.log"
   tail -n 8 "$OUT/gpu_tests.log"
   bench latency-qwen3-30b-a3b-b1 --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-qwen3-b1.txt"
-  HIGHSPEED_PDL=1 bench latency-qwen3-30b-a3b-b1-pdl --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256
+  HIGHSPEED_PDL=0 bench latency-qwen3-30b-a3b-b1-nopdl --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 256
   bench latency-qwen3-30b-a3b-b1-eager --preset qwen3-30b-a3b --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
   bench latency-glm-4.7-flash-b1 --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-glm-flash-b1.txt"
-  HIGHSPEED_PDL=1 bench latency-glm-4.7-flash-b1-pdl --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256
+  HIGHSPEED_PDL=0 bench latency-glm-4.7-flash-b1-nopdl --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256
   bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
 fi
 if [ "$MODE" = rest ] || [ "$MODE" = all ]; then
