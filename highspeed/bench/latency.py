@@ -231,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
         path="eager-torch" if eager else ("cuda-graphs+triton" if engine.cuda_graphs else
                                           "triton-eager" if device.type == "cuda" else "torch-cpu"),
         tok_s=round(tok_s_user * args.batch_size, 2), tok_s_per_user=round(tok_s_user, 2),
-        ms_per_token=round(step_s * 1e3, 4), step_timing="interval between engine.step() returns, no per-step sync", ttft_s=round(ttft, 4), bytes_per_token=int(bytes_step / args.batch_size),
+        ms_per_token=round(step_s * 1e3, 4), step_timing="interval between engine.step() returns, no per-step sync",
+        ttft_s=round(ttft, 4), bytes_per_token=int(bytes_step / args.batch_size),
         bytes_per_step=int(bytes_step), distinct_experts_per_step=distinct, expert_bytes=per_expert,
         non_expert_bytes=other, kv_bytes_per_token=kv_tok, achieved_gb_s=round(achieved / 1e9, 2),
         copy_bandwidth=round(bw / 1e9, 2), bandwidth_fraction=round(achieved / bw, 4),
