@@ -110,6 +110,17 @@ def fused_moe(
     if kernel is not None:
         return kernel(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                       routed_scaling_factor, shared_w13, shared_w2)
+    return moe_block(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                     routed_scaling_factor, shared_w13, shared_w2)
+
+
+def moe_block(
+    x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, scoring: str,
+    renormalize: bool, correction_bias: torch.Tensor | None, n_group: int, topk_group: int,
+    routed_scaling_factor: float, shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
+) -> torch.Tensor:
+    """``fused_moe`` as separate ops, each dispatching to its own kernel: the reference, and the kernel's path for
+    token counts too large for its fused decode launches."""
     logits = F.linear(x.float(), gate_weight.float())
     weights, ids = select_experts(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                                   routed_scaling_factor)

@@ -190,7 +190,9 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
 
 
 def test_fused_moe_large_batch_path(triton_module, reference):
-    """Above FUSED_MAX_TOKENS the op is router GEMM + select_experts + grouped experts + shared MLP."""
+    """Above FUSED_MAX_TOKENS the op is ``moe_block``: router GEMM + select_experts + grouped experts + shared MLP,
+    each dispatching to its own kernel (on the CPU all of them are references: this checks the composition; the
+    kernels have their own tests above)."""
     from highspeed.ops.moe import fused_moe as ref_fused_moe
 
     moe = triton_module("moe")

@@ -748,11 +748,7 @@ def fused_moe(
         w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
         return _fused_moe_decode(x, gate_weight.contiguous(), w13, w2, meta, correction_bias, n_group,
                                  routed_scaling_factor, shared_w13, shared_w2)
-    logits = torch.nn.functional.linear(x.float(), gate_weight.float())
-    weights, ids = select_experts(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
-                                  routed_scaling_factor)
-    y = moe_experts(x, w13, w2, weights, ids)
-    if shared_w13 is not None and shared_w2 is not None:
-        g, u = torch.nn.functional.linear(x, shared_w13).chunk(2, dim=-1)
-        y = y + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, shared_w2)
-    return y
+    from highspeed.ops.moe import moe_block   # the separate ops, each dispatching to its kernel
+
+    return moe_block(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                     routed_scaling_factor, shared_w13, shared_w2)
