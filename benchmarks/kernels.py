@@ -5,7 +5,7 @@
 For each case it prints: max relative error vs the reference, the kernel's and the reference's median time
 (triton.testing.do_bench), the bytes the kernel must move at least, the achieved GB/s and its fraction of the
 device-to-device copy bandwidth measured at the start of the same run. It also sweeps the MoE paths over the
-token count to find the GEMV -> grouped switch point, and a few launch shapes of the MoE kernels.
+token count, the fused decode MoE block against the separate ops, and launch shapes of the MoE kernels.
 Everything goes to OUT.json as it is measured (a run cut short still leaves its numbers).
 """
 from __future__ import annotations
@@ -176,30 +176,6 @@ def bench_moe(r: Runner) -> None:
             return
         w13 = (torch.randn(E, 2 * I, H, device=DEV, dtype=BF16) * H**-0.5)
         w2 = (torch.randn(E, H, I, device=DEV, dtype=BF16) * I**-0.5)
-        # Launch-shape sweep of the two GEMV kernels at T=1, one kernel at a time.
-        x1 = torch.randn(1, H, device=DEV, dtype=BF16)
-        routes = [ref_call(ops.select_experts, torch.randn(1, E, device=DEV), k, scoring) for _ in range(8)]
-        byts = moe_bytes(routes[0][1], H, I, 1, k)
-        for which, cfgs in (("gate_up", [(16, 512, 8), (32, 512, 8), (8, 1024, 8), (16, 256, 4)]),
-                            ("down", [(16, 512, 8), (8, 512, 4), (4, 512, 4), (4, 1024, 8)])):
-            target = t_moe.GEMV_GATE_UP if which == "gate_up" else t_moe.GEMV_DOWN
-            saved = dict(target)
-            best = None
-            for bn, bk, nw in cfgs:
-                target.update(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
-                it = iter(range(10**9))
-                ms = bench(lambda: t_moe._moe_gemv(x1, w13, w2, *routes[next(it) % 8]))
-                gms = bench_graph(lambda: t_moe._moe_gemv(x1, w13, w2, *routes[0]))
-                r.add(kernel=f"moe_gemv_{which}", case=f"{name} T=1 BN={bn} BK={bk} w{nw}", triton_ms=ms,
-                      graph_ms=gms, bytes=byts)
-                key = gms or ms
-                if best is None or key < best[0]:
-                    best = (key, bn, bk, nw)
-            target.update(saved)
-            if best is not None:
-                target.update(BLOCK_N=best[1], BLOCK_K=best[2], num_warps=best[3])
-                r.record.setdefault("moe_gemv_best", {}).setdefault(name, {})[which] = dict(target)
-
         for T in (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192):
             if r.time_left() < 40:
                 return
@@ -210,9 +186,7 @@ def bench_moe(r: Runner) -> None:
             byts = moe_bytes(ids, H, I, T, k)
             it = iter(range(10**9))
             ref_ms = bench(lambda: ref_call(ops.moe_experts, x, w13, w2, *routes[next(it) % 4])) if T <= 512 else None
-            for path, fn in (("gemv", t_moe._moe_gemv), ("grouped", t_moe._moe_grouped)):
-                if path == "gemv" and T > 64:
-                    continue  # re-reads each expert once per (token, slot): hopeless past this
+            for path, fn in (("grouped", t_moe._moe_grouped),):   # run 2 also timed a GEMV path, since removed
                 out = fn(x, w13, w2, weights, ids)
                 it = iter(range(10**9))
                 ms = bench(lambda: fn(x, w13, w2, *routes[next(it) % 4]))

@@ -87,15 +87,13 @@ EXPERT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["gemv", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,E,H,I,k", EXPERT_CASES)
-def test_moe_experts(triton_module, reference, monkeypatch, path, dtype, T, E, H, I, k):
+def test_moe_experts(triton_module, reference, monkeypatch, dtype, T, E, H, I, k):
     moe = triton_module("moe")
     if not HAS_CUDA:
         # Small tiles keep the interpreter fast and still exercise partial tiles.
         monkeypatch.setattr(moe, "GROUPED", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1))
-    monkeypatch.setattr(moe, "GEMV_MAX_TOKENS", 10**9 if path == "gemv" else 0)
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     w13, w2 = _expert_weights(E, H, I, dtype)
     weights, ids = reference(ref_select_experts, torch.randn(T, E, device=DEVICE), k, "sigmoid", True, None, 1, 1, 2.5)
@@ -134,7 +132,7 @@ def test_align_pairs_by_expert(triton_module, use_kernel, T, k, E, bm):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("T", [1, 4, 64, 333, 1100])
 def test_moe_experts_model_sizes(triton_module, reference, T):
-    """Qwen3-30B-A3B expert sizes on both sides of the switch point and of the grouped tile switch."""
+    """Qwen3-30B-A3B expert sizes from one token to both sides of the grouped tile switch."""
     moe = triton_module("moe")
     E, H, I, k = 128, 2048, 768, 8
     x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)

@@ -1,21 +1,18 @@
-"""Mixture-of-experts kernels: routing (``select_experts``) and the routed expert MLP (``moe_experts``).
+"""Mixture-of-experts kernels: routing (``select_experts``), the routed expert MLP (``moe_experts``) and the whole
+MoE block (``fused_moe``).
 
 ``select_experts`` is one program per token: scoring, bias, group selection, top-k, renormalisation and scaling
 all happen in registers, so the router costs one read of the logits and one write of ``k`` pairs.
 
-``moe_experts`` has two paths, chosen on the host from the token count alone (no device sync):
+``moe_experts`` groups tokens by expert: (token, slot) pairs are sorted by expert id and padded so that each
+block of ``BLOCK_M`` rows belongs to one expert; two grouped GEMMs (tensor cores via ``tl.dot``) compute the fused
+gate/up/SiLU and the weighted down projection; the ``k`` weighted outputs of each token are then summed in a fixed
+order (deterministic, no atomics).
 
-* **GEMV path** (decode, few tokens): one program per (token, slot, row block) reads only the rows of the selected
-  expert; gate and up rows are read in the same loop and SiLU(gate) * up is applied before the single store.
-  The down projection is one program per (token, output block) that loops over the token's ``k`` experts and
-  accumulates the routing-weighted sum in registers, so the per-expert outputs never touch memory and the sum is
-  deterministic (no atomics).
-* **Grouped path** (prefill, many tokens): (token, slot) pairs are sorted by expert id and padded so that each
-  block of ``BLOCK_M`` rows belongs to one expert; two grouped GEMMs (tensor cores via ``tl.dot``) compute the
-  fused gate/up/SiLU and the weighted down projection; the ``k`` weighted outputs of each token are then summed
-  in a fixed order.
-
-``GEMV_MAX_TOKENS`` is the switch point between them, measured on the GPU (see benchmarks/KERNEL_NOTES.md).
+``fused_moe`` at decode (``FUSED_MAX_TOKENS``) runs router, routing, routed and shared experts in three launches
+that read only the chosen experts' rows (see the section below); above that it is ``select_experts`` +
+``moe_experts`` + the shared MLP. It replaced run 2's per-(token, slot) GEMV path of ``moe_experts``, which the
+models no longer reached (benchmarks/KERNEL_NOTES.md).
 """
 from __future__ import annotations
 
@@ -25,15 +22,7 @@ import triton.language as tl
 
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl
 
-# Largest token count that takes the GEMV path; above it tokens are grouped by expert. H200 run 2 (CUDA-graph
-# times, KERNEL_NOTES.md): at T=1 GEMV wins for Qwen3-30B-A3B experts (33 vs 43 us) and is within 4% for GLM-5
-# (172 vs 165 us); from T=2 the grouped path wins or ties on both (54 vs 60 us; 318 vs 318 us).
-GEMV_MAX_TOKENS: int = 1
-
-# Launch shapes, kept here so benchmarks can override them without touching the kernels. GEMV: the fastest of
-# the H200 run-2 sweep at T=1 for both Qwen3-30B-A3B and GLM-5 sizes (KERNEL_NOTES.md).
-GEMV_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
-GEMV_DOWN = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8)
+# Launch shapes, kept here so benchmarks can override them without touching the kernels.
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
 # once most experts have >= 128 rows (compute-bound: run 1 measured 128x128x64 fastest at T=2048 on both models).
 GROUPED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -177,95 +166,6 @@ def select_experts(
         **meta, num_warps=4 if E >= 256 else 2,
     )
     return weights, ids
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Experts, GEMV path: only the selected experts' rows are read, once per (token, slot).
-# ----------------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _gemv_gate_up_silu_kernel(
-    x_ptr, w13_ptr, ids_ptr, act_ptr,
-    H, I,
-    stride_xt, stride_we, stride_wn, stride_at,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pair = tl.program_id(0)             # token * TOP_K + slot
-    nb = tl.program_id(1)
-    t = pair // TOP_K
-    e = tl.load(ids_ptr + pair).to(tl.int64)
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < I
-    w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
-    w_up = w_gate + I * stride_wn                    # up rows follow the I gate rows
-    x_row = x_ptr + t.to(tl.int64) * stride_xt
-    # 2-D accumulators: one reduction at the end instead of one per K step.
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < H
-        xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
-        m2 = nmask[:, None] & kmask[None, :]
-        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0).to(tl.float32)
-        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0).to(tl.float32)
-        acc_g += wg * xv[None, :]
-        acc_u += wu * xv[None, :]
-    gate = tl.sum(acc_g, 1)
-    up = tl.sum(acc_u, 1)
-    act = gate * tl.sigmoid(gate) * up
-    tl.store(act_ptr + pair.to(tl.int64) * stride_at + n, act.to(act_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _gemv_down_weighted_kernel(
-    act_ptr, w2_ptr, ids_ptr, wts_ptr, out_ptr,
-    H, I,
-    stride_at, stride_we, stride_wn, stride_ot,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    t = tl.program_id(0)
-    nb = tl.program_id(1)
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < H
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for slot in range(TOP_K):
-        pair = t * TOP_K + slot
-        e = tl.load(ids_ptr + pair).to(tl.int64)
-        wt = tl.load(wts_ptr + pair).to(tl.float32)
-        w_rows = w2_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
-        a_row = act_ptr + pair.to(tl.int64) * stride_at
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < I
-            a = tl.load(a_row + k, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            acc += w * a[None, :]
-        out += wt * tl.sum(acc, 1)
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + n, out.to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-def _moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor) -> torch.Tensor:
-    T, H = x.shape
-    I = w2.shape[2]
-    k = ids.shape[1]
-    act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    cfg = GEMV_GATE_UP
-    _gemv_gate_up_silu_kernel[(T * k, triton.cdiv(I, cfg["BLOCK_N"]))](
-        x, w13, ids, act, H, I,
-        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOP_K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-    )
-    cfg = GEMV_DOWN
-    _gemv_down_weighted_kernel[(T, triton.cdiv(H, cfg["BLOCK_N"]))](
-        act, w2, ids, weights, out, H, I,
-        act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-    )
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,8 +616,6 @@ def moe_experts(
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
     ids = ids.to(torch.int32).contiguous()
     weights = weights.to(torch.float32).contiguous()
-    if T <= GEMV_MAX_TOKENS:
-        return _moe_gemv(x, w13, w2, weights, ids)
     return _moe_grouped(x, w13, w2, weights, ids)
 
 
