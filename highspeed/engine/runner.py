@@ -264,6 +264,7 @@ class ModelRunner:
         if not specs or logits is None:
             return flight
         self._sample(logits, flight)
+        flight.start_readback()
         for row, seq in enumerate(owners):
             flight.row_of_seq.setdefault(seq.seq_id, row)
         return flight
@@ -273,11 +274,12 @@ class ModelRunner:
         if not flight.specs:
             return []
         t0 = time.perf_counter()
-        tokens = flight.tokens.tolist()
+        host = flight.finish_readback()
         self.wait_time_s += time.perf_counter() - t0
+        tokens = host[0].tolist()
         if flight.logprobs is None:
             return [SampleResult(t) for t in tokens]
-        chosen, vals, ids = (x.tolist() for x in flight.logprobs)
+        chosen, vals, ids = (x.tolist() for x in host[1:])
         results = []
         for i, s in enumerate(flight.specs):
             if s.params.logprobs is None:
@@ -326,3 +328,26 @@ class InFlight:
     tokens: torch.Tensor | None = None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     row_of_seq: dict[int, int] = field(default_factory=dict)
+    _host: list[torch.Tensor] = field(default_factory=list)
+    _done: "torch.cuda.Event | None" = None
+
+    def start_readback(self) -> None:
+        """Enqueue the samples' copy to pinned host memory right behind the sampling kernels, with an event after
+        it. A plain `.tolist()` later would wait for the whole stream, including the next step already enqueued
+        behind this one, and the device would idle while the host read and scheduled."""
+        assert self.tokens is not None
+        dev = [self.tokens, *(self.logprobs or ())]
+        if self.tokens.device.type != "cuda":
+            self._host = dev
+            return
+        self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in dev]
+        for h, d in zip(self._host, dev):
+            h.copy_(d, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def finish_readback(self) -> list[torch.Tensor]:
+        """The samples on the host: waits for this step's copy alone, not for any step enqueued after it."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host

@@ -102,3 +102,20 @@ def test_fast_path_logprobs_close_bf16(tmp_path, arch):
         ra, rb = a.logprobs[0], b.logprobs[0]
         assert set(ra) <= set(rb), (sorted(ra), sorted(rb))
         assert max(abs(ra[t].logprob - rb[t].logprob) for t in ra) < 0.05
+
+
+def test_readback_waits_for_its_own_step_only():
+    """collect(step N) runs after step N+1 is enqueued; its read must not wait for N+1 (the device would idle
+    while the host reads and schedules). A long sleep kernel stands in for step N+1."""
+    from highspeed.engine.runner import InFlight
+
+    tokens = torch.arange(5, device="cuda") * 3
+    flight = InFlight(out=None, specs=[], owners=[], tokens=tokens)
+    flight.start_readback()
+    later = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)     # about a second of spinning, enqueued behind the readback
+    later.record()
+    host = flight.finish_readback()
+    assert not later.query(), "the readback waited for work enqueued after it"
+    assert host[0].tolist() == [0, 3, 6, 9, 12]
+    torch.cuda.synchronize()
