@@ -4,7 +4,9 @@
 #   core: all op tests and the GPU end-to-end tests, then batch-1 Qwen3-30B-A3B and GLM-4.7-Flash (fast path with
 #         kernel profiles, PDL off as an ablation, and the plain-torch baseline);
 #   rest: the other presets, batch 8 and 32, and the kernel micro-benchmarks of the fused MoE, attention, RoPE
-#         and the indexer.
+#         and the indexer;
+#   ab:   an A/B of one switch: the op tests, then batch-1 Qwen3-30B-A3B and GLM-4.7-Flash as they are and with
+#         $AB_ENV set (e.g. AB_ENV=HIGHSPEED_L2_PREFETCH=0), twice each, alternating.
 # Records go to benchmarks/results/ (named with TAG, e.g. h200-run5) and come back as $OUT/results.tgz.
 set -u
 MODE=${1:-all}
@@ -34,6 +36,18 @@ if [ "$MODE" = core ] || [ "$MODE" = all ]; then
   bench latency-glm-4.7-flash-b1 --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256
   HIGHSPEED_PDL=0 bench latency-glm-4.7-flash-b1-nopdl --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-glm-flash-b1.txt"
   bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
+fi
+if [ "$MODE" = ab ]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/ops 2>&1 | tail -n 30 > "$OUT/gpu_tests.log"
+  tail -n 4 "$OUT/gpu_tests.log"
+  for rep in 1 2; do
+    for p in qwen3-30b-a3b glm-4.7-flash; do
+      bench latency-$p-b1-r$rep --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256
+      export "$AB_ENV"
+      bench latency-$p-b1-ab-r$rep --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256
+      unset "${AB_ENV%%=*}"
+    done
+  done
 fi
 if [ "$MODE" = rest ] || [ "$MODE" = all ]; then
   bench latency-glm-4.5-air-20l-b1 --preset glm-4.5-air --num-layers 20 --random-weights --batch-size 1 --input-len 128 --output-len 128

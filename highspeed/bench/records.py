@@ -34,11 +34,15 @@ def device_name(device: torch.device | str | None = None) -> str:
 
 
 def base_record(**fields: Any) -> dict[str, Any]:
+    command = ("highspeed " + " ".join(sys.argv[1:]) if sys.argv and "highspeed" in sys.argv[0]
+               else " ".join([os.path.basename(sys.executable)] + sys.argv))
+    # Switches that change what runs (HIGHSPEED_PDL=0, ...) are part of the command that made the figure.
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                   if k.startswith("HIGHSPEED_") and k != "HIGHSPEED_COMMIT")
     rec = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "command": "highspeed " + " ".join(sys.argv[1:]) if sys.argv and "highspeed" in sys.argv[0]
-        else " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": f"{env} {command}" if env else command,
         "torch": torch.__version__,
     }
     rec.update(fields)

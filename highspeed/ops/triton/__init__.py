@@ -17,6 +17,7 @@ import os  # noqa: E402
 from functools import lru_cache  # noqa: E402
 
 import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 try:  # grid dependency control (programmatic dependent launch), Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
@@ -65,3 +66,26 @@ def pdl(x: torch.Tensor) -> dict:
           and os.environ.get("HIGHSPEED_PDL", "1").strip().lower() not in ("0", "false", "no")
           and _pdl_device(x.device.index if x.device.index is not None else torch.cuda.current_device()))
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+def l2_prefetch(x: torch.Tensor) -> dict:
+    """Launch constants for ``prefetch_l2``: ``{"L2_PREFETCH": bool, "LINE": elements per 128-byte line}``.
+
+    With PDL a kernel's programs start while the previous kernel still runs; a kernel whose weights do not
+    depend on that kernel (the projections, the router) asks L2 for all of them before its ``gdc_wait``, and the
+    fused gate/up kernel, once it has routed, asks for the chosen experts' down rows. HBM then stays busy across
+    the latency-bound kernels (attention, RoPE, norms) and across each kernel's ramp and tail, which is where batch-1
+    decode lost a third of the copy bandwidth (KERNEL_NOTES.md). Off under the interpreter (inline PTX) and with
+    ``HIGHSPEED_L2_PREFETCH=0``; it needs PDL to overlap anything, but is harmless without it."""
+    on = (x.is_cuda and not interpreting()
+          and os.environ.get("HIGHSPEED_L2_PREFETCH", "1").strip().lower() not in ("0", "false", "no"))
+    # Weights streamed once are loaded evict-first, so they do not push out lines prefetched for the next kernel.
+    return {"L2_PREFETCH": on, "LINE": max(1, 128 // x.element_size()), "W_EVICT": "evict_first" if on else ""}
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines holding ``ptrs`` (a tensor of addresses, one per line wanted) and go on: no
+    registers are held and nothing waits for the data. The caller clamps every address into its tensor."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, pdl
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
@@ -34,7 +34,7 @@ def _gemv_row_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    PDL: tl.constexpr,
+    L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
@@ -43,9 +43,12 @@ def _gemv_row_kernel(
     nmask = n < N
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
     x_row = x_ptr + m * stride_xm
+    if L2_PREFETCH:  # all of this program's weight rows, requested while the previous kernel still runs
+        lines = tl.minimum(tl.arange(0, KLINES) * LINE, K - 1)
+        prefetch_l2(w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
     if PREFETCH:   # the first weight tile does not depend on the previous kernel: in flight before the wait
         k = tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -54,9 +57,9 @@ def _gemv_row_kernel(
         xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
         if PREFETCH:
             kn = k + BLOCK_K
-            w_next = tl.load(w_rows + kn[None, :], mask=nmask[:, None] & (kn < K)[None, :], other=0.0)
+            w_next = tl.load(w_rows + kn[None, :], mask=nmask[:, None] & (kn < K)[None, :], other=0.0, eviction_policy=W_EVICT)
         else:
-            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
         acc += w.to(tl.float32) * xv[None, :]
         if PREFETCH:
             w = w_next
@@ -83,6 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2, weight, bias if bias is not None else weight, y, N, K,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
+        KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
         num_warps=cfg["num_warps"], **pdl(x2),
     )
     return y.view(*x.shape[:-1], N)

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl
+from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
+                                  prefetch_l2)
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
@@ -197,7 +198,8 @@ NARROW_I: int = 1024
 
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, out_ptr, H, E, stride_xt, stride_we, stride_ot,
-                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
+                   KLINES: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -206,8 +208,11 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, H, E, stride_xt, stride_we, stride_ot,
     w_rows = w_ptr + e[:, None].to(tl.int64) * stride_we
     # The router weights do not depend on the previous kernel: the first tile is in flight before the wait, and
     # each iteration loads the next tile before using the current one.
+    if L2_PREFETCH:
+        lines = tl.minimum(tl.arange(0, KLINES) * LINE, H - 1)
+        prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
     k = tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0)
+    w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
     acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
@@ -215,7 +220,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, H, E, stride_xt, stride_we, stride_ot,
         k = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + t * stride_xt + k, mask=k < H, other=0.0).to(tl.float32)
         kn = k + BLOCK_K
-        w_next = tl.load(w_rows + kn[None, :], mask=emask[:, None] & (kn < H)[None, :], other=0.0)
+        w_next = tl.load(w_rows + kn[None, :], mask=emask[:, None] & (kn < H)[None, :], other=0.0, eviction_policy=W_EVICT)
         acc += w.to(tl.float32) * xv[None, :]
         w = w_next
     tl.store(out_ptr + t * stride_ot + e, tl.sum(acc, 1), mask=emask)
@@ -223,13 +228,15 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, H, E, stride_xt, stride_we, stride_ot,
 
 @triton.jit
 def _fused_gate_up_kernel(
-    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr,
+    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr,
     H, I, IS, n_group, per_group, scaling,
-    stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at,
+    stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at, stride_2e, stride_2n, stride_s2n,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr, PF_LINES: tl.constexpr,
+    W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
         gdc_launch_dependents()
@@ -252,20 +259,28 @@ def _fused_gate_up_kernel(
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
         out_cols = slot * I + n
+        if L2_PREFETCH:  # this program's share of the expert's down rows, for the next kernel
+            h = tl.minimum((p % blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
+            cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, I - 1)
+            prefetch_l2(w2_ptr + e * stride_2e + h[:, None].to(tl.int64) * stride_2n + cols[None, :])
     else:
         n = (p - TOP_K * blocks_per_expert) * BLOCK_N + r
         nmask = n < IS
         w_gate = ws13_ptr + n[:, None].to(tl.int64) * stride_sn
         w_up = w_gate + IS * stride_sn
         out_cols = TOP_K * I + n
+        if L2_PREFETCH:
+            h = tl.minimum((p - TOP_K * blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
+            cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
+            prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :])
     x_row = x_ptr + t * stride_xt
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
         k = tl.arange(0, BLOCK_K)
         m2 = nmask[:, None] & (k < H)[None, :]
-        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0)
-        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0)
+        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < H
@@ -273,12 +288,12 @@ def _fused_gate_up_kernel(
         if PREFETCH:
             kn = k + BLOCK_K
             mn = nmask[:, None] & (kn < H)[None, :]
-            wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0)
-            wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0)
+            wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+            wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
         else:
             m2 = nmask[:, None] & kmask[None, :]
-            wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0)
-            wu = tl.load(w_up + k[None, :], mask=m2, other=0.0)
+            wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+            wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
         acc_g += wg.to(tl.float32) * xv[None, :]
         acc_u += wu.to(tl.float32) * xv[None, :]
         if PREFETCH:
@@ -296,7 +311,7 @@ def _fused_down_kernel(
     H, I, IS,
     stride_at, stride_we, stride_wn, stride_sn, stride_ot,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on gate_up's routing and activations
         gdc_launch_dependents()
@@ -321,19 +336,19 @@ def _fused_down_kernel(
         acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PREFETCH:
         k = tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows[:, None] + k[None, :], mask=rmask[:, None] & (k < I)[None, :], other=0.0)
+        w = tl.load(w_rows[:, None] + k[None, :], mask=rmask[:, None] & (k < I)[None, :], other=0.0, eviction_policy=W_EVICT)
     for k0 in range(0, I, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         m2 = rmask[:, None] & (k < I)[None, :]
         a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
         if PREFETCH:
             kn = k + BLOCK_K
-            w_next = tl.load(w_rows[:, None] + kn[None, :], mask=rmask[:, None] & (kn < I)[None, :], other=0.0)
+            w_next = tl.load(w_rows[:, None] + kn[None, :], mask=rmask[:, None] & (kn < I)[None, :], other=0.0, eviction_policy=W_EVICT)
         else:
-            w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0)
+            w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
         if SHARED_IN_LOOP:   # the shared expert has the routed width: its rows load in the same iterations
             a_sl = tl.load(a_shared + k, mask=k < I, other=0.0).to(tl.float32)
-            w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0)
+            w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0, eviction_policy=W_EVICT)
             acc_s += w_sl.to(tl.float32) * a_sl[None, :]
         acc += w.to(tl.float32) * a
         if PREFETCH:
@@ -345,7 +360,7 @@ def _fused_down_kernel(
             for k0 in range(0, IS, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 a_sh = tl.load(a_shared + ks, mask=ks < IS, other=0.0).to(tl.float32)
-                w_sh = tl.load(s_rows + ks[None, :], mask=cmask[:, None] & (ks < IS)[None, :], other=0.0)
+                w_sh = tl.load(s_rows + ks[None, :], mask=cmask[:, None] & (ks < IS)[None, :], other=0.0, eviction_policy=W_EVICT)
                 acc_s += w_sh.to(tl.float32) * a_sh[None, :]
         out += tl.sum(acc_s, 1)
     tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
@@ -362,10 +377,12 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     dev = x.device
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
     launch = pdl(x)
+    prefetch = l2_prefetch(x)
     cfg = ROUTER
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
         x, gate_weight, logits, H, E, x.stride(0), gate_weight.stride(0), logits.stride(0),
-        BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch,
+        BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
+        KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
     )
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
@@ -374,23 +391,28 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     bn = cfg["BLOCK_N"]
     ws13 = shared_w13 if has_shared else w13     # dummy pointer without a shared expert (never read)
     bias = correction_bias if correction_bias is not None else logits
+    ws2 = shared_w2 if has_shared else w2[0]
+    # Down rows to prefetch per program: an expert's H rows shared by its row-block programs (the shared expert's
+    # by its own, which may be fewer: the rows are clamped, so a short share just repeats the last row).
+    bpe = min(triton.cdiv(I, bn), triton.cdiv(IS, bn)) if has_shared else triton.cdiv(I, bn)
     _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
-        x, logits, bias, w13, ws13, act, weights, ids,
+        x, logits, bias, w13, ws13, act, weights, ids, w2, ws2,
         H, I, IS, n_group, E // n_group, float(scaling),
         x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
+        w2.stride(0), w2.stride(1), ws2.stride(0),
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
-        **launch,
+        PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
+        PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = FUSED_DOWN
-    ws2 = shared_w2 if has_shared else w2[0]
     _fused_down_kernel[(T, triton.cdiv(H, cfg["BLOCK_N"]))](
         act, w2, ws2, weights, ids, out, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
         TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
-        num_warps=cfg["num_warps"], **launch,
+        W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
     )
     return out
 
