@@ -16,6 +16,8 @@ models no longer reached (benchmarks/KERNEL_NOTES.md).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -194,6 +196,11 @@ FUSED_DOWN = dict(BLOCK_N=4, BLOCK_K=256, num_warps=4)
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
 FUSED_GATE_UP_NARROW = dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True)
 NARROW_I: int = 1024
+# Fused gate/up asking L2 for the chosen experts' down rows (``prefetch_l2``): with it, H200 run 6 measured batch-1
+# decode 10% slower (Qwen3 graph replay 2.99 vs 2.71 ms), which is about one extra read of the down weights per
+# layer: the prefetched rows likely do not survive the 50 MB of gate/up weights streamed meanwhile. Off by default;
+# HIGHSPEED_PREFETCH_DOWN=1 turns it on.
+PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
 
 
 @triton.jit
@@ -235,8 +242,8 @@ def _fused_gate_up_kernel(
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr, PF_LINES: tl.constexpr,
-    W_EVICT: tl.constexpr, PDL: tl.constexpr,
+    L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
+    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
         gdc_launch_dependents()
@@ -259,7 +266,7 @@ def _fused_gate_up_kernel(
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
         out_cols = slot * I + n
-        if L2_PREFETCH:  # this program's share of the expert's down rows, for the next kernel
+        if PF_DOWN:  # this program's share of the expert's down rows, for the next kernel
             h = tl.minimum((p % blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, I - 1)
             prefetch_l2(w2_ptr + e * stride_2e + h[:, None].to(tl.int64) * stride_2n + cols[None, :])
@@ -269,7 +276,7 @@ def _fused_gate_up_kernel(
         w_gate = ws13_ptr + n[:, None].to(tl.int64) * stride_sn
         w_up = w_gate + IS * stride_sn
         out_cols = TOP_K * I + n
-        if L2_PREFETCH:
+        if PF_DOWN:
             h = tl.minimum((p - TOP_K * blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
             prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :])
@@ -402,7 +409,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         w2.stride(0), w2.stride(1), ws2.stride(0),
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
-        PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
+        PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
