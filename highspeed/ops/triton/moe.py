@@ -192,6 +192,10 @@ FUSED_MAX_TOKENS: int = 2
 ROUTER = dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4)
 FUSED_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
 FUSED_DOWN = dict(BLOCK_N=4, BLOCK_K=256, num_warps=4)
+# Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
+# program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
+# FUSED_DOWN, GLM-5 179 vs 193 us; at Qwen3's 768 the plain loop won (27.7 vs 29.0 us).
+FUSED_DOWN_WIDE = dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True)
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
 FUSED_GATE_UP_NARROW = dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True)
@@ -413,7 +417,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
-    cfg = FUSED_DOWN
+    cfg = FUSED_DOWN if I <= NARROW_I else FUSED_DOWN_WIDE
     _fused_down_kernel[(T, triton.cdiv(H, cfg["BLOCK_N"]))](
         act, w2, ws2, weights, ids, out, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
