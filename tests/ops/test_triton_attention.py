@@ -291,3 +291,80 @@ def test_short_decode_cuda_graph_replays(triton_module, reference):
                 torch.cuda.synchronize()
                 assert rel_err(out, ref_fn()) < TOL[torch.bfloat16], (n, rel_err(out, ref_fn()))
                 assert int(attn._counters[qg.device].abs().sum()) == 0
+
+
+ROPE_ATTN_CASES = [
+    # seq_lens (decode: one new token each), Hq, Hkv, D, rotary_dim, interleaved, qk_norm, block_size, splits
+    ([5, 17, 40], 4, 2, 16, 16, False, True, 4, None),     # Qwen3-like: full NeoX rotary, QK-norm
+    ([1, 33], 6, 2, 24, 12, False, False, 8, 3),           # partial rotary (GLM-4.5), odd head size, a 1-token seq
+    ([70], 8, 8, 16, 8, True, True, 8, 5),                 # interleaved, MHA, forced splits
+    ([9, 2], 4, 1, 32, 32, False, True, 16, None),         # MQA
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slens,Hq,Hkv,D,rot,inter,qk_norm,bs,splits", ROPE_ATTN_CASES)
+def test_rope_paged_attention_decode(triton_module, reference, slens, Hq, Hkv, D, rot, inter, qk_norm, bs, splits,
+                                     dtype):
+    """The fused decode kernel (QK-norm + RoPE of q in each program, the new k/v built in registers and written to
+    the cache) against the reference composition rope_and_write_kv -> paged_attention."""
+    from highspeed.ops.attention import rope_paged_attention as ref_rope_paged_attention
+    from highspeed.ops.rope import build_cos_sin_cache
+
+    attn = triton_module("attention")
+    qlens = [1] * len(slens)
+    ctx = make_ctx(qlens, slens, bs, 40, splits)
+    T = len(slens)
+    # The new token of sequence i sits at position slens[i] - 1, in its own block table's slot.
+    tables = ctx.block_tables.cpu()
+    slots = [int(tables[i, (s - 1) // bs]) * bs + (s - 1) % bs for i, s in enumerate(slens)]
+    ctx.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    positions = torch.tensor([s - 1 for s in slens], dtype=torch.int64, device=DEVICE)
+    cos_sin = build_cos_sin_cache(rot, 128, 10000.0, device=DEVICE)
+    # q/k/v as strided views of one projection output, as the model passes them.
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
+    qw = (torch.rand(D, device=DEVICE) + 0.5).to(dtype) if qk_norm else None
+    kw = (torch.rand(D, device=DEVICE) + 0.5).to(dtype) if qk_norm else None
+    k_cache = torch.randn(40, bs, Hkv, D, device=DEVICE).to(dtype)
+    v_cache = torch.randn(40, bs, Hkv, D, device=DEVICE).to(dtype)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    args = (positions, cos_sin, rot, inter)
+    out = attn.rope_paged_attention(q, k, v, *args, k_cache, v_cache, ctx, D**-0.5, qw, kw, 1e-6)
+    ref = reference(ref_rope_paged_attention, q, k, v, *args, kc_ref, vc_ref, ctx, D**-0.5, qw, kw, 1e-6)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+    # The caches hold the same new rows (and nothing else changed).
+    assert rel_err(k_cache, kc_ref) < TOL[dtype] and rel_err(v_cache, vc_ref) < TOL[dtype]
+    flat = k_cache.view(-1, Hkv, D)[ctx.slot_mapping]
+    assert rel_err(flat, kc_ref.view(-1, Hkv, D)[ctx.slot_mapping]) < TOL[dtype]
+    # The new token matters: attention without it (a stale cache row) differs.
+    k_stale, v_stale = torch.randn_like(k_cache), v_cache.clone()
+    stale = reference(ref_paged_attention, out.new_zeros(out.shape[0], Hq, D) + 1, k_stale, v_stale, ctx, 1.0)
+    assert rel_err(stale, ref) > 10 * TOL[dtype]
+
+
+def test_rope_paged_attention_prefill_falls_back(triton_module, reference):
+    """A batch with a multi-token sequence runs the RoPE kernel, then paged attention: same result."""
+    from highspeed.ops.attention import rope_paged_attention as ref_rope_paged_attention
+    from highspeed.ops.rope import build_cos_sin_cache
+
+    attn = triton_module("attention")
+    qlens, slens, Hq, Hkv, D, bs = [3, 1], [3, 20], 4, 2, 16, 8
+    ctx = make_ctx(qlens, slens, bs, 40)
+    tables = ctx.block_tables.cpu()
+    pos = [p for ql, sl in zip(qlens, slens) for p in range(sl - ql, sl)]
+    seq_of = [i for i, ql in enumerate(qlens) for _ in range(ql)]
+    ctx.slot_mapping = torch.tensor([int(tables[i, p // bs]) * bs + p % bs for i, p in zip(seq_of, pos)],
+                                    dtype=torch.int64, device=DEVICE)
+    positions = torch.tensor(pos, dtype=torch.int64, device=DEVICE)
+    cos_sin = build_cos_sin_cache(D, 64, 10000.0, device=DEVICE)
+    T = sum(qlens)
+    q, k, v = torch.randn(T, Hq, D, device=DEVICE), torch.randn(T, Hkv, D, device=DEVICE), torch.randn(
+        T, Hkv, D, device=DEVICE)
+    k_cache, v_cache = torch.randn(2, 40, bs, Hkv, D, device=DEVICE)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    out = attn.rope_paged_attention(q, k, v, positions, cos_sin, D, False, k_cache, v_cache, ctx, D**-0.5)
+    ref = reference(ref_rope_paged_attention, q, k, v, positions, cos_sin, D, False, kc_ref, vc_ref, ctx, D**-0.5)
+    assert rel_err(out, ref) < TOL[torch.float32] and rel_err(k_cache, kc_ref) < TOL[torch.float32]

@@ -22,6 +22,7 @@ Queries are causal per sequence: query ``i`` of a sequence with ``q`` new tokens
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -30,6 +31,8 @@ import triton.language as tl
 
 from highspeed.context import AttentionContext
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl
+from highspeed.ops.triton import rope as t_rope
+from highspeed.ops.triton.rope import _rope_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -94,6 +97,7 @@ def _split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, lse_ptr, counter_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, topk_ptr,
+    kn_ptr, vn_ptr, pos_ptr, cs_ptr, slot_ptr, qw_ptr, kw_ptr, eps,
     qk_scale, group, block_size, num_keys_topk, tiles_per_split, num_head_blocks, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -102,12 +106,14 @@ def _paged_attn_kernel(
     stride_pt, stride_ph, stride_ps,
     stride_lt, stride_lh,
     stride_bt, stride_tt,
+    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
     D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    DOT_F32: tl.constexpr, PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
         # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels.
@@ -156,12 +162,36 @@ def _paged_attn_kernel(
         return
 
     da = tl.arange(0, BLOCK_DA)
+    dv = tl.arange(0, BLOCK_DV)
     q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
-    qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
+    if ROPE_NEW:
+        # Decode from the raw projections (GQA, one token per sequence, BLOCK_Q = 1): q gets its QK-norm and RoPE
+        # here, and the new token's key and value are built in registers and stand in for its cache row, which
+        # the program whose key range holds it also writes for later steps. No RoPE launch before this one.
+        t0 = q_start.to(tl.int64)
+        cs_row = cs_ptr + tl.load(pos_ptr + t0).to(tl.int64) * stride_cs
+        qa = _rope_tile(q_rows, row_ok[:, None], da, cs_row, qw_ptr, eps, D_A, HALF, INTERLEAVED, Q_NORM,
+                        q_ptr.dtype.element_ty)
+        k_new = _rope_tile(kn_ptr + t0 * stride_knt + kv_head * stride_knh, tl.full([1, 1], 1, tl.int1), da,
+                           cs_row, kw_ptr, eps, D_A, HALF, INTERLEAVED, K_NORM,
+                           kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
+        v_new = tl.load(vn_ptr + t0 * stride_vnt + kv_head * stride_vnh + dv[None, :], mask=(dv < D_V)[None, :],
+                        other=0.0).to(v_ptr.dtype.element_ty)
+        p_new = seq_len - 1
+        if (lo <= p_new) & (p_new < hi):
+            slot = tl.load(slot_ptr + t0).to(tl.int64)
+            if slot >= 0:
+                blk_new = slot // block_size
+                off_new = slot % block_size
+                tl.store(k_ptr + blk_new * stride_kb + off_new * stride_ks + kv_head * stride_kh + da[None, :],
+                         k_new, mask=(da < D_A)[None, :])
+                tl.store(v_ptr + blk_new * stride_vb + off_new * stride_vs + kv_head * stride_vh + dv[None, :],
+                         v_new, mask=(dv < D_V)[None, :])
+    else:
+        qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
     if D_B > 0:
         db = tl.arange(0, BLOCK_DB)
         qb = tl.load(q_rows + D_A + db[None, :], mask=row_ok[:, None] & (db[None, :] < D_B), other=0.0)
-    dv = tl.arange(0, BLOCK_DV)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -181,6 +211,9 @@ def _paged_attn_kernel(
         slot_off = (pos % block_size).to(tl.int64)
         k_rows = k_ptr + blk * stride_kb + slot_off * stride_ks + kv_head * stride_kh
         ka = tl.load(k_rows[:, None] + da[None, :], mask=n_ok[:, None] & (da[None, :] < D_A), other=0.0)
+        if ROPE_NEW:   # the new token's row may not be in the cache yet (or be this launch's own write)
+            is_new = (pos == p_new)[:, None]
+            ka = tl.where(is_new, k_new, ka)
         if DOT_F32:
             s = tl.dot(qa.to(tl.float32), tl.trans(ka.to(tl.float32)), input_precision="ieee")
         else:
@@ -204,6 +237,8 @@ def _paged_attn_kernel(
         else:
             v_rows = v_ptr + blk * stride_vb + slot_off * stride_vs + kv_head * stride_vh
             v = tl.load(v_rows[:, None] + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < D_V), other=0.0)
+            if ROPE_NEW:
+                v = tl.where(is_new, v_new, v)
         if DOT_F32:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -329,7 +364,7 @@ def _attend(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
     *, num_kv_heads: int, d_a: int, d_b: int, d_v: int, v_is_k: bool, cfg: dict,
     topk_indices: torch.Tensor | None,
-    kv_strides: tuple[int, int, int], v_strides: tuple[int, int, int],
+    kv_strides: tuple[int, int, int], v_strides: tuple[int, int, int], rope: dict | None = None,
 ) -> torch.Tensor:
     if ctx.block_tables is None:
         raise ValueError("Triton paged attention needs ctx.block_tables (a context with a KV cache)")
@@ -380,21 +415,33 @@ def _attend(
     launch = {"num_warps": cfg["num_warps"], **pdl(q)}
     if cfg.get("num_stages") is not None:
         launch["num_stages"] = cfg["num_stages"]
+    if rope is None:   # placeholders, never read
+        r_ptrs, r_strides, r_eps = (q, q, q, q, q, q, q), (0, 0, 0, 0, 0), 0.0
+        r_consts = dict(ROPE_NEW=False, HALF=1, INTERLEAVED=False, Q_NORM=False, K_NORM=False)
+    else:
+        k_new, v_new, cos_sin = rope["k"], rope["v"], rope["cos_sin"]
+        qw, kw = rope["q_norm_weight"], rope["k_norm_weight"]
+        r_ptrs = (k_new, v_new, rope["positions"], cos_sin, ctx.slot_mapping, q if qw is None else qw,
+                  q if kw is None else kw)
+        r_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos_sin.stride(0))
+        r_eps = float(rope["eps"])
+        r_consts = dict(ROPE_NEW=True, HALF=rope["rotary_dim"] // 2, INTERLEAVED=bool(rope["interleaved"]),
+                        Q_NORM=qw is not None, K_NORM=kw is not None)
     _paged_attn_kernel[grid](
         q, k_cache, v_cache, out, part, lse, counters if fused else ctx.seq_lens_t,
-        bt, ctx.seq_lens_t, ctx.query_start_loc, topk,
+        bt, ctx.seq_lens_t, ctx.query_start_loc, topk, *r_ptrs, r_eps,
         float(scale) * _LOG2E, group, ctx.block_size, max_keys, tiles_per_split, num_head_blocks, num_splits,
         q.stride(0), q.stride(1),
         *kv_strides, *v_strides,
         out.stride(0), out.stride(1),
         *p_strides, *l_strides,
-        bt.stride(0), topk_stride,
+        bt.stride(0), topk_stride, *r_strides,
         D_A=d_a, D_B=d_b, D_V=d_v,
         BLOCK_DA=max(16, next_power_of_2(d_a)), BLOCK_DB=max(16, next_power_of_2(max(d_b, 1))), BLOCK_DV=block_dv,
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
-        DOT_F32=interpreting() or q.dtype == torch.float32,
+        DOT_F32=interpreting() or q.dtype == torch.float32, **r_consts,
         **launch,
     )
     if split and not fused:
@@ -424,6 +471,39 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         cfg=GQA if max(D, Dv) <= 128 else dict(GQA, block_n=32), topk_indices=None,
         kv_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
         v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+    )
+
+
+# Decode attention straight from the raw q/k/v projections (``rope_paged_attention``): one launch instead of the
+# RoPE + KV-write launch and the attention launch. Off with HIGHSPEED_FUSED_ROPE_ATTN=0 (an A/B switch).
+FUSED_ROPE_ATTN: bool = os.environ.get("HIGHSPEED_FUSED_ROPE_ATTN", "1") != "0"
+
+
+def rope_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         cos_sin: torch.Tensor, rotary_dim: int, interleaved: bool, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
+                         q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                         eps: float = 1e-6) -> torch.Tensor:
+    """Same contract as ``highspeed.ops.attention.rope_paged_attention``. Decode batches (one new token per
+    sequence) take the fused kernel; anything else runs the RoPE kernel, then ``paged_attention``."""
+    T, Hq, D = q.shape
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
+    decode = (ctx.max_query_len or max(ctx.query_lens, default=0)) == 1 and ctx.num_seqs == T
+    if (not FUSED_ROPE_ATTN or not decode or ctx.slot_mapping is None or ctx.block_tables is None
+            or k.shape != (T, Hkv, D) or v.shape != (T, Hkv, Dv) or Hq % Hkv or rotary_dim % 2 or rotary_dim > D
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1
+            or v_cache.stride(-1) != 1 or cos_sin.stride(-1) != 1):
+        q_rot, _ = t_rope.rope_and_write_kv(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache,
+                                            ctx.slot_mapping, q_norm_weight, k_norm_weight, None, eps)
+        return paged_attention(q_rot, k_cache, v_cache, ctx, scale)
+    return _attend(
+        q, k_cache, v_cache, ctx, scale,
+        num_kv_heads=Hkv, d_a=D, d_b=0, d_v=Dv, v_is_k=False,
+        cfg=GQA if max(D, Dv) <= 128 else dict(GQA, block_n=32), topk_indices=None,
+        kv_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
+        v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+        rope=dict(k=k, v=v, positions=positions, cos_sin=cos_sin, rotary_dim=rotary_dim, interleaved=interleaved,
+                  q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps),
     )
 
 

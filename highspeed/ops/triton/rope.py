@@ -81,6 +81,38 @@ def _rotate_rows(src, dst, dst2, rmask, cos, sin, w_ptr, eps, D, HALF: tl.conste
 
 
 @triton.jit
+def _rope_tile(rows, rmask, d, cs_row, w_ptr, eps, D, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+               NORM: tl.constexpr, OUT_TY: tl.constexpr):
+    """Head rows ``rows`` ([R, 1] row-start pointers, or one scalar pointer) normalised (with NORM) and rotated,
+    returned as a [R, len(d)] tile in OUT_TY: the values ``_rotate_rows`` would store, for a consumer that keeps
+    them in registers (the decode attention kernel). Each element loads its rotation partner directly instead of
+    splitting the row into halves, so the tile keeps the consumer's [rows, D] shape; ``cs_row`` is the
+    position's row of the cos/sin table."""
+    rot = d < 2 * HALF
+    if INTERLEAVED:
+        pair = d ^ 1
+        neg = (d % 2) == 0
+        ci = d // 2
+    else:
+        pair = tl.where(d < HALF, d + HALF, d - HALF)
+        neg = d < HALF
+        ci = tl.where(d < HALF, d, d - HALF)
+    pair = tl.where(rot, pair, d)
+    dm = d < D
+    m = rmask & dm[None, :]
+    x = tl.load(rows + d[None, :], mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(rows + pair[None, :], mask=m, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
+        x = _norm_scale(x, rstd, w_ptr, d, dm, rows.dtype.element_ty, OUT_TY)
+        xp = _norm_scale(xp, rstd, w_ptr, pair, dm, rows.dtype.element_ty, OUT_TY)
+    cos = tl.load(cs_row + ci, mask=rot, other=1.0).to(tl.float32)
+    sin = tl.load(cs_row + HALF + ci, mask=rot, other=0.0).to(tl.float32)
+    # x1*cos - x2*sin and x2*cos + x1*sin, as in _rotate_rows (negating a product is exact).
+    return (x * cos[None, :] + xp * tl.where(neg, -sin, sin)[None, :]).to(OUT_TY)
+
+
+@triton.jit
 def _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
     pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
