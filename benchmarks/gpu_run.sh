@@ -5,8 +5,8 @@
 #         kernel profiles, PDL off as an ablation, and the plain-torch baseline);
 #   rest: the other presets, batch 8 and 32, and the kernel micro-benchmarks of the fused MoE, attention, RoPE
 #         and the indexer;
-#   ab:   an A/B of one switch: the op tests, then batch-1 Qwen3-30B-A3B and GLM-4.7-Flash as they are and with
-#         $AB_ENV set (e.g. AB_ENV=HIGHSPEED_L2_PREFETCH=0), twice each, alternating.
+#   ab:   A/B of switches: the op and GPU end-to-end tests, then batch-1 Qwen3-30B-A3B and GLM-4.7-Flash as they
+#         are and once per switch in $AB_ENV (space-separated, e.g. AB_ENV="HIGHSPEED_L2_PREFETCH=0 HIGHSPEED_PDL=0").
 # Records go to benchmarks/results/ (named with TAG, e.g. h200-run5) and come back as $OUT/results.tgz.
 set -u
 MODE=${1:-all}
@@ -38,14 +38,15 @@ if [ "$MODE" = core ] || [ "$MODE" = all ]; then
   bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
 fi
 if [ "$MODE" = ab ]; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/ops 2>&1 | tail -n 30 > "$OUT/gpu_tests.log"
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/ops tests/engine/test_gpu_e2e.py 2>&1 | tail -n 40 \
+    > "$OUT/gpu_tests.log"
   tail -n 4 "$OUT/gpu_tests.log"
-  for rep in 1 2; do
-    for p in qwen3-30b-a3b glm-4.7-flash; do
-      bench latency-$p-b1-r$rep --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256
-      export "$AB_ENV"
-      bench latency-$p-b1-ab-r$rep --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256
-      unset "${AB_ENV%%=*}"
+  for p in qwen3-30b-a3b glm-4.7-flash; do
+    bench latency-$p-b1 --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256
+    for sw in $AB_ENV; do   # one variant per switch, e.g. HIGHSPEED_L2_PREFETCH=0
+      env "$sw" timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 \
+        --input-len 128 --output-len 256 --output-json "benchmarks/results/latency-$p-b1-${sw%%=*}-$TAG.json" 2>&1 \
+        | grep -v Warning | tail -n 1 | sed "s/^/[$sw] /" | tee -a "$OUT/bench.log"
     done
   done
 fi
