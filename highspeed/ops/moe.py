@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from highspeed.ops.activation import silu_and_mul
 from highspeed.ops.dispatch import triton_kernel
+from highspeed.ops.norm import DeferredNorm, materialize, unnormed
 
 
 def select_experts(
@@ -88,7 +89,7 @@ def moe_experts(
 
 
 def fused_moe(
-    x: torch.Tensor,
+    x: torch.Tensor | DeferredNorm,
     gate_weight: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
@@ -105,13 +106,15 @@ def fused_moe(
     """A whole MoE block on the normalised hidden state ``x[T, H]``: the fp32 router (``gate_weight[E, H]``),
     expert selection (see ``select_experts``), the routed experts (see ``moe_experts``) and, when given, the
     always-on shared expert ``down(silu(gate(x)) * up(x))`` with ``shared_w13[2Is, H]`` (gate rows then up rows)
-    and ``shared_w2[H, Is]``. One op so that a kernel can fuse the router into the expert launches (decode)."""
-    kernel = triton_kernel("moe", "fused_moe", x)
+    and ``shared_w2[H, Is]``. One op so that a kernel can fuse the router into the expert launches (decode), and
+    the norm before the block into the router (``x`` a ``DeferredNorm``: its output is the input, and its
+    ``residual_out`` is set)."""
+    kernel = triton_kernel("moe", "fused_moe", unnormed(x))
     if kernel is not None:
         return kernel(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                       routed_scaling_factor, shared_w13, shared_w2)
-    return moe_block(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
-                     routed_scaling_factor, shared_w13, shared_w2)
+    return moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,
+                     topk_group, routed_scaling_factor, shared_w13, shared_w2)
 
 
 def moe_block(

@@ -1,4 +1,5 @@
-"""GEMV for batch-1 decode: ``y[1, N] = x[1, K] @ W[N, K]^T``.
+"""GEMV for batch-1 decode: ``y[1, N] = x[1, K] @ W[N, K]^T``, optionally with the RMSNorm of x (and the residual
+add before it) in its prologue (``DeferredNorm``), which saves the norm's own launch.
 
 Multiply-and-reduce in registers (no tensor cores: one row of x), a few weight rows per program over the whole K
 range (no split-K, so deterministic and no second launch), with the next weight tile loaded while the current one
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from highspeed.ops.norm import DeferredNorm, materialize, unnormed
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2
+from highspeed.ops.triton.norm import fusable_norm, norm_prologue_block, norm_prologue_rstd, norm_prologue_tile
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
@@ -31,11 +34,13 @@ def use_gemv(M: int, N: int, K: int, weight: torch.Tensor) -> bool:
 
 @triton.jit
 def _gemv_row_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, N, K,
+    x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, sum_ptr, N, K, eps,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
+    L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    # NORM (one row only): x is rms_norm(x + residual) with weight nw; program 0 stores x + residual at sum_ptr.
     if PDL:
         gdc_launch_dependents()
     m = tl.program_id(1).to(tl.int64)
@@ -51,10 +56,15 @@ def _gemv_row_kernel(
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
+    if NORM:
+        rstd = norm_prologue_rstd(x_row, res_ptr, sum_ptr, K, eps, tl.program_id(0) == 0, HAS_RESIDUAL, NORM_BLOCK)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        if NORM:
+            xv = norm_prologue_tile(x_row, res_ptr, nw_ptr, k, k < K, rstd, HAS_RESIDUAL)
+        else:
+            xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
         if PREFETCH:
             kn = k + BLOCK_K
             w_next = tl.load(w_rows + kn[None, :], mask=nmask[:, None] & (kn < K)[None, :], other=0.0, eviction_policy=W_EVICT)
@@ -69,24 +79,35 @@ def _gemv_row_kernel(
     tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``highspeed.ops.linear.linear``."""
+    norm = x if isinstance(x, DeferredNorm) else None
+    x = unnormed(x)
     K = x.shape[-1]
     N = weight.shape[0]
     M = x.numel() // K if K else 0
     if (not use_gemv(M, N, K, weight) or weight.dim() != 2 or weight.stride(-1) != 1 or x.dtype != weight.dtype
-            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.requires_grad):
-        return F.linear(x, weight, bias)
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.requires_grad
+            or (norm is not None and not fusable_norm(norm, x))):
+        return F.linear(materialize(norm) if norm is not None else x, weight, bias)
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    residual, norm_weight, s, eps = x2, weight, x2, 0.0      # unused pointers without a norm / residual
+    if norm is not None:
+        norm_weight, eps = norm.weight, norm.eps
+        if norm.residual is not None:
+            residual, s = norm.residual, torch.empty_like(x2)
+            norm.set_residual_out(s.view(x.shape))
     cfg = GEMV_ROW_NARROW if N < NARROW_N else GEMV_ROW
     _gemv_row_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), M)](
-        x2, weight, bias if bias is not None else weight, y, N, K,
+        x2, weight, bias if bias is not None else weight, y, residual, norm_weight, s, N, K, eps,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
+        NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
+        NORM_BLOCK=norm_prologue_block(K) if norm is not None else 1,
         num_warps=cfg["num_warps"], **pdl(x2),
     )
     return y.view(*x.shape[:-1], N)

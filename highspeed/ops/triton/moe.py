@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from highspeed.ops.norm import DeferredNorm, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
                                   prefetch_l2)
+from highspeed.ops.triton.norm import fusable_norm, norm_prologue_block, norm_prologue_rstd, norm_prologue_tile
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
@@ -174,7 +176,9 @@ def select_experts(
 # ----------------------------------------------------------------------------------------------------------------
 # The whole MoE block at decode (``fused_moe``, T <= FUSED_MAX_TOKENS): three launches in place of seven.
 #   1. ``_router_kernel``: fp32 router logits, many programs (the router weight is 1-6 MB: one program would
-#      read it at a fraction of the bandwidth).
+#      read it at a fraction of the bandwidth). Given a ``DeferredNorm`` (the decoder layer's post-attention norm)
+#      each program also normalises the row itself, and one per token stores the normalised row and the new
+#      residual: the norm's own launch is gone.
 #   2. ``_fused_gate_up_kernel``: each program routes its token from the logits (``_route``, in registers), then
 #      computes SiLU(gate) * up for one row block of one chosen expert -- or of the shared expert, whose rows are
 #      just more row blocks. Program 0 of each token stores the routing for step 3.
@@ -208,9 +212,13 @@ PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, out_ptr, H, E, stride_xt, stride_we, stride_ot,
+def _router_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, sum_ptr, xn_ptr, H, E, eps,
+                   stride_xt, stride_we, stride_ot, stride_rt, stride_nt,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
-                   KLINES: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr):
+                   KLINES: tl.constexpr, W_EVICT: tl.constexpr,
+                   NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    # NORM: x is rms_norm(x + residual) with weight nw. The token's program for expert block 0 stores x + residual
+    # at sum_ptr (the layer's new residual) and the normalised row at xn_ptr (the expert kernel's input).
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -226,10 +234,20 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, H, E, stride_xt, stride_we, stride_ot,
     w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
+    x_row = x_ptr + t * stride_xt
+    if NORM:
+        first = tl.program_id(1) == 0
+        res_row = res_ptr + t * stride_rt
+        rstd = norm_prologue_rstd(x_row, res_row, sum_ptr + t * stride_nt, H, eps, first, HAS_RESIDUAL, NORM_BLOCK)
     acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_ptr + t * stride_xt + k, mask=k < H, other=0.0).to(tl.float32)
+        if NORM:
+            xv = norm_prologue_tile(x_row, res_row, nw_ptr, k, k < H, rstd, HAS_RESIDUAL)
+            if first:
+                tl.store(xn_ptr + t * stride_nt + k, xv.to(xn_ptr.dtype.element_ty), mask=k < H)
+        else:
+            xv = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
         kn = k + BLOCK_K
         w_next = tl.load(w_rows + kn[None, :], mask=emask[:, None] & (kn < H)[None, :], other=0.0, eviction_policy=W_EVICT)
         acc += w.to(tl.float32) * xv[None, :]
@@ -379,7 +397,8 @@ def _fused_down_kernel(
 
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
-                      shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None) -> torch.Tensor:
+                      shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
+                      norm: DeferredNorm | None = None) -> torch.Tensor:
     T, H = x.shape
     E, _, I = w2.shape
     k = meta["TOP_K"]
@@ -389,12 +408,25 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
     launch = pdl(x)
     prefetch = l2_prefetch(x)
+    # With a deferred norm the router normalises x and stores the normalised rows (xn) for the expert kernel,
+    # and x + residual (the layer's new residual).
+    xn = s = residual = x                          # unused pointers without a norm / residual
+    if norm is not None:
+        xn = torch.empty(T, H, dtype=x.dtype, device=dev)
+        if norm.residual is not None:
+            residual, s = norm.residual, torch.empty(T, H, dtype=x.dtype, device=dev)
+            norm.set_residual_out(s)
     cfg = ROUTER
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
-        x, gate_weight, logits, H, E, x.stride(0), gate_weight.stride(0), logits.stride(0),
+        x, gate_weight, logits, residual, norm.weight if norm is not None else x, s, xn, H, E,
+        norm.eps if norm is not None else 0.0,
+        x.stride(0), gate_weight.stride(0), logits.stride(0), residual.stride(0), xn.stride(0),
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
+        NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
+        NORM_BLOCK=norm_prologue_block(H) if norm is not None else 1,
     )
+    x = xn
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
@@ -653,7 +685,7 @@ def moe_experts(
 
 
 def fused_moe(
-    x: torch.Tensor,
+    x: torch.Tensor | DeferredNorm,
     gate_weight: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
@@ -668,18 +700,20 @@ def fused_moe(
     shared_w2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Router + selection + routed experts + shared expert; see ``highspeed.ops.moe.fused_moe``."""
-    T, H = x.shape
+    norm = x if isinstance(x, DeferredNorm) else None
+    T, H = unnormed(x).shape
     E = gate_weight.shape[0]
     meta = _routing_meta(E, top_k, scoring, renormalize, correction_bias, n_group, topk_group)
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13 and shared_w2 come together")
-    if 0 < T <= FUSED_MAX_TOKENS:
-        x = x if x.stride(-1) == 1 else x.contiguous()
+    if 0 < T <= FUSED_MAX_TOKENS and (norm is None or fusable_norm(norm, norm.x)):
+        xin = unnormed(x)
+        xin = xin if xin.stride(-1) == 1 else xin.contiguous()
         w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
         w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
-        return _fused_moe_decode(x, gate_weight.contiguous(), w13, w2, meta, correction_bias, n_group,
-                                 routed_scaling_factor, shared_w13, shared_w2)
+        return _fused_moe_decode(xin, gate_weight.contiguous(), w13, w2, meta, correction_bias, n_group,
+                                 routed_scaling_factor, shared_w13, shared_w2, norm)
     from highspeed.ops.moe import moe_block   # the separate ops, each dispatching to its kernel
 
-    return moe_block(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
-                     routed_scaling_factor, shared_w13, shared_w2)
+    return moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,
+                     topk_group, routed_scaling_factor, shared_w13, shared_w2)

@@ -42,6 +42,56 @@ def _rms_norm_kernel(
     tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The same norm as the prologue of a consumer kernel (``DeferredNorm``: the batch-1 GEMV, the decode MoE router).
+# Each program of the consumer reads the whole row (a few thousand elements, in L2) for its sum of squares, then
+# normalises each tile of it as its main loop reaches it, with the rounding steps of ``_rms_norm_kernel``.
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def norm_prologue_rstd(x_row, res_row, sum_row, K, eps, STORE_SUM, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """``1 / rms(s)`` of the row ``s = x + residual`` (rounded to x's dtype) or ``s = x``; stores s at ``sum_row``
+    where ``STORE_SUM`` (one program per row should). Only after the PDL wait: x and residual are activations."""
+    ss = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        kmask = k < K
+        s = tl.load(x_row + k, mask=kmask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_row + k, mask=kmask, other=0.0)
+            s = (s.to(tl.float32) + r.to(tl.float32)).to(x_row.dtype.element_ty)
+            if STORE_SUM:
+                tl.store(sum_row + k, s, mask=kmask)
+        sf = s.to(tl.float32)
+        ss += sf * sf
+    return 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+
+
+@triton.jit
+def norm_prologue_tile(x_row, res_row, nw_ptr, k, kmask, rstd, HAS_RESIDUAL: tl.constexpr):
+    """Columns ``k`` of the normalised row, in fp32 but holding exactly the x-dtype values ``rms_norm`` returns."""
+    s = tl.load(x_row + k, mask=kmask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_row + k, mask=kmask, other=0.0)
+        s = (s.to(tl.float32) + r.to(tl.float32)).to(x_row.dtype.element_ty)
+    normed = (s.to(tl.float32) * rstd).to(x_row.dtype.element_ty).to(tl.float32)
+    w = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    return (normed * w).to(x_row.dtype.element_ty).to(tl.float32)
+
+
+def norm_prologue_block(K: int) -> int:
+    """Chunk of the sum-of-squares pass: the whole row in one load up to 4096 elements (one L2 round trip on the
+    critical path after the wait), in 4096-element steps past that (registers)."""
+    return min(next_power_of_2(K), 4096)
+
+
+def fusable_norm(norm, x: torch.Tensor) -> bool:
+    """Whether a kernel can run this ``DeferredNorm`` (of input ``x``) in its prologue."""
+    r = norm.residual
+    return (not norm.needs_grad() and norm.weight.dtype == x.dtype and norm.weight.is_contiguous()
+            and (r is None or (r.dtype == x.dtype and r.shape == x.shape and r.stride(-1) == 1)))
+
+
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     shape = x.shape
