@@ -659,9 +659,89 @@ def bench_dsa(r: Runner) -> None:
               bytes=byts - B * keys * 4)
 
 
+def bench_mla_proj(r: Runner) -> None:
+    """MLA decode's two per-head products, q_nope @ W_UK and latent @ W_UV^T: torch.bmm (cuBLAS) against the Triton
+    GEMVs (highspeed/ops/triton/mla_proj.py), bf16, on the strided views the model passes, weights cold in L2 as in
+    ``bench_linear`` (each timed call cycles through enough kv_b_proj copies to overflow the L2). T=1 and 2 with the
+    default launch shapes, then at T=1 a sweep of the launch-shape knobs (TILE, MIN_PROGRAMS, num_warps) and the
+    default with PDL off (with PDL the cycled launches overlap one another's weight prefetch)."""
+    from highspeed.ops.triton import mla_proj as t_mla
+
+    R = 64   # qk_rope_head_dim of all three: only a stride here
+    shapes = [("glm-flash", 20, 192, 512, 256), ("dsv3", 128, 128, 512, 128), ("glm-5", 64, 192, 512, 256)]
+    knobs = [(tile, mp, nw) for tile in (2048, 4096, 8192) for mp in (264, 512, 1024) for nw in (4, 8)]
+    saved = t_mla.TILE, t_mla.MIN_PROGRAMS, t_mla.NUM_WARPS
+
+    def set_knobs(tile: int, mp: int, nw: int) -> None:
+        t_mla.TILE, t_mla.MIN_PROGRAMS, t_mla.NUM_WARPS = tile, mp, nw
+
+    def bmm_absorb_q(x: torch.Tensor, w: torch.Tensor, o: torch.Tensor) -> None:   # the model's former calls
+        torch.bmm(x.transpose(0, 1), w, out=o.transpose(0, 1))
+
+    def bmm_latent_to_v(x: torch.Tensor, w: torch.Tensor, o: torch.Tensor) -> None:
+        torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=o.transpose(0, 1))
+
+    try:
+        for name, H, D, L, V in shapes:
+            if r.time_left() < 30:
+                return
+            copies = max(1, min(64, -(-160 * 2**20 // (H * D * L * 2))))
+            w_kvs = [torch.randn(H, D + V, L, device=DEV, dtype=BF16) * L**-0.5 for _ in range(copies)]
+            w_uks, w_uvs = [w[:, :D] for w in w_kvs], [w[:, D:] for w in w_kvs]
+            for T in (1, 2):
+                q_nope = torch.randn(T, H * (D + R), device=DEV, dtype=BF16).view(T, H, -1)[..., :D]
+                q_abs = torch.empty(T, H, L + R, device=DEV, dtype=BF16)
+                latent = torch.randn(T, H, L, device=DEV, dtype=BF16)
+                out = torch.empty(T, H, V, device=DEV, dtype=BF16)
+                products = {   # op: (kernel, cuBLAS, activation, weights, out view, fp32 reference, bytes)
+                    "absorb_q": (t_mla.absorb_q, bmm_absorb_q, q_nope, w_uks, q_abs[..., :L],
+                                 torch.einsum("thd,hdl->thl", q_nope.float(), w_uks[0].float()),
+                                 H * D * L * 2 + T * H * (D + L) * 2),
+                    "latent_to_v": (t_mla.latent_to_v, bmm_latent_to_v, latent, w_uvs, out,
+                                    torch.einsum("thl,hvl->thv", latent.float(), w_uvs[0].float()),
+                                    H * V * L * 2 + T * H * (L + V) * 2),
+                }
+                for op, (fn, bmm, x, ws, o, ref, nbytes) in products.items():
+
+                    def add(kernel: str, label: str, f: Callable) -> None:
+                        f(x, ws[0], o)
+                        err = rel_err(o, ref)
+                        ms = bench_graph(lambda: [f(x, w, o) for w in ws])
+                        r.add(kernel=kernel, case=f"{name} H={H} D={D} L={L} V={V} T={T} {label}".strip(),
+                              rel_err=err, graph_ms=ms / copies if ms else None, bytes=nbytes, T=T)
+
+                    add(f"mla_{op}_cublas_cold", "", bmm)
+                    set_knobs(*saved)
+                    cfg = t_mla.absorb_config(H, D, L) if op == "absorb_q" else t_mla.latent_to_v_config(H, V, L)
+                    add(f"mla_{op}_cold", f"default {cfg} warps={saved[2]}", fn)
+                    if T != 1:
+                        continue
+                    old_pdl = os.environ.get("HIGHSPEED_PDL")
+                    os.environ["HIGHSPEED_PDL"] = "0"
+                    try:
+                        add(f"mla_{op}_cold", f"default {cfg} warps={saved[2]} pdl=off", fn)
+                    finally:
+                        if old_pdl is None:
+                            del os.environ["HIGHSPEED_PDL"]
+                        else:
+                            os.environ["HIGHSPEED_PDL"] = old_pdl
+                    seen = {(cfg, saved[2])}
+                    for tile, mp, nw in knobs:
+                        set_knobs(tile, mp, nw)
+                        cfg = t_mla.absorb_config(H, D, L) if op == "absorb_q" else t_mla.latent_to_v_config(H, V, L)
+                        if (cfg, nw) not in seen:   # knob settings that give the same launch are timed once
+                            seen.add((cfg, nw))
+                            add(f"mla_{op}_cold", f"{cfg} warps={nw} (TILE={tile} MIN_PROGRAMS={mp})", fn)
+                    set_knobs(*saved)
+            del w_kvs, w_uks, w_uvs
+            torch.cuda.empty_cache()
+    finally:
+        set_knobs(*saved)
+
+
 SECTIONS = {"moe_select": bench_select_experts, "fused_moe": bench_fused_moe, "linear": bench_linear,
             "moe": bench_moe, "attention": bench_attention, "norm": bench_norm, "rope": bench_rope,
-            "sampling": bench_sampling, "dsa": bench_dsa}
+            "sampling": bench_sampling, "dsa": bench_dsa, "mla_proj": bench_mla_proj}
 
 
 def main() -> None:

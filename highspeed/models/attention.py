@@ -17,6 +17,7 @@ from highspeed.models.layers import LayerNorm, Linear, MergedLinear, RMSNorm, Ro
 from highspeed.ops import dsa_topk_indices, mla_attention, paged_attention, rope, rope_and_write_kv, write_kv
 from highspeed.ops.attention import causal_mask, dense_attention, topk_mask
 from highspeed.ops.dsa import indexer_topk
+from highspeed.ops.mla_proj import absorb_q, latent_to_v
 
 
 def attention_without_cache(
@@ -211,12 +212,12 @@ class MLAttention(nn.Module):
         if ctx.uses_cache:
             # The absorbed query [T, H, L+R] is filled in place, no cat: q_nope @ W_UK lands in its first L dims;
             # one fused op writes rope(q_pe) into its last R dims and [kv_a_layernorm(c) | rope(k_pe)] into the
-            # latent cache. (bmm's out= has no autograd: fine, the paged path is inference only.)
+            # latent cache. (No autograd through these out= writes: fine, the paged path is inference only.)
             cache = self.kv_caches["latent"]
             w_kv = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, lat)
             w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
             q_abs = q.new_empty(t, h, lat + self.rope_dim)
-            torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_abs[..., :lat].transpose(0, 1))
+            absorb_q(q_nope, w_uk, q_abs[..., :lat])
             norm = self.kv_a_layernorm
             rope_and_write_kv(q_pe, k_pe, c, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
                               cache[..., lat:], cache[..., :lat], ctx.slot_mapping,
@@ -236,7 +237,7 @@ class MLAttention(nn.Module):
             out_latent = mla_attention(q_abs, cache, ctx, self.scale, lat, topk)
             # Written head-major into a token-major [T, H, V], so o_proj's reshape needs no copy.
             out = q.new_empty(t, h, self.v_dim)
-            torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+            latent_to_v(out_latent, w_uv, out)
         else:
             k_nope, v = self.kv_b_proj(c).view(t, h, -1).split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, None, :].expand(t, h, self.rope_dim)], dim=-1)

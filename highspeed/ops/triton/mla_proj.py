@@ -1,0 +1,169 @@
+"""GEMVs for the two per-head products of absorbed MLA at decode (a token or two), in place of ``torch.bmm``.
+
+cuBLAS runs these batch-1 products at well under copy bandwidth (H200, GLM-4.7-Flash, H=20 D=192 L=512 V=256:
+3.96 us for q @ W_UK's 3.9 MB, 3.53 us for latent @ W_UV^T's 5.2 MB; a copy would take about 1 us each). Both are
+pure weight streams, so the kernels are built like ``linear.py``'s row GEMV: multiply-and-reduce in fp32 registers
+(no tensor cores: one or two rows of activation), each program owning one head's tile of output columns over the
+whole reduction (no split-K: deterministic, no second launch), the first weight tile loaded before the PDL wait
+and the next one while the current is used; small tiles so that even 20 heads give hundreds of programs for the
+132 SMs. Both tokens of a pair are done by the same program, so the weight is read once for T=2.
+
+- ``absorb_q`` reduces over W_UK's *strided* dim D: a program holds a [BLOCK_D, BLOCK_L] tile (rows contiguous
+  along L, coalesced) and sums down the rows.
+- ``latent_to_v`` reduces over W_UV's contiguous dim L: a program holds BLOCK_V rows, as the row GEMV does.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
+
+MAX_T: int = 2              # more tokens: torch.bmm (cuBLAS), since each further token pair would re-read the weight
+TILE: int = 4096            # weight elements per program per step (32 per thread at 4 warps, plus the prefetch)
+MIN_PROGRAMS: int = 512     # shrink the column tile until the grid has this many programs (132 SMs, ~4 each)
+NUM_WARPS: int = 4
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def absorb_config(H: int, D: int, L: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_L): column tile from 64 down to 16 until the grid is wide enough, rows to fill TILE."""
+    block_l = min(64, max(16, next_power_of_2(L)))
+    while block_l > 16 and H * triton.cdiv(L, block_l) < MIN_PROGRAMS:
+        block_l //= 2
+    return max(16, min(next_power_of_2(D), TILE // block_l)), block_l
+
+
+def latent_to_v_config(H: int, V: int, L: int) -> tuple[int, int]:
+    """(BLOCK_V, BLOCK_L): the whole reduction per step up to TILE / 8 (512), rows to fill TILE, fewer rows if the
+    grid is thin."""
+    block_l = max(16, min(next_power_of_2(L), TILE // 8))
+    block_v = max(2, min(next_power_of_2(V), TILE // block_l))
+    while block_v > 2 and H * triton.cdiv(V, block_v) < MIN_PROGRAMS:
+        block_v //= 2
+    return block_v, block_l
+
+
+@triton.jit
+def _absorb_q_kernel(
+    q_ptr, w_ptr, o_ptr, T, D, L,
+    stride_qt, stride_qh, stride_wh, stride_wd, stride_ot, stride_oh,
+    TWO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+):
+    """out[t, h, l] = sum_d q[t, h, d] * w[h, d, l]; grid (L blocks, H, token pairs)."""
+    if PDL:
+        gdc_launch_dependents()
+    cols = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    head = tl.program_id(1).to(tl.int64)
+    t0 = tl.program_id(2).to(tl.int64) * 2
+    cmask = cols < L
+    w_rows = w_ptr + head * stride_wh + cols[None, :]
+    d_first = tl.arange(0, BLOCK_D)
+    # The weight never depends on the previous kernel: its first tile is in flight before the wait.
+    w = tl.load(w_rows + d_first[:, None] * stride_wd, mask=(d_first < D)[:, None] & cmask[None, :], other=0.0)
+    if PDL:
+        gdc_wait()
+    q0 = q_ptr + t0 * stride_qt + head * stride_qh
+    # 1 if the pair has a second token, else 0 (T odd, last pair); masks scale their bounds by it (an integer, not
+    # a bool: Triton's interpreter rejects a bool scalar & a bool block as a mask).
+    n1 = tl.minimum(T - 1 - t0, 1)
+    acc0 = tl.zeros([BLOCK_L], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        d_next = d + BLOCK_D
+        w_next = tl.load(w_rows + d_next[:, None] * stride_wd, mask=(d_next < D)[:, None] & cmask[None, :],
+                         other=0.0)
+        wf = w.to(tl.float32)
+        x0 = tl.load(q0 + d, mask=dmask, other=0.0).to(tl.float32)
+        # Reduce each step (one cross-warp sum per step; D takes 1-3 steps) rather than keep a 2-D accumulator:
+        # half the registers, which the prefetched tile needs.
+        acc0 += tl.sum(wf * x0[:, None], 0)
+        if TWO:
+            x1 = tl.load(q0 + stride_qt + d, mask=d < D * n1, other=0.0).to(tl.float32)
+            acc1 += tl.sum(wf * x1[:, None], 0)
+        w = w_next
+    o0 = o_ptr + t0 * stride_ot + head * stride_oh + cols
+    tl.store(o0, acc0.to(o_ptr.dtype.element_ty), mask=cmask)
+    if TWO:
+        tl.store(o0 + stride_ot, acc1.to(o_ptr.dtype.element_ty), mask=cols < L * n1)
+
+
+@triton.jit
+def _latent_to_v_kernel(
+    x_ptr, w_ptr, o_ptr, T, V, L,
+    stride_xt, stride_xh, stride_wh, stride_wv, stride_ot, stride_oh,
+    TWO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+):
+    """out[t, h, v] = sum_l x[t, h, l] * w[h, v, l]; grid (V blocks, H, token pairs)."""
+    if PDL:
+        gdc_launch_dependents()
+    rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    head = tl.program_id(1).to(tl.int64)
+    t0 = tl.program_id(2).to(tl.int64) * 2
+    rmask = rows < V
+    w_rows = w_ptr + head * stride_wh + rows[:, None] * stride_wv
+    l_first = tl.arange(0, BLOCK_L)
+    w = tl.load(w_rows + l_first[None, :], mask=rmask[:, None] & (l_first < L)[None, :], other=0.0)
+    if PDL:
+        gdc_wait()
+    x0 = x_ptr + t0 * stride_xt + head * stride_xh
+    n1 = tl.minimum(T - 1 - t0, 1)   # 1 if the pair has a second token, as in _absorb_q_kernel
+    acc0 = tl.zeros([BLOCK_V], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        k = l0 + tl.arange(0, BLOCK_L)
+        kmask = k < L
+        k_next = k + BLOCK_L
+        w_next = tl.load(w_rows + k_next[None, :], mask=rmask[:, None] & (k_next < L)[None, :], other=0.0)
+        wf = w.to(tl.float32)
+        xv0 = tl.load(x0 + k, mask=kmask, other=0.0).to(tl.float32)
+        acc0 += tl.sum(wf * xv0[None, :], 1)
+        if TWO:
+            xv1 = tl.load(x0 + stride_xt + k, mask=k < L * n1, other=0.0).to(tl.float32)
+            acc1 += tl.sum(wf * xv1[None, :], 1)
+        w = w_next
+    o0 = o_ptr + t0 * stride_ot + head * stride_oh + rows
+    tl.store(o0, acc0.to(o_ptr.dtype.element_ty), mask=rmask)
+    if TWO:
+        tl.store(o0 + stride_ot, acc1.to(o_ptr.dtype.element_ty), mask=rows < V * n1)
+
+
+def _use_kernel(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: int, cols: int) -> bool:
+    """x[T, H, *], w[H, rows, cols], out[T, H, *], all unit-stride in the last dim and of one dtype."""
+    return (x.dim() == 3 and w.dim() == 3 and out.dim() == 3 and 0 < x.shape[0] <= MAX_T and out.numel() > 0
+            and w.shape == (x.shape[1], rows, cols) and out.shape[:2] == x.shape[:2]
+            and x.dtype == w.dtype == out.dtype and x.dtype in _DTYPES and not x.requires_grad
+            and x.stride(-1) == 1 and w.stride(-1) == 1 and out.stride(-1) == 1)
+
+
+def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``highspeed.ops.mla_proj.absorb_q``."""
+    if not _use_kernel(q_nope, w_uk, out, q_nope.shape[-1], out.shape[-1]):
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=out.transpose(0, 1))
+        return out
+    (T, H, D), L = q_nope.shape, out.shape[-1]
+    block_d, block_l = absorb_config(H, D, L)
+    _absorb_q_kernel[(triton.cdiv(L, block_l), H, triton.cdiv(T, 2))](
+        q_nope, w_uk, out, T, D, L,
+        q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0), out.stride(1),
+        TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=NUM_WARPS, **pdl(q_nope),
+    )
+    return out
+
+
+def latent_to_v(latent: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``highspeed.ops.mla_proj.latent_to_v``."""
+    if not _use_kernel(latent, w_uv, out, out.shape[-1], latent.shape[-1]):
+        torch.bmm(latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return out
+    (T, H, L), V = latent.shape, out.shape[-1]
+    block_v, block_l = latent_to_v_config(H, V, L)
+    _latent_to_v_kernel[(triton.cdiv(V, block_v), H, triton.cdiv(T, 2))](
+        latent, w_uv, out, T, V, L,
+        latent.stride(0), latent.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
+        TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, num_warps=NUM_WARPS, **pdl(latent),
+    )
+    return out
