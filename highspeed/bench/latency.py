@@ -102,13 +102,15 @@ def count_distinct_experts(model: torch.nn.Module, run_probe: Any) -> int:
     """Run one probe step with the MoE op wrapped to record the distinct routed experts each layer reads (the
     routing is recomputed from the same router inputs, so the count does not depend on how the op is fused)."""
     import highspeed.ops.moe as moe_ops
+    from highspeed.ops.norm import DeferredNorm, materialize
 
     seen: list[int] = []
     original = moe_ops.fused_moe
 
-    def recording(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
-                  *args: Any) -> torch.Tensor:
+    def recording(x: torch.Tensor | DeferredNorm, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  top_k: int, *args: Any) -> torch.Tensor:
         scoring, renormalize, bias, n_group, topk_group, scaling = args[:6]
+        x = materialize(x)   # a DeferredNorm (the layer's post-attention norm) runs here, unfused: a probe step
         logits = torch.nn.functional.linear(x.float(), gate_weight.float())
         _, ids = moe_ops.select_experts(logits, top_k, scoring, renormalize, bias, n_group, topk_group, scaling)
         seen.append(int(torch.unique(ids).numel()))

@@ -18,6 +18,7 @@ from highspeed.ops import dsa_topk_indices, mla_attention, paged_attention, rope
 from highspeed.ops.attention import causal_mask, dense_attention, topk_mask
 from highspeed.ops.dsa import indexer_topk
 from highspeed.ops.mla_proj import absorb_q, latent_to_v
+from highspeed.ops.norm import DeferredNorm, materialize
 
 
 def attention_without_cache(
@@ -71,9 +72,9 @@ class Attention(nn.Module):
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, aux: dict) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | DeferredNorm, aux: dict) -> torch.Tensor:
         ctx = get_context()
-        t = x.shape[0]
+        t = positions.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -195,16 +196,19 @@ class MLAttention(nn.Module):
             spec["index_k"] = (self.indexer.head_dim,)
         return spec
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, aux: dict) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | DeferredNorm, aux: dict) -> torch.Tensor:
         ctx = get_context()
-        t, h = x.shape[0], self.num_heads
+        t, h = positions.shape[0], self.num_heads
+        if self.q_lora_rank is None or self.indexer is not None:
+            x = materialize(x)   # two projections (or the indexer too) read x: no one kernel to run its norm in
         q_latent = None
         if self.q_lora_rank is None:
             q = self.q_proj(x)
             kv_a = self.kv_a_proj_with_mqa(x)
         else:
             q_a, kv_a = self.fused_qkv_a_proj.split(self.fused_qkv_a_proj(x))
-            q_latent = self.q_a_layernorm(q_a)
+            # q_b_proj runs q_a_layernorm in its kernel (batch-1 decode), unless the indexer reads q_latent too.
+            q_latent = self.q_a_layernorm(q_a) if self.indexer is not None else self.q_a_layernorm.deferred(q_a)
             q = self.q_b_proj(q_latent)
         q_nope, q_pe = q.view(t, h, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from highspeed.ops import add_rms_norm, build_cos_sin_cache, fused_moe, linear, rms_norm, rope, silu_and_mul
+from highspeed.ops.norm import DeferredNorm
 
 # A weight source: (checkpoint name relative to the declaring module, index into the parameter).
 Source = tuple[str, tuple]
@@ -26,7 +27,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
@@ -72,6 +73,11 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
+
+    def deferred(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> DeferredNorm:
+        """This norm (of ``x + residual``) left to the module that reads its output, whose first kernel computes it
+        where it can; ``.residual_out`` is ``x + residual`` once it has run (see ``DeferredNorm``)."""
+        return DeferredNorm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.Module):
@@ -121,7 +127,7 @@ class DenseMLP(nn.Module):
     def weight_sources(self) -> Sources:
         return self.gate_up_proj.sources_from_parent("gate_up_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
@@ -182,7 +188,7 @@ class SparseMoE(nn.Module):
         self.experts = FusedExperts(num_experts, hidden, intermediate)
         self.shared_experts = DenseMLP(hidden, shared_intermediate) if shared_intermediate else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
         shared = self.shared_experts
         return fused_moe(
             x, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, self.top_k, self.scoring,
@@ -195,7 +201,12 @@ class SparseMoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``, with the residual add fused into the next
-    norm: each layer takes and returns ``(hidden, residual)`` and the model's final norm does the last add."""
+    norm: each layer takes and returns ``(hidden, residual)`` and the model's final norm does the last add.
+
+    Both norms are deferred to the module that reads them: attention's first projection and the MLP / MoE compute
+    the norm in their first kernel at batch-1 decode (a launch fewer per norm) and run the same norm ops as an
+    unfused layer otherwise. ``self_attn`` and ``mlp`` therefore take ``Tensor | DeferredNorm``; one that has
+    several readers of its input calls ``materialize`` first."""
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):
         super().__init__()
@@ -207,10 +218,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, aux: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, aux)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        normed = self.input_layernorm.deferred(hidden, residual)
+        hidden = self.self_attn(positions, normed, aux)
+        normed = self.post_attention_layernorm.deferred(hidden, normed.residual_out)
+        return self.mlp(normed), normed.residual_out

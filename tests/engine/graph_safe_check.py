@@ -31,17 +31,18 @@ def triton_on_cpu(module: str, name: str, x: torch.Tensor):
 
 
 def main(path: str, lens: list[int]) -> None:
-    """One decode token for each of three sequences of these lengths (at most 8, 4 and 12 tokens)."""
+    """One decode token for each of up to three sequences of these lengths (at most 8, 4 and 12 tokens)."""
     model, _ = load_model(path, dtype=torch.float32, device="cpu", progress=False)
     allocate_kv_caches(model, 16, 4, torch.float32, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for caches in (m.kv_caches for m in model.modules() if hasattr(m, "cache_spec")):
         for t in caches.values():
             t.normal_(generator=gen)
-    tables = torch.tensor([[0, 1, 0], [2, 0, 0], [5, 6, 7]], dtype=torch.int32)
-    ids, pos = torch.tensor([3, 4, 9]), torch.tensor([n - 1 for n in lens])
+    batch = len(lens)   # one sequence: batch-1 decode, where the norms run inside the projections' / MoE's kernels
+    tables = torch.tensor([[0, 1, 0], [2, 0, 0], [5, 6, 7]], dtype=torch.int32)[:batch]
+    ids, pos = torch.tensor([3, 4, 9])[:batch], torch.tensor([n - 1 for n in lens])
     slots = [int(tables[i, p // 4]) * 4 + p % 4 for i, p in enumerate(pos.tolist())]
-    common = dict(query_start_loc=torch.arange(4, dtype=torch.int32), seq_lens_t=torch.tensor(lens, dtype=torch.int32),
+    common = dict(query_start_loc=torch.arange(batch + 1, dtype=torch.int32), seq_lens_t=torch.tensor(lens, dtype=torch.int32),
                   slot_mapping=torch.tensor(slots, dtype=torch.int64), block_tables=tables, block_size=4,
                   max_query_len=1, decode_only=True)
     snapshot = {id(t): t.clone() for m in model.modules() if hasattr(m, "cache_spec") for t in m.kv_caches.values()}
@@ -53,7 +54,7 @@ def main(path: str, lens: list[int]) -> None:
                     t.copy_(snapshot[id(t)])
 
     with torch.inference_mode():
-        with use_context(AttentionContext(query_lens=[1, 1, 1], seq_lens=list(lens), max_seq_len=max(lens), **common)):
+        with use_context(AttentionContext(query_lens=[1] * batch, seq_lens=list(lens), max_seq_len=max(lens), **common)):
             ref = model.compute_logits(model(ids, pos))
         restore()
         for m in OPS:

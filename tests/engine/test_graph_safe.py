@@ -20,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("glm_moe_dsa", "7,3,10"),
     # All shorter than index_topk: the reference runs dense MLA, the graph selects every position -- the same.
     ("glm_moe_dsa", "7,3,5"),
+    # Batch 1: the decoder layers' norms (and MLA's q_a_layernorm) run in the prologues of the GEMVs and the MoE.
+    *[(a, "7") for a in ("qwen3_moe", "glm4_moe_lite", "llama", "glm_moe_dsa")],
 ])
 def test_decode_step_is_graph_safe_and_matches_reference(tmp_path, arch, lens):
     path = make_tiny_checkpoint(arch, tmp_path / arch)
