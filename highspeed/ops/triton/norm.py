@@ -79,10 +79,15 @@ def norm_prologue_tile(x_row, res_row, nw_ptr, k, kmask, rstd, HAS_RESIDUAL: tl.
     return (normed * w).to(x_row.dtype.element_ty).to(tl.float32)
 
 
+# Chunk of the prologue's sum-of-squares pass: rows up to this long (the hidden sizes of Qwen3-30B-A3B and
+# GLM-4.7-Flash, every q_lora_rank) take one load, one L2 round trip on the critical path after the PDL wait;
+# longer ones loop. Capped so that the pass (16 values per thread at 4 warps) does not raise the consumer's
+# register count, hence lower its occupancy.
+NORM_PROLOGUE_CHUNK: int = 2048
+
+
 def norm_prologue_block(K: int) -> int:
-    """Chunk of the sum-of-squares pass: the whole row in one load up to 4096 elements (one L2 round trip on the
-    critical path after the wait), in 4096-element steps past that (registers)."""
-    return min(next_power_of_2(K), 4096)
+    return min(next_power_of_2(K), NORM_PROLOGUE_CHUNK)
 
 
 def fusable_norm(norm, x: torch.Tensor) -> bool:
