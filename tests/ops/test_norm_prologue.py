@@ -69,7 +69,8 @@ def _small_gemv_tiles(lin, monkeypatch, prefetch: bool) -> None:
 def _small_moe_tiles(moe, monkeypatch, T: int) -> None:
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", max(T, moe.FUSED_MAX_TOKENS))
     if not HAS_CUDA:
-        monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
+        # NORM_BLOCK 16: the router's sum-of-squares pass takes several chunks.
+        monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4, NORM_BLOCK=16))
         monkeypatch.setattr(moe, "FUSED_GATE_UP", dict(BLOCK_N=8, BLOCK_K=16, num_warps=4))
         monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=True))
         monkeypatch.setattr(moe, "FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=8, num_warps=4))
@@ -105,7 +106,7 @@ def test_gemv_norm_prologue_wide_row(triton_module, reference, monkeypatch):
     """A row longer than the sum-of-squares chunk (several chunks), leading dims kept."""
     lin = triton_module("linear")
     _small_gemv_tiles(lin, monkeypatch, True)
-    monkeypatch.setattr(lin, "norm_prologue_block", lambda K: 64)
+    monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**lin.GEMV_ROW_NARROW, "NORM_BLOCK": 64})
     x, r, nw = _norm_inputs((1, 1, 333), torch.float32, True)
     w = torch.randn(9, 333, device=DEVICE) / 333**0.5
     norm = DeferredNorm(x, nw, EPS, r)

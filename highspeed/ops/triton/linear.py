@@ -22,9 +22,11 @@ from highspeed.ops.triton.norm import fusable_norm, norm_prologue_block, norm_pr
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
-# shared down: 672-1024 programs), 4 x 512 otherwise (qkv, q_b: 1280 programs).
-GEMV_ROW = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, PREFETCH=True)
-GEMV_ROW_NARROW = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, PREFETCH=True)
+# shared down: 672-1024 programs), 4 x 512 otherwise (qkv, q_b: 1280 programs). NORM_BLOCK: the norm prologue's
+# sum-of-squares chunk (``norm_prologue_block``); ptxas for sm_90a (Triton 3.9) counts 64 registers for 4 x 512
+# with or without a 2048 chunk, and 62 / 70 / 85 for 2 x 1024 without / with a 1024 / with a 2048 chunk.
+GEMV_ROW = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, PREFETCH=True, NORM_BLOCK=2048)
+GEMV_ROW_NARROW = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, PREFETCH=True, NORM_BLOCK=1024)
 NARROW_N: int = 4096
 
 
@@ -107,7 +109,7 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
         NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
-        NORM_BLOCK=norm_prologue_block(K) if norm is not None else 1,
+        NORM_BLOCK=norm_prologue_block(K, cfg.get("NORM_BLOCK", 1024)) if norm is not None else 1,
         num_warps=cfg["num_warps"], **pdl(x2),
     )
     return y.view(*x.shape[:-1], N)

@@ -193,7 +193,9 @@ def select_experts(
 FUSED_MAX_TOKENS: int = 2
 # Launch shapes: the sweep's best router on all three models; the expert shapes are within 2-3% of each model's
 # best (no one shape won everywhere).
-ROUTER = dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4)
+# NORM_BLOCK: the norm prologue's chunk (``norm_prologue_block``); ptxas for sm_90a counts 40 registers without the
+# norm, 48 with a 1024 chunk, and spills with 2048.
+ROUTER = dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4, NORM_BLOCK=1024)
 FUSED_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
 FUSED_DOWN = dict(BLOCK_N=4, BLOCK_K=256, num_warps=4)
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
@@ -424,7 +426,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
         NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
-        NORM_BLOCK=norm_prologue_block(H) if norm is not None else 1,
+        NORM_BLOCK=norm_prologue_block(H, cfg.get("NORM_BLOCK", 1024)) if norm is not None else 1,
     )
     x = xn
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)

@@ -52,7 +52,7 @@ def _rms_norm_kernel(
 def norm_prologue_rstd(x_row, res_row, sum_row, K, eps, STORE_SUM, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     """``1 / rms(s)`` of the row ``s = x + residual`` (rounded to x's dtype) or ``s = x``; stores s at ``sum_row``
     where ``STORE_SUM`` (one program per row should). Only after the PDL wait: x and residual are activations."""
-    ss = tl.zeros([BLOCK], dtype=tl.float32)
+    ss = tl.full([], 0.0, tl.float32)   # a scalar: a [BLOCK] accumulator would hold BLOCK / threads more registers
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         kmask = k < K
@@ -63,8 +63,8 @@ def norm_prologue_rstd(x_row, res_row, sum_row, K, eps, STORE_SUM, HAS_RESIDUAL:
             if STORE_SUM:
                 tl.store(sum_row + k, s, mask=kmask)
         sf = s.to(tl.float32)
-        ss += sf * sf
-    return 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        ss += tl.sum(sf * sf, 0)
+    return 1.0 / tl.sqrt(ss / K + eps)
 
 
 @triton.jit
@@ -79,15 +79,11 @@ def norm_prologue_tile(x_row, res_row, nw_ptr, k, kmask, rstd, HAS_RESIDUAL: tl.
     return (normed * w).to(x_row.dtype.element_ty).to(tl.float32)
 
 
-# Chunk of the prologue's sum-of-squares pass: rows up to this long (the hidden sizes of Qwen3-30B-A3B and
-# GLM-4.7-Flash, every q_lora_rank) take one load, one L2 round trip on the critical path after the PDL wait;
-# longer ones loop. Capped so that the pass (16 values per thread at 4 warps) does not raise the consumer's
-# register count, hence lower its occupancy.
-NORM_PROLOGUE_CHUNK: int = 2048
-
-
-def norm_prologue_block(K: int) -> int:
-    return min(next_power_of_2(K), NORM_PROLOGUE_CHUNK)
+def norm_prologue_block(K: int, cap: int) -> int:
+    """Chunk of the sum-of-squares pass: the whole row in one load when it fits ``cap`` (one L2 round trip on the
+    critical path after the PDL wait), else ``cap`` per step. Each consumer's launch shape sets the cap so that the
+    pass does not raise its register count much (more registers, fewer resident programs)."""
+    return min(next_power_of_2(K), cap)
 
 
 def fusable_norm(norm, x: torch.Tensor) -> bool:
