@@ -4,7 +4,8 @@ One program per row; the row stays in registers between the sum of squares and t
 reads x once and writes y once, and ``add_rms_norm`` reads x and residual once and writes the sum and y once
 (three round trips through memory instead of the five the unfused add + norm need).
 Rounding follows transformers' RMSNorm: statistics in fp32, the normalised row cast back to the input dtype,
-then multiplied by the weight.
+then multiplied by the weight. The end of the file holds the same norm as the prologue of another kernel
+(``DeferredNorm``), which saves its launch at batch-1 decode.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from highspeed.ops.norm import DeferredNorm
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 
 
@@ -40,6 +42,49 @@ def _rms_norm_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    shape = x.shape
+    N = shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, N)
+    if residual is not None:
+        r2 = residual.reshape(-1, N)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        s = torch.empty(shape, dtype=x.dtype, device=x.device)
+        s2 = s.view(-1, N)
+    else:
+        r2, s, s2 = x2, None, y2  # unused pointers
+    if rows == 0:
+        return y, s
+    block = next_power_of_2(N)
+    num_warps = 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+    _rms_norm_kernel[(rows,)](
+        x2, r2, weight, y2, s2, N, float(eps),
+        x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl(x2),
+    )
+    return y, s
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass."""
+    y, s = _launch(x, residual, weight, eps)
+    assert s is not None
+    return y, s
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,51 +131,8 @@ def norm_prologue_block(K: int, cap: int) -> int:
     return min(next_power_of_2(K), cap)
 
 
-def fusable_norm(norm, x: torch.Tensor) -> bool:
+def fusable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
     """Whether a kernel can run this ``DeferredNorm`` (of input ``x``) in its prologue."""
-    r = norm.residual
-    return (not norm.needs_grad() and norm.weight.dtype == x.dtype and norm.weight.is_contiguous()
+    r, w = norm.residual, norm.weight
+    return (not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:] and w.is_contiguous()
             and (r is None or (r.dtype == x.dtype and r.shape == x.shape and r.stride(-1) == 1)))
-
-
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    shape = x.shape
-    N = shape[-1]
-    x2 = x.reshape(-1, N)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    y = torch.empty(shape, dtype=x.dtype, device=x.device)
-    y2 = y.view(-1, N)
-    if residual is not None:
-        r2 = residual.reshape(-1, N)
-        if r2.stride(-1) != 1:
-            r2 = r2.contiguous()
-        s = torch.empty(shape, dtype=x.dtype, device=x.device)
-        s2 = s.view(-1, N)
-    else:
-        r2, s, s2 = x2, None, y2  # unused pointers
-    if rows == 0:
-        return y, s
-    block = next_power_of_2(N)
-    num_warps = 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _rms_norm_kernel[(rows,)](
-        x2, r2, weight, y2, s2, N, float(eps),
-        x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl(x2),
-    )
-    return y, s
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
-    return _launch(x, None, weight, eps)[0]
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass."""
-    y, s = _launch(x, residual, weight, eps)
-    assert s is not None
-    return y, s
