@@ -14,7 +14,8 @@ from torch import nn
 
 from highspeed.context import AttentionContext, get_context
 from highspeed.models.layers import LayerNorm, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Sources
-from highspeed.ops import dsa_topk_indices, mla_attention, paged_attention, rope, rope_and_write_kv, write_kv
+from highspeed.ops import (dsa_topk_indices, mla_attention, rope, rope_and_write_kv, rope_paged_attention,
+                            write_kv)
 from highspeed.ops.attention import causal_mask, dense_attention, topk_mask
 from highspeed.ops.dsa import indexer_topk
 from highspeed.ops.mla_proj import absorb_q, latent_to_v
@@ -80,14 +81,14 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if ctx.uses_cache:
-            # One launch: the per-head QK-norm (if any), RoPE of q and k, and the k/v cache write.
+            # The per-head QK-norm (if any), RoPE of q and k, the k/v cache write and the attention: at decode one
+            # kernel does all of it, otherwise a fused RoPE + cache-write launch precedes the attention.
             rot, qn, kn = self.rotary, self.q_norm, self.k_norm
-            q, k = rope_and_write_kv(q, k, v, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
-                                     self.kv_caches["k"], self.kv_caches["v"], ctx.slot_mapping,
-                                     q_norm_weight=None if qn is None else qn.weight,
-                                     k_norm_weight=None if kn is None else kn.weight,
-                                     eps=1e-6 if qn is None else qn.eps)
-            out = paged_attention(q, self.kv_caches["k"], self.kv_caches["v"], ctx, self.scale)
+            out = rope_paged_attention(q, k, v, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
+                                       self.kv_caches["k"], self.kv_caches["v"], ctx, self.scale,
+                                       q_norm_weight=None if qn is None else qn.weight,
+                                       k_norm_weight=None if kn is None else kn.weight,
+                                       eps=1e-6 if qn is None else qn.eps)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
