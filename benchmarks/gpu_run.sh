@@ -38,11 +38,15 @@ if [ "$MODE" = core ] || [ "$MODE" = all ]; then
   bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
 fi
 if [ "$MODE" = ab ]; then
-  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/ops tests/engine/test_gpu_e2e.py 2>&1 | tail -n 40 \
-    > "$OUT/gpu_tests.log"
+  # AB_TESTS: the test paths to run first (default: all op tests and the GPU end-to-end tests).
+  timeout 330 python3 -m pytest -q -p no:cacheprovider ${AB_TESTS:-tests/ops tests/engine/test_gpu_e2e.py} 2>&1 \
+    | tail -n 40 > "$OUT/gpu_tests.log"
   tail -n 4 "$OUT/gpu_tests.log"
   for p in qwen3-30b-a3b glm-4.7-flash; do
     bench latency-$p-b1 --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256
+    # Kernel profile with PDL off (with it on, an eager kernel's time includes its wait for the previous one).
+    HIGHSPEED_PDL=0 bench latency-$p-b1-nopdl --preset $p --random-weights --batch-size 1 --input-len 128 \
+      --output-len 256 --profile-out "$OUT/profile-$p-b1.txt"
     for sw in $AB_ENV; do   # one variant per switch, e.g. HIGHSPEED_L2_PREFETCH=0
       env "$sw" timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 \
         --input-len 128 --output-len 256 --output-json "benchmarks/results/latency-$p-b1-${sw%%=*}-$TAG.json" 2>&1 \

@@ -88,6 +88,6 @@ def test_mla_proj_configs_fill_the_gpu(triton_module, H, D, L, V):
     the tiles stay within TILE."""
     mod = triton_module("mla_proj")
     block_d, block_l = mod.absorb_config(H, D, L)
-    assert H * -(-L // block_l) >= 264 and block_d * block_l <= mod.TILE
+    assert H * -(-L // block_l) >= 264 and block_d * block_l <= mod.knobs("absorb_q", H * D * L)[0]
     block_v, block_l = mod.latent_to_v_config(H, V, L)
-    assert H * -(-V // block_v) >= 264 and block_v * block_l <= mod.TILE
+    assert H * -(-V // block_v) >= 264 and block_v * block_l <= mod.knobs("latent_to_v", H * V * L)[0]

@@ -14,33 +14,61 @@ and the next one while the current is used; small tiles so that even 20 heads gi
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 
-MAX_T: int = 2              # more tokens: torch.bmm (cuBLAS), since each further token pair would re-read the weight
-TILE: int = 4096            # weight elements per program per step (32 per thread at 4 warps, plus the prefetch)
-MIN_PROGRAMS: int = 512     # shrink the column tile until the grid has this many programs (132 SMs, ~4 each)
+# More tokens: torch.bmm (cuBLAS), since each further token pair would re-read the weight. HIGHSPEED_MLA_PROJ_MAX_T=0
+# turns the kernels off (an A/B switch).
+MAX_T: int = int(os.environ.get("HIGHSPEED_MLA_PROJ_MAX_T", "2"))
+# Launch-shape knobs: TILE = weight elements per program per step, MIN_PROGRAMS = shrink the column tile until the
+# grid has this many programs. None = the per-op choice below; benchmarks/kernels.py sets them to sweep.
+TILE: int | None = None
+MIN_PROGRAMS: int | None = None
 NUM_WARPS: int = 4
+# H200 run 6b sweep (results/kernels-h200-run6b-mla-proj.json, weights cold in L2, us per call with PDL):
+#   absorb_q    GLM-4.7-Flash (2M-element W_UK): 2.4 at (8192, 264) vs 2.9 at (4096, 512) and 3.8 in cuBLAS; the
+#               larger W_UK of DeepSeek-V3 (8.4M) and GLM-5 (6.3M) were faster in cuBLAS (6.5 vs 7.4, 5.7 vs 6.8),
+#               hence ABSORB_MAX_ELEMS;
+#   latent_to_v GLM-4.7-Flash 2.3 at (4096, 512) vs 4.2 in cuBLAS; DeepSeek-V3 / GLM-5 5.8 / 5.7 at (2048, 264)
+#               vs 6.6 / 6.6 in cuBLAS (7.0 / 6.8 at (4096, 512)).
+ABSORB_KNOBS = (8192, 264)
+ABSORB_MAX_ELEMS: int = 4 * 2**20
+LATENT_TO_V_KNOBS = (4096, 512)
+LATENT_TO_V_LARGE_KNOBS = (2048, 264)   # W_UV of at least LARGE_ELEMS elements
+LARGE_ELEMS: int = 4 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def knobs(op: str, weight_elems: int) -> tuple[int, int]:
+    """(TILE, MIN_PROGRAMS) for ``op`` on a weight of this many elements: the module overrides when set."""
+    if TILE is not None and MIN_PROGRAMS is not None:
+        return TILE, MIN_PROGRAMS
+    if op == "absorb_q":
+        return ABSORB_KNOBS
+    return LATENT_TO_V_LARGE_KNOBS if weight_elems >= LARGE_ELEMS else LATENT_TO_V_KNOBS
 
 
 def absorb_config(H: int, D: int, L: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_L): column tile from 64 down to 16 until the grid is wide enough, rows to fill TILE."""
+    tile, min_programs = knobs("absorb_q", H * D * L)
     block_l = min(64, max(16, next_power_of_2(L)))
-    while block_l > 16 and H * triton.cdiv(L, block_l) < MIN_PROGRAMS:
+    while block_l > 16 and H * triton.cdiv(L, block_l) < min_programs:
         block_l //= 2
-    return max(16, min(next_power_of_2(D), TILE // block_l)), block_l
+    return max(16, min(next_power_of_2(D), tile // block_l)), block_l
 
 
 def latent_to_v_config(H: int, V: int, L: int) -> tuple[int, int]:
     """(BLOCK_V, BLOCK_L): the whole reduction per step up to TILE / 8 (512), rows to fill TILE, fewer rows if the
     grid is thin."""
-    block_l = max(16, min(next_power_of_2(L), TILE // 8))
-    block_v = max(2, min(next_power_of_2(V), TILE // block_l))
-    while block_v > 2 and H * triton.cdiv(V, block_v) < MIN_PROGRAMS:
+    tile, min_programs = knobs("latent_to_v", H * V * L)
+    block_l = max(16, min(next_power_of_2(L), tile // 8))
+    block_v = max(2, min(next_power_of_2(V), tile // block_l))
+    while block_v > 2 and H * triton.cdiv(V, block_v) < min_programs:
         block_v //= 2
     return block_v, block_l
 
@@ -141,7 +169,8 @@ def _use_kernel(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: int, 
 
 def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Same contract as ``highspeed.ops.mla_proj.absorb_q``."""
-    if not _use_kernel(q_nope, w_uk, out, q_nope.shape[-1], out.shape[-1]):
+    if not _use_kernel(q_nope, w_uk, out, q_nope.shape[-1], out.shape[-1]) or (
+            TILE is None and w_uk.shape[0] * w_uk.shape[1] * w_uk.shape[2] > ABSORB_MAX_ELEMS):
         torch.bmm(q_nope.transpose(0, 1), w_uk, out=out.transpose(0, 1))
         return out
     (T, H, D), L = q_nope.shape, out.shape[-1]

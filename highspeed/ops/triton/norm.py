@@ -9,6 +9,8 @@ then multiplied by the weight. The end of the file holds the same norm as the pr
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -131,8 +133,12 @@ def norm_prologue_block(K: int, cap: int) -> int:
     return min(next_power_of_2(K), cap)
 
 
+# HIGHSPEED_FUSE_NORM=0: every DeferredNorm runs as its own norm launch first (an A/B switch).
+FUSE_NORM: bool = os.environ.get("HIGHSPEED_FUSE_NORM", "1") != "0"
+
+
 def fusable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
     """Whether a kernel can run this ``DeferredNorm`` (of input ``x``) in its prologue."""
     r, w = norm.residual, norm.weight
-    return (not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:] and w.is_contiguous()
+    return (FUSE_NORM and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:] and w.is_contiguous()
             and (r is None or (r.dtype == x.dtype and r.shape == x.shape and r.stride(-1) == 1)))
