@@ -17,7 +17,9 @@ EPS = 1e-6
 # The interpreter (Triton 3.9) casts fp32 -> bf16 by truncation where torch and GPUs round to nearest, so on the
 # CPU a bf16 result is compared loosely with the torch reference; against the unfused kernels it is tight anyway.
 REF_TOL = {**TOL, torch.bfloat16: TOL[torch.bfloat16] if HAS_CUDA else 3e-2}
-CHAIN_TOL = {torch.float32: 1e-6, torch.bfloat16: 2e-3}
+# Fused vs the unfused kernels (norm launch, then the op). bf16: the GEMV's one-pass norm skips rms_norm's two
+# roundings of the normed input to bf16 (norm_onepass_tile), a few 1e-3 of difference.
+CHAIN_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +108,7 @@ def test_gemv_norm_prologue_wide_row(triton_module, reference, monkeypatch):
     """A row longer than the sum-of-squares chunk (several chunks), leading dims kept."""
     lin = triton_module("linear")
     _small_gemv_tiles(lin, monkeypatch, True)
-    monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**lin.GEMV_ROW_NARROW, "NORM_BLOCK": 64})
+    monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**lin.GEMV_ROW_NARROW, "BLOCK_K": 64})
     x, r, nw = _norm_inputs((1, 1, 333), torch.float32, True)
     w = torch.randn(9, 333, device=DEVICE) / 333**0.5
     norm = DeferredNorm(x, nw, EPS, r)

@@ -18,15 +18,13 @@ import triton.language as tl
 
 from highspeed.ops.norm import DeferredNorm, materialize, unnormed
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2
-from highspeed.ops.triton.norm import fusable_norm, norm_prologue_block, norm_prologue_rstd, norm_prologue_tile
+from highspeed.ops.triton.norm import fusable_norm, norm_onepass_tile
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
-# shared down: 672-1024 programs), 4 x 512 otherwise (qkv, q_b: 1280 programs). NORM_BLOCK: the norm prologue's
-# sum-of-squares chunk (``norm_prologue_block``); ptxas for sm_90a (Triton 3.9) counts 64 registers for 4 x 512
-# with or without a 2048 chunk, and 62 / 70 / 85 for 2 x 1024 without / with a 1024 / with a 2048 chunk.
-GEMV_ROW = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, PREFETCH=True, NORM_BLOCK=2048)
-GEMV_ROW_NARROW = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, PREFETCH=True, NORM_BLOCK=1024)
+# shared down: 672-1024 programs), 4 x 512 otherwise (qkv, q_b: 1280 programs).
+GEMV_ROW = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, PREFETCH=True)
+GEMV_ROW_NARROW = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, PREFETCH=True)
 NARROW_N: int = 4096
 
 
@@ -40,7 +38,7 @@ def _gemv_row_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     # NORM (one row only): x is rms_norm(x + residual) with weight nw; program 0 stores x + residual at sum_ptr.
     if PDL:
@@ -58,13 +56,15 @@ def _gemv_row_kernel(
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
-    if NORM:
-        rstd = norm_prologue_rstd(x_row, res_ptr, sum_ptr, K, eps, tl.program_id(0) == 0, HAS_RESIDUAL, NORM_BLOCK)
+    if NORM:   # one pass: sum of squares alongside the products, rstd applied to the result
+        ss = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         if NORM:
-            xv = norm_prologue_tile(x_row, res_ptr, nw_ptr, k, k < K, rstd, HAS_RESIDUAL)
+            xv, ss_k = norm_onepass_tile(x_row, res_ptr, sum_ptr, nw_ptr, k, k < K,
+                                         (tl.program_id(0) == 0).to(tl.int32), HAS_RESIDUAL)
+            ss += ss_k
         else:
             xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
         if PREFETCH:
@@ -76,6 +76,8 @@ def _gemv_row_kernel(
         if PREFETCH:
             w = w_next
     y = tl.sum(acc, 1)
+    if NORM:
+        y = y * (1.0 / tl.sqrt(ss / K + eps))
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
@@ -84,13 +86,14 @@ def _gemv_row_kernel(
 def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``highspeed.ops.linear.linear``."""
     norm = x if isinstance(x, DeferredNorm) else None
+    if norm is not None and not fusable_norm(norm, norm.x):
+        x, norm = materialize(norm), None     # its own norm launch, then the GEMV (or cuBLAS) as without one
     x = unnormed(x)
     K = x.shape[-1]
     N = weight.shape[0]
     M = x.numel() // K if K else 0
     if (not use_gemv(M, N, K, weight) or weight.dim() != 2 or weight.stride(-1) != 1 or x.dtype != weight.dtype
-            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.requires_grad
-            or (norm is not None and not fusable_norm(norm, x))):
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.requires_grad):
         return F.linear(materialize(norm) if norm is not None else x, weight, bias)
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
@@ -109,7 +112,6 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
         NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
-        NORM_BLOCK=norm_prologue_block(K, cfg.get("NORM_BLOCK", 1024)) if norm is not None else 1,
         num_warps=cfg["num_warps"], **pdl(x2),
     )
     return y.view(*x.shape[:-1], N)

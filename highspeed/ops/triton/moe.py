@@ -206,10 +206,11 @@ FUSED_DOWN_WIDE = dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True)
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
 FUSED_GATE_UP_NARROW = dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True)
 NARROW_I: int = 1024
-# Fused gate/up asking L2 for the chosen experts' down rows (``prefetch_l2``): with it, H200 run 6 measured batch-1
-# decode 10% slower (Qwen3 graph replay 2.99 vs 2.71 ms), which is about one extra read of the down weights per
-# layer: the prefetched rows likely do not survive the 50 MB of gate/up weights streamed meanwhile. Off by default;
-# HIGHSPEED_PREFETCH_DOWN=1 turns it on.
+# Fused gate/up asking L2 for the chosen experts' down rows (``prefetch_l2``, only with HIGHSPEED_L2_PREFETCH=1
+# and HIGHSPEED_PREFETCH_DOWN=1): H200 run 6 measured batch-1 decode 10% slower with every prefetch on (Qwen3
+# graph replay 2.99 vs 2.71 ms) and about even without this one (2.75 vs 2.72), so this one cost ~0.25 ms: about
+# one extra read of the down weights per layer, the prefetched rows not surviving the 50 MB of gate/up weights
+# streamed meanwhile.
 PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
 
 
@@ -708,7 +709,9 @@ def fused_moe(
     meta = _routing_meta(E, top_k, scoring, renormalize, correction_bias, n_group, topk_group)
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13 and shared_w2 come together")
-    if 0 < T <= FUSED_MAX_TOKENS and (norm is None or fusable_norm(norm, norm.x)):
+    if norm is not None and not fusable_norm(norm, norm.x):
+        x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one
+    if 0 < T <= FUSED_MAX_TOKENS:
         xin = unnormed(x)
         xin = xin if xin.stride(-1) == 1 else xin.contiguous()
         w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
