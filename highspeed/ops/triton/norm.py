@@ -151,8 +151,12 @@ def norm_prologue_block(K: int, cap: int) -> int:
     return min(next_power_of_2(K), cap)
 
 
-# HIGHSPEED_FUSE_NORM=0: every DeferredNorm runs as its own norm launch first (an A/B switch).
-FUSE_NORM: bool = os.environ.get("HIGHSPEED_FUSE_NORM", "1") != "0"
+# Whether the consumers run a DeferredNorm in their prologue. Off unless HIGHSPEED_FUSE_NORM=1: on the H200 (run 6d,
+# batch-1 graph replay) the prologue made decode slower, not faster -- Qwen3-30B-A3B 2.85 ms with it against 2.64 ms
+# with separate norm launches, GLM-4.7-Flash 3.40 against 3.35 ms. (The first, two-pass GEMV prologue: 2.72 ms on
+# Qwen3 in run 6c; its profile had each GEMV +2.4 us and the router +1.1 us against the 1.5 us norm launch saved.)
+# Without it, every DeferredNorm is one norm launch followed by the same kernels as before.
+FUSE_NORM: bool = os.environ.get("HIGHSPEED_FUSE_NORM", "0") == "1"
 
 
 def fusable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
