@@ -19,8 +19,8 @@ def main(out: str, pattern: str = "benchmarks/results/latency-*.json") -> None:
     for path in sorted(glob.glob(pattern)):
         with open(path, encoding="utf-8") as f:
             r = json.load(f)
-        if r.get("path") != "cuda-graphs+triton":
-            continue
+        if r.get("path") != "cuda-graphs+triton" or "HIGHSPEED_" in r.get("command", ""):
+            continue   # the default configuration only (A/B records carry their switch in the command)
         series[r["preset"]].append((r["batch_size"], r["tok_s"], r["tok_s_per_user"]))
     series = {k: v for k, v in series.items() if len(v) > 1}   # a curve needs several batch sizes
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))

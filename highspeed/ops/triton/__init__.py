@@ -75,10 +75,10 @@ def l2_prefetch(x: torch.Tensor) -> dict:
     depend on that kernel (the projections, the router) asks L2 for all of them before its ``gdc_wait``, and the
     fused gate/up kernel, once it has routed, asks for the chosen experts' down rows. HBM then stays busy across
     the latency-bound kernels (attention, RoPE, norms) and across each kernel's ramp and tail, which is where batch-1
-    decode lost a third of the copy bandwidth (KERNEL_NOTES.md). Measured on the H200 (runs 6-6c) it did not pay:
-    batch-1 graph replay 2.75 vs 2.72 ms without it on Qwen3-30B-A3B, 3.45-3.48 vs 3.45-3.49 ms on GLM-4.7-Flash
-    (and 10% slower with the down-row prefetch). So it is off unless ``HIGHSPEED_L2_PREFETCH=1``, and never under
-    the interpreter (inline PTX)."""
+    decode lost a third of the copy bandwidth (KERNEL_NOTES.md). Measured on the H200 (runs 6b-6d, batch-1 graph
+    replay) it did not pay: within 1.5% either way (Qwen3-30B-A3B 2.76 vs 2.72 ms without it in run 6c, 2.83 vs
+    2.85 ms in run 6d; GLM-4.7-Flash 3.41-3.48 vs 3.40-3.49 ms), and 10% slower with the down-row prefetch. So it
+    is off unless ``HIGHSPEED_L2_PREFETCH=1``, and never under the interpreter (inline PTX)."""
     on = (x.is_cuda and not interpreting()
           and os.environ.get("HIGHSPEED_L2_PREFETCH", "0").strip().lower() not in ("0", "false", "no", ""))
     # Weights streamed once are loaded evict-first, so they do not push out lines prefetched for the next kernel.
