@@ -284,6 +284,10 @@ def _graph_replay_ms(engine: Any, batch: int) -> float | None:
     if graphs is None or graphs.size_for(batch) is None:
         return None
     g = graphs.graphs[graphs.size_for(batch)]
+    # Random token ids in the static input: the graph replays the last step's inputs, and after a long greedy run
+    # on random weights the sequences' last tokens can coincide and route to far fewer experts than a real batch
+    # (a suspected cause of Qwen3-30B-A3B batch 32 replaying in 14.2 ms while its steps took 17.3 ms, run 7).
+    graphs.ids.random_(0, engine.vocab_size)
     for _ in range(3):
         g.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
