@@ -11,6 +11,7 @@ from highspeed.ops.norm import DeferredNorm
 from highspeed.ops.norm import add_rms_norm as ref_add_rms_norm
 from highspeed.ops.norm import rms_norm as ref_rms_norm
 from tests.ops.conftest import DEVICE, HAS_CUDA, TOL, rel_err
+from tests.ops.test_triton_linear import small_gemv_tiles
 from tests.ops.test_triton_moe import FUSED_CASES, _expert_weights
 
 EPS = 1e-6
@@ -59,17 +60,6 @@ def _check_residual_out(norm: DeferredNorm, x: torch.Tensor, r: torch.Tensor | N
         assert rel_err(out, x + r) < 8e-3   # interpreter truncation; exactness: test_residual_out_is_exact_bf16
 
 
-def _small_gemv_tiles(lin, monkeypatch, prefetch: bool) -> None:
-    if not HAS_CUDA:
-        cfg = dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=prefetch)
-        monkeypatch.setattr(lin, "GEMV_ROW", cfg)
-        monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**cfg, "BLOCK_N": 2, "BLOCK_K": 32})
-        monkeypatch.setattr(lin, "NARROW_N", 32)
-    else:
-        monkeypatch.setattr(lin, "GEMV_ROW", {**lin.GEMV_ROW, "PREFETCH": prefetch})
-        monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**lin.GEMV_ROW_NARROW, "PREFETCH": prefetch})
-
-
 def _small_moe_tiles(moe, monkeypatch, T: int) -> None:
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", max(T, moe.FUSED_MAX_TOKENS))
     if not HAS_CUDA:
@@ -90,7 +80,7 @@ def _small_moe_tiles(moe, monkeypatch, T: int) -> None:
 @pytest.mark.parametrize("N,K,bias", [(20, 40, False), (7, 37, True), (33, 48, False), (5, 300, True), (64, 16, True)])
 def test_gemv_norm_prologue(triton_module, reference, monkeypatch, prefetch, residual, dtype, N, K, bias):
     lin, norm_mod = triton_module("linear"), triton_module("norm")
-    _small_gemv_tiles(lin, monkeypatch, prefetch)
+    small_gemv_tiles(lin, monkeypatch, prefetch)
     x, r, nw = _norm_inputs((1, K), dtype, residual)
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
     b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
@@ -109,7 +99,7 @@ def test_gemv_norm_prologue(triton_module, reference, monkeypatch, prefetch, res
 def test_gemv_norm_prologue_wide_row(triton_module, reference, monkeypatch):
     """A row longer than the sum-of-squares chunk (several chunks), leading dims kept."""
     lin = triton_module("linear")
-    _small_gemv_tiles(lin, monkeypatch, True)
+    small_gemv_tiles(lin, monkeypatch, True)
     monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**lin.GEMV_ROW_NARROW, "BLOCK_K": 64})
     x, r, nw = _norm_inputs((1, 1, 333), torch.float32, True)
     w = torch.randn(9, 333, device=DEVICE) / 333**0.5
@@ -211,7 +201,7 @@ def test_residual_out_is_exact_bf16(triton_module, monkeypatch):
     """x and residual on a 1/16 grid: x + residual is exact in bf16 however the platform rounds, so the stored
     residual must equal it bit for bit (it is the residual stream of every later layer)."""
     lin, moe = triton_module("linear"), triton_module("moe")
-    _small_gemv_tiles(lin, monkeypatch, True)
+    small_gemv_tiles(lin, monkeypatch, True)
     _small_moe_tiles(moe, monkeypatch, 2)
     grid = lambda *s: (torch.randint(-64, 64, s, device=DEVICE) / 16).to(torch.bfloat16)  # noqa: E731
     x, r, nw = grid(1, 45), grid(1, 45), (1 + 0.5 * torch.randn(45, device=DEVICE)).to(torch.bfloat16)

@@ -13,12 +13,10 @@ def _seed() -> None:
     torch.manual_seed(7)
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,K,bias", [(20, 40, False), (7, 37, True), (33, 48, False), (5, 300, True), (64, 16, True)])
-def test_linear_row_gemv(triton_module, monkeypatch, prefetch, dtype, N, K, bias):
-    lin = triton_module("linear")
-    if not HAS_CUDA:  # small tiles: several programs and K steps, partial tiles, under the interpreter
+def small_gemv_tiles(lin, monkeypatch, prefetch: bool) -> None:
+    """Under the interpreter: small tiles (several programs and K steps, partial tiles); on CUDA the shipped
+    launch shapes, with or without the double-buffered weight tiles."""
+    if not HAS_CUDA:
         cfg = dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=prefetch)
         monkeypatch.setattr(lin, "GEMV_ROW", cfg)
         monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**cfg, "BLOCK_N": 2, "BLOCK_K": 32})
@@ -26,6 +24,14 @@ def test_linear_row_gemv(triton_module, monkeypatch, prefetch, dtype, N, K, bias
     else:
         monkeypatch.setattr(lin, "GEMV_ROW", {**lin.GEMV_ROW, "PREFETCH": prefetch})
         monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**lin.GEMV_ROW_NARROW, "PREFETCH": prefetch})
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,bias", [(20, 40, False), (7, 37, True), (33, 48, False), (5, 300, True), (64, 16, True)])
+def test_linear_row_gemv(triton_module, monkeypatch, prefetch, dtype, N, K, bias):
+    lin = triton_module("linear")
+    small_gemv_tiles(lin, monkeypatch, prefetch)
     x = torch.randn(1, K, device=DEVICE).to(dtype)
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
     b = torch.randn(N, device=DEVICE).to(dtype) if bias else None

@@ -465,12 +465,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    return _attend_gqa(q, k_cache, v_cache, ctx, scale)
+
+
+def _attend_gqa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
+                rope: dict | None = None) -> torch.Tensor:
+    D, Dv = q.shape[2], v_cache.shape[3]
     return _attend(
         q, k_cache, v_cache, ctx, scale,
-        num_kv_heads=Hkv, d_a=D, d_b=0, d_v=Dv, v_is_k=False,
+        num_kv_heads=k_cache.shape[2], d_a=D, d_b=0, d_v=Dv, v_is_k=False,
         cfg=GQA if max(D, Dv) <= 128 else dict(GQA, block_n=32), topk_indices=None,
         kv_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
-        v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+        v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)), rope=rope,
     )
 
 
@@ -496,15 +502,9 @@ def rope_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
         q_rot, _ = t_rope.rope_and_write_kv(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache,
                                             ctx.slot_mapping, q_norm_weight, k_norm_weight, None, eps)
         return paged_attention(q_rot, k_cache, v_cache, ctx, scale)
-    return _attend(
-        q, k_cache, v_cache, ctx, scale,
-        num_kv_heads=Hkv, d_a=D, d_b=0, d_v=Dv, v_is_k=False,
-        cfg=GQA if max(D, Dv) <= 128 else dict(GQA, block_n=32), topk_indices=None,
-        kv_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
-        v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
-        rope=dict(k=k, v=v, positions=positions, cos_sin=cos_sin, rotary_dim=rotary_dim, interleaved=interleaved,
-                  q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps),
-    )
+    return _attend_gqa(q, k_cache, v_cache, ctx, scale, rope=dict(
+        k=k, v=v, positions=positions, cos_sin=cos_sin, rotary_dim=rotary_dim, interleaved=interleaved,
+        q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps))
 
 
 def _mla_config(kv_lora_rank: int, ctx: AttentionContext) -> dict:
