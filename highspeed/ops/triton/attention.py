@@ -458,9 +458,7 @@ def _attend(
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
                     scale: float) -> torch.Tensor:
     """GQA attention of q [T, Hq, D] over k_cache / v_cache [num_blocks, block_size, Hkv, D(v)] -> [T, Hq, Dv]."""
-    T, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    Dv = v_cache.shape[3]
+    Hq, Hkv = q.shape[1], k_cache.shape[2]
     if Hq % Hkv != 0:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
     if q.stride(-1) != 1:
