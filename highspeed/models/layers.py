@@ -203,9 +203,9 @@ class DecoderLayer(nn.Module):
     """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``, with the residual add fused into the next
     norm: each layer takes and returns ``(hidden, residual)`` and the model's final norm does the last add.
 
-    Both norms are deferred to the module that reads them: attention's first projection and the MLP / MoE compute
-    the norm in their first kernel at batch-1 decode (a launch fewer per norm) and run the same norm ops as an
-    unfused layer otherwise. ``self_attn`` and ``mlp`` therefore take ``Tensor | DeferredNorm``; one that has
+    Both norms are deferred to the module that reads them: attention's first projection and the MLP / MoE run the
+    norm ops first, or with ``HIGHSPEED_FUSE_NORM=1`` compute it in their first kernel at batch-1 decode (a launch
+    fewer per norm, but measured slower on the H200: ``ops/triton/norm.py``). ``self_attn`` and ``mlp`` therefore take ``Tensor | DeferredNorm``; one that has
     several readers of its input calls ``materialize`` first."""
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):

@@ -1,6 +1,6 @@
 """Dense projection reference: ``y = x @ W^T (+ b)``. On CUDA, decode-sized inputs (a few rows) go to a Triton
-GEMV (``highspeed/ops/triton/linear.py``), which also runs a deferred RMSNorm of its input in its prologue;
-everything else stays with cuBLAS."""
+GEMV (``highspeed/ops/triton/linear.py``), which can also run a deferred RMSNorm of its input in its prologue
+(``HIGHSPEED_FUSE_NORM=1``); everything else stays with cuBLAS."""
 from __future__ import annotations
 
 import torch

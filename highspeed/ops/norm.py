@@ -31,9 +31,10 @@ def add_rms_norm(
 class DeferredNorm:
     """``rms_norm(x + residual, weight, eps)`` (``rms_norm(x, ...)`` without a residual), not computed yet.
 
-    Ops that take one in place of their input (``linear``, ``fused_moe``) compute the norm inside their own first
-    kernel where they can -- batch-1 decode on CUDA, where a separate norm launch is mostly fixed latency -- and
-    otherwise call ``run()`` first, which is exactly the unfused norm. Any other reader calls ``materialize``.
+    Ops that take one in place of their input (``linear``, ``fused_moe``) call ``run()`` first, which is exactly
+    the unfused norm, or, with ``HIGHSPEED_FUSE_NORM=1``, compute it inside their own first kernel at batch-1
+    decode on CUDA (it saves a launch of mostly fixed latency, but measured slower end to end on the H200:
+    ``ops/triton/norm.py``). Any other reader calls ``materialize``.
     Whoever computes it sets ``residual_out`` to ``x + residual`` (``x`` itself without a residual): the residual
     stream the decoder layer carries on."""
 

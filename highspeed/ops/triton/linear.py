@@ -1,5 +1,6 @@
 """GEMV for batch-1 decode: ``y[1, N] = x[1, K] @ W[N, K]^T``, optionally with the RMSNorm of x (and the residual
-add before it) in its prologue (``DeferredNorm``), which saves the norm's own launch.
+add before it) folded in (``DeferredNorm``, only with ``HIGHSPEED_FUSE_NORM=1``: it saves the norm's launch but
+measured slower end to end on the H200, see ``ops/triton/norm.py``).
 
 Multiply-and-reduce in registers (no tensor cores: one row of x), a few weight rows per program over the whole K
 range (no split-K, so deterministic and no second launch), with the next weight tile loaded while the current one

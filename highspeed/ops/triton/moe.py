@@ -176,9 +176,10 @@ def select_experts(
 # ----------------------------------------------------------------------------------------------------------------
 # The whole MoE block at decode (``fused_moe``, T <= FUSED_MAX_TOKENS): three launches in place of seven.
 #   1. ``_router_kernel``: fp32 router logits, many programs (the router weight is 1-6 MB: one program would
-#      read it at a fraction of the bandwidth). Given a ``DeferredNorm`` (the decoder layer's post-attention norm)
-#      each program also normalises the row itself, and one per token stores the normalised row and the new
-#      residual: the norm's own launch is gone.
+#      read it at a fraction of the bandwidth). With ``HIGHSPEED_FUSE_NORM=1`` and a ``DeferredNorm``
+#      (the decoder layer's post-attention norm) each program also normalises the row itself, and one per token
+#      stores the normalised row and the new residual, in place of the norm's own launch (measured slower, so
+#      off by default: ``ops/triton/norm.py``).
 #   2. ``_fused_gate_up_kernel``: each program routes its token from the logits (``_route``, in registers), then
 #      computes SiLU(gate) * up for one row block of one chosen expert -- or of the shared expert, whose rows are
 #      just more row blocks. Program 0 of each token stores the routing for step 3.
