@@ -13,9 +13,13 @@ def _seed() -> None:
     torch.manual_seed(7)
 
 
-def small_gemv_tiles(lin, monkeypatch, prefetch: bool) -> None:
+def small_gemv_tiles(lin, monkeypatch, prefetch: bool, whole: bool = False) -> None:
     """Under the interpreter: small tiles (several programs and K steps, partial tiles); on CUDA the shipped
-    launch shapes, with or without the double-buffered weight tiles."""
+    launch shapes, with or without the double-buffered weight tiles. ``whole``: the whole-row preload instead
+    (under the interpreter with ~64-element programs, so several rows, programs and a K1 + K2 split occur)."""
+    monkeypatch.setattr(lin, "WHOLE_ROWS", whole)
+    if whole and not HAS_CUDA:
+        monkeypatch.setattr(lin, "GEMV_WHOLE", {**lin.GEMV_WHOLE, "ELEMS": 64})
     if not HAS_CUDA:
         cfg = dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=prefetch)
         monkeypatch.setattr(lin, "GEMV_ROW", cfg)
@@ -26,12 +30,12 @@ def small_gemv_tiles(lin, monkeypatch, prefetch: bool) -> None:
         monkeypatch.setattr(lin, "GEMV_ROW_NARROW", {**lin.GEMV_ROW_NARROW, "PREFETCH": prefetch})
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("prefetch,whole", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,bias", [(20, 40, False), (7, 37, True), (33, 48, False), (5, 300, True), (64, 16, True)])
-def test_linear_row_gemv(triton_module, monkeypatch, prefetch, dtype, N, K, bias):
+def test_linear_row_gemv(triton_module, monkeypatch, prefetch, whole, dtype, N, K, bias):
     lin = triton_module("linear")
-    small_gemv_tiles(lin, monkeypatch, prefetch)
+    small_gemv_tiles(lin, monkeypatch, prefetch, whole)
     x = torch.randn(1, K, device=DEVICE).to(dtype)
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
     b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
@@ -40,6 +44,17 @@ def test_linear_row_gemv(triton_module, monkeypatch, prefetch, dtype, N, K, bias
     ref = F.linear(x.double(), w.double(), b.double() if bias else None)
     assert y.shape == (1, N) and y.dtype == dtype
     assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
+
+
+def test_whole_row_split():
+    """K1 + K2 covers K with two power-of-two tiles; rows per program keep the tile near ELEMS elements."""
+    from highspeed.ops.triton import linear as lin   # host-side helpers only: no kernel runs here
+
+    for K in (1, 2, 3, 37, 300, 576, 768, 2048, 4096, 5120, 7168):
+        k1, k2 = lin.whole_split(K)
+        assert k1 & (k1 - 1) == 0 and (k2 == 0 or k2 & (k2 - 1) == 0)
+        assert k1 <= K <= k1 + k2 + (K if k2 == 0 else 0) and (k2 == 0) == (k1 == K) and k2 <= k1
+    assert [lin.whole_block_n(K) for K in (2048, 4096, 5120, 768)] == [4, 2, 1, 8]
 
 
 def test_linear_shapes_and_fallback(triton_module):

@@ -162,6 +162,7 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
 
     moe = triton_module("moe")
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
+    monkeypatch.setattr(moe.lin, "WHOLE_ROWS", prefetch)    # the router: whole-row preload, or the tile loop
     # Both launch-shape families: the wide-expert ones with prefetch, the narrow ones without.
     monkeypatch.setattr(moe, "NARROW_I", -1 if prefetch else 10**9)
     if not HAS_CUDA:  # small tiles: partial tiles and several K steps under the interpreter

@@ -12,6 +12,8 @@ one row cuBLAS stays: the tensor-core variant tried here (x padded to 16 rows) w
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -27,6 +29,42 @@ MAX_WEIGHT_BYTES: int = 64 * 2**20
 GEMV_ROW = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, PREFETCH=True)
 GEMV_ROW_NARROW = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, PREFETCH=True)
 NARROW_N: int = 4096
+# Whole-row preload (run 8): each program loads ALL of its weight rows before ``gdc_wait`` ([BLOCK_N, K] in
+# registers, about ELEMS elements per program, K split into a power-of-two part K1 and a power-of-two rest K2), so
+# under PDL the whole matrix can stream in while the previous kernels still run -- the latency-bound ones
+# (attention, norms, router) leave HBM idle -- and after the wait a program pays one read of x and the reduction.
+# The first-tile prefetch above moved only a quarter of the weights ahead of the wait. Off with
+# HIGHSPEED_GEMV_WHOLE=0 (A/B); rows longer than MAX_K keep the loop.
+GEMV_WHOLE = dict(ELEMS=8192, MAX_K=8192, num_warps=4)
+WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
+
+
+def whole_split(K: int) -> tuple[int, int]:
+    """(K1, K2): K1 the largest power of two <= K, K2 the power of two covering the rest (0 when K1 == K)."""
+    k1 = 1 << (K.bit_length() - 1)
+    return k1, (next_power_of_2(K - k1) if K > k1 else 0)
+
+
+def whole_block_n(K: int) -> int:
+    """Rows per program for the whole-row preload: a power of two keeping [rows, K1 + K2] near ELEMS elements."""
+    k1, k2 = whole_split(K)
+    rows = max(1, min(16, GEMV_WHOLE["ELEMS"] // (k1 + k2)))
+    return 1 << (rows.bit_length() - 1)
+
+
+@triton.jit
+def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr):
+    """[rows] fp32 dot products of whole preloaded weight rows (w1: columns [0, K1), w2: [K1, K1 + K2), unused
+    when K2 == 0) with the row at ``x_row``: both x reads are issued before either is used."""
+    k1 = tl.arange(0, K1)
+    x1 = tl.load(x_row + k1, mask=k1 < K, other=0.0).to(tl.float32)
+    if K2 > 0:
+        k2 = K1 + tl.arange(0, K2)
+        x2 = tl.load(x_row + k2, mask=k2 < K, other=0.0).to(tl.float32)
+    y = tl.sum(w1.to(tl.float32) * x1[None, :], 1)
+    if K2 > 0:
+        y += tl.sum(w2.to(tl.float32) * x2[None, :], 1)
+    return y
 
 
 def use_gemv(M: int, N: int, K: int, weight: torch.Tensor) -> bool:
@@ -39,7 +77,8 @@ def _gemv_row_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # NORM (one row only): x is rms_norm(x + residual) with weight nw; program 0 stores x + residual at sum_ptr.
     if PDL:
@@ -52,33 +91,46 @@ def _gemv_row_kernel(
     if L2_PREFETCH:  # all of this program's weight rows, requested while the previous kernel still runs
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, K - 1)
         prefetch_l2(w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
-    if PREFETCH:   # the first weight tile does not depend on the previous kernel: in flight before the wait
+    if WHOLE:      # every weight of this program, in flight before the wait (no NORM: x is read once, below)
+        k1 = tl.arange(0, K1)
+        w1 = tl.load(w_rows + k1[None, :], mask=nmask[:, None] & (k1 < K)[None, :], other=0.0)
+        if K2 > 0:
+            k2 = K1 + tl.arange(0, K2)
+            w2 = tl.load(w_rows + k2[None, :], mask=nmask[:, None] & (k2 < K)[None, :], other=0.0)
+        else:
+            w2 = w1   # unused
+    elif PREFETCH:   # the first weight tile does not depend on the previous kernel: in flight before the wait
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
-    if NORM:   # one pass: sum of squares alongside the products, rstd applied to the result
-        ss = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    if WHOLE:
+        y = whole_rows_dot(w1, w2, x_row, K, K1, K2)
+    else:
+        if NORM:   # one pass: sum of squares alongside the products, rstd applied to the result
+            ss = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if NORM:
+                xv, ss_k = norm_onepass_tile(x_row, res_ptr, sum_ptr, nw_ptr, k, k < K,
+                                             (tl.program_id(0) == 0).to(tl.int32), HAS_RESIDUAL)
+                ss += ss_k
+            else:
+                xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+            if PREFETCH:
+                kn = k + BLOCK_K
+                w_next = tl.load(w_rows + kn[None, :], mask=nmask[:, None] & (kn < K)[None, :], other=0.0,
+                                 eviction_policy=W_EVICT)
+            else:
+                w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0,
+                            eviction_policy=W_EVICT)
+            acc += w.to(tl.float32) * xv[None, :]
+            if PREFETCH:
+                w = w_next
+        y = tl.sum(acc, 1)
         if NORM:
-            xv, ss_k = norm_onepass_tile(x_row, res_ptr, sum_ptr, nw_ptr, k, k < K,
-                                         (tl.program_id(0) == 0).to(tl.int32), HAS_RESIDUAL)
-            ss += ss_k
-        else:
-            xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        if PREFETCH:
-            kn = k + BLOCK_K
-            w_next = tl.load(w_rows + kn[None, :], mask=nmask[:, None] & (kn < K)[None, :], other=0.0, eviction_policy=W_EVICT)
-        else:
-            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
-        acc += w.to(tl.float32) * xv[None, :]
-        if PREFETCH:
-            w = w_next
-    y = tl.sum(acc, 1)
-    if NORM:
-        y = y * (1.0 / tl.sqrt(ss / K + eps))
+            y = y * (1.0 / tl.sqrt(ss / K + eps))
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
@@ -107,12 +159,16 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
             residual, s = norm.residual, torch.empty_like(x2)
             norm.set_residual_out(s.view(x.shape))
     cfg = GEMV_ROW_NARROW if N < NARROW_N else GEMV_ROW
+    whole = WHOLE_ROWS and norm is None and K <= GEMV_WHOLE["MAX_K"]
+    k1, k2 = whole_split(K)
+    if whole:
+        cfg = dict(cfg, BLOCK_N=whole_block_n(K), num_warps=GEMV_WHOLE["num_warps"])
     _gemv_row_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), M)](
         x2, weight, bias if bias is not None else weight, y, residual, norm_weight, s, N, K, eps,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
         NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
-        num_warps=cfg["num_warps"], **pdl(x2),
+        WHOLE=whole, K1=k1, K2=k2, num_warps=cfg["num_warps"], **pdl(x2),
     )
     return y.view(*x.shape[:-1], N)

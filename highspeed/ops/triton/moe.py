@@ -25,6 +25,8 @@ import triton.language as tl
 from highspeed.ops.norm import DeferredNorm, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
                                   prefetch_l2)
+from highspeed.ops.triton import linear as lin
+from highspeed.ops.triton.linear import whole_rows_dot
 from highspeed.ops.triton.norm import fusable_norm, norm_prologue_block, norm_prologue_rstd, norm_prologue_tile
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
@@ -41,33 +43,48 @@ GROUPED_LARGE_MIN_ROWS_PER_EXPERT: int = 64
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _route(
-    logits_ptr, bias_ptr, n_group, per_group, scaling,
-    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-):
-    """Routing of one token from its contiguous fp32 logits row: returns (weights, ids) as [BLOCK_K] vectors, best
-    first. Shared by the routing kernel and the fused decode MoE kernel, where it sits on the critical path of
-    every expert program, so it is written for latency: each of the k picks is ONE max-reduction over a packed
-    (order-preserving score bits, lowest index) int64 key, and the weights are gathered once at the end."""
-    # The expert axis is viewed as [group, expert-in-group] so group selection needs no reshape.
+def _expert_axis(n_group, per_group, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr):
+    """The expert axis viewed as [group, expert-in-group] (so group selection needs no reshape): (g, j, valid,
+    flat expert index)."""
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, BLOCK_PG)
     valid = (g[:, None] < n_group) & (j[None, :] < per_group)
-    flat = g[:, None] * per_group + j[None, :]
-    logits = tl.load(logits_ptr + flat, mask=valid, other=float("-inf")).to(tl.float32)
+    return g, j, valid, g[:, None] * per_group + j[None, :]
 
-    if SIGMOID:
-        scores = tl.sigmoid(logits)
+
+@triton.jit
+def _softmax_stats(logits, valid):
+    """(max, sum of exp(logit - max)) over the valid logits of a [G, PG] tile."""
+    mx = tl.max(tl.max(logits, 1), 0)
+    return mx, tl.sum(tl.sum(tl.where(valid, tl.exp(logits - mx), 0.0), 1), 0)
+
+
+@triton.jit
+def _route_ids(
+    logits_ptr, bias_ptr, n_group, per_group,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
+):
+    """The chosen experts of one token, from its contiguous fp32 logits row: [BLOCK_K] ids, best first (equal
+    scores: lowest index). This sits on the critical path of every expert program of the fused decode MoE, so it
+    is written for latency: each of the k picks is ONE max-reduction over a packed (order-preserving score bits,
+    lowest index) int64 key, and the weights are left to ``_route_weights`` (one program needs them)."""
+    g, j, valid, flat = _expert_axis(n_group, per_group, BLOCK_G, BLOCK_PG)
+    logits = tl.load(logits_ptr + flat, mask=valid, other=float("-inf")).to(tl.float32)
+    if HAS_BIAS or USE_GROUPS:
+        if SIGMOID:
+            sel = tl.sigmoid(logits)
+        else:
+            mx, denom = _softmax_stats(logits, valid)
+            sel = tl.exp(logits - mx) / denom
+        if HAS_BIAS:
+            # The correction bias steers which experts are chosen; the weights stay the unbiased scores.
+            sel = sel + tl.load(bias_ptr + flat, mask=valid, other=0.0).to(tl.float32)
     else:
-        mx = tl.max(tl.max(logits, 1), 0)
-        denom = tl.sum(tl.sum(tl.where(valid, tl.exp(logits - mx), 0.0), 1), 0)
-        scores = tl.exp(logits - mx) / denom
-    sel = scores
-    if HAS_BIAS:
-        # The correction bias steers which experts are chosen; the weights stay the unbiased scores.
-        sel = sel + tl.load(bias_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+        # Softmax and sigmoid both increase with the logit: the same experts, without the exp and the two
+        # reductions of the softmax on every program's critical path.
+        sel = logits
     sel = tl.where(valid, sel, float("-inf"))
 
     if USE_GROUPS:
@@ -98,17 +115,30 @@ def _route(
         fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
         ivec = tl.where(kk == i, fi, ivec)
         key = tl.where(flat == fi, -9223372036854775807, key)
-    # Weights: the chosen experts' unbiased scores, recomputed from a gather of their logits.
+    return ivec
+
+
+@triton.jit
+def _route_weights(
+    logits_ptr, ivec, n_group, per_group, scaling,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
+    SIGMOID: tl.constexpr, RENORM: tl.constexpr,
+):
+    """The routing weights of the experts ``ivec`` (from ``_route_ids``): their unbiased scores, gathered from the
+    logits row, renormalised and scaled."""
+    kk = tl.arange(0, BLOCK_K)
     kmask = kk < TOP_K
     lv = tl.load(logits_ptr + ivec, mask=kmask, other=float("-inf")).to(tl.float32)
     if SIGMOID:
         wvec = tl.where(kmask, tl.sigmoid(lv), 0.0)
     else:
+        g, j, valid, flat = _expert_axis(n_group, per_group, BLOCK_G, BLOCK_PG)
+        logits = tl.load(logits_ptr + flat, mask=valid, other=float("-inf")).to(tl.float32)
+        mx, denom = _softmax_stats(logits, valid)
         wvec = tl.where(kmask, tl.exp(lv - mx) / denom, 0.0)
     if RENORM:
         wvec = wvec / (tl.sum(wvec, 0) + 1e-20)
-    wvec = wvec * scaling
-    return wvec, ivec
+    return wvec * scaling
 
 
 @triton.jit
@@ -120,8 +150,10 @@ def _select_experts_kernel(
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    wvec, ivec = _route(logits_ptr + row * stride_lt, bias_ptr, n_group, per_group, scaling,
-                        TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RENORM)
+    ivec = _route_ids(logits_ptr + row * stride_lt, bias_ptr, n_group, per_group,
+                      TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
+    wvec = _route_weights(logits_ptr + row * stride_lt, ivec, n_group, per_group, scaling,
+                          TOP_K, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
     kk = tl.arange(0, BLOCK_K)
     out_mask = kk < TOP_K
     tl.store(w_out_ptr + row * TOP_K + kk, wvec, mask=out_mask)
@@ -130,7 +162,7 @@ def _select_experts_kernel(
 
 def _routing_meta(E: int, top_k: int, scoring: str, renormalize: bool, correction_bias: torch.Tensor | None,
                   n_group: int, topk_group: int) -> dict:
-    """Validated compile-time routing parameters for ``_route``."""
+    """Validated compile-time routing parameters for ``_route_ids`` / ``_route_weights``."""
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown scoring function {scoring!r}; expected 'softmax' or 'sigmoid'")
     if E % n_group != 0:
@@ -180,9 +212,10 @@ def select_experts(
 #      (the decoder layer's post-attention norm) each program also normalises the row itself, and one per token
 #      stores the normalised row and the new residual, in place of the norm's own launch (measured slower, so
 #      off by default: ``ops/triton/norm.py``).
-#   2. ``_fused_gate_up_kernel``: each program routes its token from the logits (``_route``, in registers), then
-#      computes SiLU(gate) * up for one row block of one chosen expert -- or of the shared expert, whose rows are
-#      just more row blocks. Program 0 of each token stores the routing for step 3.
+#   2. ``_fused_gate_up_kernel``: each program picks its token's experts from the logits (``_route_ids``, in
+#      registers), then computes SiLU(gate) * up for one row block of one chosen expert -- or of the shared
+#      expert, whose rows are just more row blocks. Program 0 of each token then computes the routing weights and
+#      stores the routing for step 3.
 #   3. ``_fused_down_kernel``: each program owns a block of output columns and reads that block of rows of ALL the
 #      token's chosen experts in one 2-D tile ([k * BLOCK_N, BLOCK_K]: k times the loads in flight of a
 #      per-expert loop), sums them with the routing weights in registers, then adds the shared expert's rows.
@@ -220,7 +253,8 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, sum_ptr, xn_ptr, H, E
                    stride_xt, stride_we, stride_ot, stride_rt, stride_nt,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
-                   NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                   NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                   WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PDL: tl.constexpr):
     # NORM: x is rms_norm(x + residual) with weight nw. The token's program for expert block 0 stores x + residual
     # at sum_ptr (the layer's new residual) and the normalised row at xn_ptr (the expert kernel's input).
     if PDL:
@@ -234,29 +268,44 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, sum_ptr, xn_ptr, H, E
     if L2_PREFETCH:
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, H - 1)
         prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
-    k = tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
+    if WHOLE:   # the whole rows (as in the GEMV, ops/triton/linear.py): after the wait, one read of x
+        k1 = tl.arange(0, K1)
+        w1 = tl.load(w_rows + k1[None, :], mask=emask[:, None] & (k1 < H)[None, :], other=0.0)
+        if K2 > 0:
+            k2 = K1 + tl.arange(0, K2)
+            w2 = tl.load(w_rows + k2[None, :], mask=emask[:, None] & (k2 < H)[None, :], other=0.0)
+        else:
+            w2 = w1   # unused
+    else:
+        k = tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
     x_row = x_ptr + t * stride_xt
-    if NORM:
-        first = tl.program_id(1) == 0
-        res_row = res_ptr + t * stride_rt
-        rstd = norm_prologue_rstd(x_row, res_row, sum_ptr + t * stride_nt, H, eps, first, HAS_RESIDUAL, NORM_BLOCK)
-    acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    if WHOLE:
+        y = whole_rows_dot(w1, w2, x_row, H, K1, K2)
+    else:
         if NORM:
-            xv = norm_prologue_tile(x_row, res_row, nw_ptr, k, k < H, rstd, HAS_RESIDUAL)
-            if first:
-                tl.store(xn_ptr + t * stride_nt + k, xv.to(xn_ptr.dtype.element_ty), mask=k < H)
-        else:
-            xv = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
-        kn = k + BLOCK_K
-        w_next = tl.load(w_rows + kn[None, :], mask=emask[:, None] & (kn < H)[None, :], other=0.0, eviction_policy=W_EVICT)
-        acc += w.to(tl.float32) * xv[None, :]
-        w = w_next
-    tl.store(out_ptr + t * stride_ot + e, tl.sum(acc, 1), mask=emask)
+            first = tl.program_id(1) == 0
+            res_row = res_ptr + t * stride_rt
+            rstd = norm_prologue_rstd(x_row, res_row, sum_ptr + t * stride_nt, H, eps, first, HAS_RESIDUAL,
+                                      NORM_BLOCK)
+        acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if NORM:
+                xv = norm_prologue_tile(x_row, res_row, nw_ptr, k, k < H, rstd, HAS_RESIDUAL)
+                if first:
+                    tl.store(xn_ptr + t * stride_nt + k, xv.to(xn_ptr.dtype.element_ty), mask=k < H)
+            else:
+                xv = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
+            kn = k + BLOCK_K
+            w_next = tl.load(w_rows + kn[None, :], mask=emask[:, None] & (kn < H)[None, :], other=0.0,
+                             eviction_policy=W_EVICT)
+            acc += w.to(tl.float32) * xv[None, :]
+            w = w_next
+        y = tl.sum(acc, 1)
+    tl.store(out_ptr + t * stride_ot + e, y, mask=emask)
 
 
 @triton.jit
@@ -278,16 +327,13 @@ def _fused_gate_up_kernel(
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
     blocks_per_expert = tl.cdiv(I, BLOCK_N)
     r = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_TK)
     if p < TOP_K * blocks_per_expert:
         slot = p // blocks_per_expert
         n = (p % blocks_per_expert) * BLOCK_N + r
         nmask = n < I
-        wvec, ivec = _route(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, scaling,
-                            TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RENORM)
-        kk = tl.arange(0, BLOCK_TK)
-        if p == 0:
-            tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
-            tl.store(ids_ptr + t * TOP_K + kk, ivec, mask=kk < TOP_K)
+        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group,
+                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
@@ -297,6 +343,7 @@ def _fused_gate_up_kernel(
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, I - 1)
             prefetch_l2(w2_ptr + e * stride_2e + h[:, None].to(tl.int64) * stride_2n + cols[None, :])
     else:
+        ivec = tl.zeros([BLOCK_TK], dtype=tl.int32)   # the shared expert's rows need no routing
         n = (p - TOP_K * blocks_per_expert) * BLOCK_N + r
         nmask = n < IS
         w_gate = ws13_ptr + n[:, None].to(tl.int64) * stride_sn
@@ -336,6 +383,11 @@ def _fused_gate_up_kernel(
     up = tl.sum(acc_u, 1)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
+    if p == 0:   # the routing for the down kernel; its weights are off every other program's critical path
+        wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
+                              TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
+        tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
+        tl.store(ids_ptr + t * TOP_K + kk, ivec, mask=kk < TOP_K)
 
 
 @triton.jit
@@ -421,6 +473,8 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
             residual, s = norm.residual, torch.empty(T, H, dtype=x.dtype, device=dev)
             norm.set_residual_out(s)
     cfg = ROUTER
+    whole = lin.WHOLE_ROWS and norm is None and H <= lin.GEMV_WHOLE["MAX_K"]
+    k1, k2 = lin.whole_split(H)
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
         x, gate_weight, logits, residual, norm.weight if norm is not None else x, s, xn, H, E,
         norm.eps if norm is not None else 0.0,
@@ -429,6 +483,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
         NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
         NORM_BLOCK=norm_prologue_block(H, cfg.get("NORM_BLOCK", 1024)) if norm is not None else 1,
+        WHOLE=whole, K1=k1, K2=k2,
     )
     x = xn
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
