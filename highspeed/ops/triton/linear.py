@@ -34,8 +34,8 @@ NARROW_N: int = 4096
 # under PDL the whole matrix can stream in while the previous kernels still run -- the latency-bound ones
 # (attention, norms, router) leave HBM idle -- and after the wait a program pays one read of x and the reduction.
 # The first-tile prefetch above moved only a quarter of the weights ahead of the wait. Off with
-# HIGHSPEED_GEMV_WHOLE=0 (A/B); rows longer than MAX_K keep the loop.
-GEMV_WHOLE = dict(ELEMS=8192, MAX_K=8192, num_warps=4)
+# HIGHSPEED_GEMV_WHOLE=0 (A/B); rows longer than MAX_K keep the loop. HIGHSPEED_GEMV_WHOLE_ELEMS sets ELEMS (A/B).
+GEMV_WHOLE = dict(ELEMS=int(os.environ.get("HIGHSPEED_GEMV_WHOLE_ELEMS", "8192")), MAX_K=8192, num_warps=4)
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 
 
