@@ -108,13 +108,14 @@ def count_distinct_experts(model: torch.nn.Module, run_probe: Any) -> int:
     original = moe_ops.fused_moe
 
     def recording(x: torch.Tensor | DeferredNorm, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  top_k: int, *args: Any) -> torch.Tensor:
+                  top_k: int, *args: Any, **kwargs: Any) -> Any:
         scoring, renormalize, bias, n_group, topk_group, scaling = args[:6]
-        x = materialize(x)   # a DeferredNorm (the layer's post-attention norm) runs here, unfused: a probe step
-        logits = torch.nn.functional.linear(x.float(), gate_weight.float())
+        # A DeferredNorm (the layer's post-attention norm) runs here, unfused (a probe step); the op then reuses it.
+        xn = materialize(x)
+        logits = torch.nn.functional.linear(xn.float(), gate_weight.float())
         _, ids = moe_ops.select_experts(logits, top_k, scoring, renormalize, bias, n_group, topk_group, scaling)
         seen.append(int(torch.unique(ids).numel()))
-        return original(x, gate_weight, w13, w2, top_k, *args)
+        return original(x, gate_weight, w13, w2, top_k, *args, **kwargs)
 
     patched = []
     for mod in list(__import__("sys").modules.values()):

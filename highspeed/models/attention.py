@@ -19,7 +19,7 @@ from highspeed.ops import (dsa_topk_indices, mla_attention, rope, rope_and_write
 from highspeed.ops.attention import causal_mask, dense_attention, topk_mask
 from highspeed.ops.dsa import indexer_topk
 from highspeed.ops.mla_proj import absorb_q, latent_to_v
-from highspeed.ops.norm import DeferredNorm, materialize
+from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, residual_of
 
 
 def attention_without_cache(
@@ -73,7 +73,10 @@ class Attention(nn.Module):
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | DeferredNorm, aux: dict) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | DeferredNorm, aux: dict,
+                add_residual: bool = False) -> torch.Tensor | ResidualSum:
+        """Attention of ``x``; with ``add_residual`` (``x`` a ``DeferredNorm``) its sum with the residual
+        stream, added by o_proj (``ops.linear``)."""
         ctx = get_context()
         t = positions.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
@@ -94,7 +97,7 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(q, positions), self.rotary(k, positions)
             out = attention_without_cache(q, k, v, ctx, self.scale)
-        return self.o_proj(out.reshape(t, -1))
+        return self.o_proj(out.reshape(t, -1), residual_of(x) if add_residual else None)
 
 
 class Indexer(nn.Module):
@@ -197,9 +200,13 @@ class MLAttention(nn.Module):
             spec["index_k"] = (self.indexer.head_dim,)
         return spec
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | DeferredNorm, aux: dict) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | DeferredNorm, aux: dict,
+                add_residual: bool = False) -> torch.Tensor | ResidualSum:
+        """Attention of ``x``; with ``add_residual`` (``x`` a ``DeferredNorm``) its sum with the residual
+        stream, added by o_proj (``ops.linear``)."""
         ctx = get_context()
         t, h = positions.shape[0], self.num_heads
+        stream = x               # the residual stream's source, for add_residual
         if self.q_lora_rank is None or self.indexer is not None:
             x = materialize(x)   # two projections (or the indexer too) read x: no one kernel to run its norm in
         q_latent = None
@@ -247,4 +254,4 @@ class MLAttention(nn.Module):
             k_nope, v = self.kv_b_proj(c).view(t, h, -1).split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, None, :].expand(t, h, self.rope_dim)], dim=-1)
             out = attention_without_cache(torch.cat([q_nope, q_pe], dim=-1), k, v, ctx, self.scale, topk)
-        return self.o_proj(out.reshape(t, -1))
+        return self.o_proj(out.reshape(t, -1), residual_of(stream) if add_residual else None)

@@ -68,9 +68,7 @@ class CausalLM(nn.Module):
         residual, aux = None, {}
         for layer in self.model.layers:
             hidden, residual = layer(positions, hidden, residual, aux)
-        if residual is None:
-            return self.model.norm(hidden)
-        return self.model.norm(hidden, residual)[0]
+        return self.model.norm(hidden) if residual is None else self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head.weight).float()
@@ -86,7 +84,8 @@ class CausalLM(nn.Module):
         emb = torch.where((positions == 0)[:, None], torch.zeros_like(emb), emb)  # as vLLM/DeepSeek: no t_0 draft
         hidden = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(previous_hidden)], dim=-1))
         hidden, residual = mtp(positions, hidden, None, {})
-        return mtp.shared_head.norm(hidden, residual)[0]
+        norm = mtp.shared_head.norm
+        return norm(hidden) if residual is None else norm(hidden, residual)[0]
 
     # ----- checkpoint mapping -----
     def checkpoint_name(self, name: str) -> str | None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from highspeed.ops import add_rms_norm, build_cos_sin_cache, fused_moe, linear, rms_norm, rope, silu_and_mul
-from highspeed.ops.norm import DeferredNorm
+from highspeed.ops.norm import DeferredNorm, ResidualSum, residual_of
 
 # A weight source: (checkpoint name relative to the declaring module, index into the parameter).
 Source = tuple[str, tuple]
@@ -27,8 +27,10 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
-    def forward(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor | DeferredNorm, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | ResidualSum:
+        """``x @ W^T (+ b)``; with ``residual``, a ``ResidualSum`` of it and the product (see ``ops.linear``)."""
+        return linear(x, self.weight, self.bias, residual)
 
 
 class MergedLinear(Linear):
@@ -68,13 +70,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """``norm(x)``, or with a residual ``(norm(x + residual), x + residual)``."""
+    def forward(self, x: torch.Tensor | ResidualSum, residual: torch.Tensor | None = None):
+        """``norm(x)``, or with a residual ``(norm(x + residual), x + residual)``. A ``ResidualSum`` (a decoder
+        layer's output) gives ``norm`` of the sum it stands for."""
+        if isinstance(x, ResidualSum):
+            return self.deferred(x, residual).run()
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
 
-    def deferred(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> DeferredNorm:
+    def deferred(self, x: torch.Tensor | ResidualSum, residual: torch.Tensor | None = None) -> DeferredNorm:
         """This norm (of ``x + residual``) left to the module that reads its output, whose first kernel computes it
         where it can; ``.residual_out`` is ``x + residual`` once it has run (see ``DeferredNorm``)."""
         return DeferredNorm(x, self.weight, self.eps, residual)
@@ -127,8 +132,10 @@ class DenseMLP(nn.Module):
     def weight_sources(self) -> Sources:
         return self.gate_up_proj.sources_from_parent("gate_up_proj")
 
-    def forward(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | DeferredNorm, add_residual: bool = False) -> torch.Tensor | ResidualSum:
+        """The MLP of ``x``; with ``add_residual`` (``x`` a ``DeferredNorm``) its sum with the residual stream."""
+        act = silu_and_mul(self.gate_up_proj(x))
+        return self.down_proj(act, residual_of(x) if add_residual else None)
 
 
 class Router(nn.Module):
@@ -188,7 +195,9 @@ class SparseMoE(nn.Module):
         self.experts = FusedExperts(num_experts, hidden, intermediate)
         self.shared_experts = DenseMLP(hidden, shared_intermediate) if shared_intermediate else None
 
-    def forward(self, x: torch.Tensor | DeferredNorm) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | DeferredNorm, add_residual: bool = False) -> torch.Tensor | ResidualSum:
+        """The block's output; with ``add_residual`` (``x`` a ``DeferredNorm``) its sum with the residual stream
+        (a norm whose residual add is still pending runs first, to know that stream)."""
         shared = self.shared_experts
         return fused_moe(
             x, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, self.top_k, self.scoring,
@@ -196,17 +205,21 @@ class SparseMoE(nn.Module):
             self.routed_scaling_factor,
             shared.gate_up_proj.weight if shared is not None else None,
             shared.down_proj.weight if shared is not None else None,
+            residual_of(x) if add_residual else None,
         )
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``, with the residual add fused into the next
-    norm: each layer takes and returns ``(hidden, residual)`` and the model's final norm does the last add.
+    """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``. Each layer takes ``(hidden, residual)``
+    and returns ``(ResidualSum, None)``: the residual adds happen in the ops that produce ``attn`` and ``mlp``
+    (their last kernel's epilogue at batch-1 decode, which also stores the sums of squares the next norm needs),
+    and the model's final norm normalises the last sum.
 
-    Both norms are deferred to the module that reads them: attention's first projection and the MLP / MoE run the
-    norm ops first, or with ``HIGHSPEED_FUSE_NORM=1`` compute it in their first kernel at batch-1 decode (a launch
-    fewer per norm, but measured slower on the H200: ``ops/triton/norm.py``). ``self_attn`` and ``mlp`` therefore take ``Tensor | DeferredNorm``; one that has
-    several readers of its input calls ``materialize`` first."""
+    Both norms are deferred to the module that reads them (``DeferredNorm``): attention's first projection and
+    the MLP / MoE fold the norm into their first kernels when its producer stored the sums of squares, else they
+    run the norm op first. ``self_attn`` and ``mlp`` therefore take ``Tensor | DeferredNorm``; one that has
+    several readers of its input calls ``materialize`` first. HIGHSPEED_FOLD_NORM=0 (an A/B switch) keeps the
+    norm launches (``ops/norm.py``)."""
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):
         super().__init__()
@@ -216,9 +229,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, aux: dict
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, positions: torch.Tensor, hidden: torch.Tensor | ResidualSum, residual: torch.Tensor | None, aux: dict
+    ) -> tuple[ResidualSum, None]:
         normed = self.input_layernorm.deferred(hidden, residual)
-        hidden = self.self_attn(positions, normed, aux)
-        normed = self.post_attention_layernorm.deferred(hidden, normed.residual_out)
-        return self.mlp(normed), normed.residual_out
+        h = self.self_attn(positions, normed, aux, add_residual=True)
+        normed = self.post_attention_layernorm.deferred(h)
+        return self.mlp(normed, add_residual=True), None

@@ -1,19 +1,23 @@
-"""Dense projection reference: ``y = x @ W^T (+ b)``. On CUDA, decode-sized inputs (a few rows) go to a Triton
-GEMV (``highspeed/ops/triton/linear.py``), which can also run a deferred RMSNorm of its input in its prologue
-(``HIGHSPEED_FUSE_NORM=1``); everything else stays with cuBLAS."""
+"""Dense projection reference: ``y = x @ W^T (+ b)``, optionally added to the residual stream. On CUDA, one-row
+inputs (batch-1 decode) go to a Triton GEMV (``highspeed/ops/triton/linear.py``), which also folds a deferred
+RMSNorm of its input and the residual add of its output (with the sums of squares the next norm needs);
+everything else stays with cuBLAS."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from highspeed.ops.dispatch import triton_kernel
-from highspeed.ops.norm import DeferredNorm, materialize, unnormed
+from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 
 
-def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor | ResidualSum:
     """``x[..., K] @ weight[N, K]^T + bias[N]`` in x's dtype (fp32 accumulation). ``x`` may be a ``DeferredNorm``:
-    then the input is its output, and its ``residual_out`` is set."""
+    then the input is its output, and its ``residual_out`` is set. With ``residual`` (the residual stream, shaped
+    like the output) the result is a ``ResidualSum`` of it and the product, the sum rounded to x's dtype once."""
     kernel = triton_kernel("linear", "linear", unnormed(x))
     if kernel is not None:
-        return kernel(x, weight, bias)
-    return F.linear(materialize(x), weight, bias)
+        return kernel(x, weight, bias, residual)
+    y = F.linear(materialize(x), weight, bias)
+    return y if residual is None else ResidualSum(y, residual)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from highspeed.ops.activation import silu_and_mul
 from highspeed.ops.dispatch import triton_kernel
-from highspeed.ops.norm import DeferredNorm, materialize, unnormed
+from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 
 
 def select_experts(
@@ -102,19 +102,22 @@ def fused_moe(
     routed_scaling_factor: float = 1.0,
     shared_w13: torch.Tensor | None = None,
     shared_w2: torch.Tensor | None = None,
-) -> torch.Tensor:
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | ResidualSum:
     """A whole MoE block on the normalised hidden state ``x[T, H]``: the fp32 router (``gate_weight[E, H]``),
     expert selection (see ``select_experts``), the routed experts (see ``moe_experts``) and, when given, the
     always-on shared expert ``down(silu(gate(x)) * up(x))`` with ``shared_w13[2Is, H]`` (gate rows then up rows)
     and ``shared_w2[H, Is]``. One op so that a kernel can fuse the router into the expert launches (decode), and
     the norm before the block into the router (``x`` a ``DeferredNorm``: its output is the input, and its
-    ``residual_out`` is set)."""
+    ``residual_out`` is set). With ``residual`` (the residual stream, [T, H]) the result is a ``ResidualSum`` of
+    it and the block's output, which the decode kernel adds in its last launch."""
     kernel = triton_kernel("moe", "fused_moe", unnormed(x))
     if kernel is not None:
         return kernel(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
-                      routed_scaling_factor, shared_w13, shared_w2)
-    return moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,
-                     topk_group, routed_scaling_factor, shared_w13, shared_w2)
+                      routed_scaling_factor, shared_w13, shared_w2, residual)
+    y = moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,
+                  topk_group, routed_scaling_factor, shared_w13, shared_w2)
+    return y if residual is None else ResidualSum(y, residual)
 
 
 def moe_block(

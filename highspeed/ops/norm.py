@@ -1,6 +1,10 @@
-"""RMSNorm reference (HF semantics: normalise in fp32, cast back to the input dtype, then scale), and
-``DeferredNorm``: an RMSNorm handed to the op that consumes its output, so that op can fuse it."""
+"""RMSNorm reference (HF semantics: normalise in fp32, cast back to the input dtype, then scale); ``DeferredNorm``:
+an RMSNorm handed to the op that consumes its output, so that op can fuse it; ``ResidualSum``: the residual
+stream as an op that added it in its epilogue hands it on."""
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 
@@ -28,17 +32,44 @@ def add_rms_norm(
     return rms_norm(s, weight, eps), s
 
 
+# Whether the decode producers of the residual stream (the batch-1 GEMV, the fused MoE's down kernel) hand the
+# next RMSNorm the sums of squares of the rows they write (``ResidualSum.sumsq``), so that its consumers fold the
+# norm into their own kernels (``DeferredNorm``). HIGHSPEED_FOLD_NORM=0 keeps a norm launch per norm (an A/B).
+FOLD_NORM: bool = os.environ.get("HIGHSPEED_FOLD_NORM", "1") != "0"
+
+
+@dataclass
+class ResidualSum:
+    """The residual stream after a block: ``x + residual`` (``x`` alone when ``residual`` is None, i.e. the op
+    that produced ``x`` added it already, in its epilogue). ``sumsq`` [T, P] fp32, when the producing kernel
+    wrote it: per-program partial sums of squares of each row of ``x`` (they add up to the row's sum of squares),
+    which is all the next RMSNorm needs of the row to be folded into its consumer."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None = None
+    sumsq: torch.Tensor | None = None
+
+    def value(self) -> torch.Tensor:
+        return self.x if self.residual is None else self.x + self.residual
+
+
 class DeferredNorm:
     """``rms_norm(x + residual, weight, eps)`` (``rms_norm(x, ...)`` without a residual), not computed yet.
 
-    Ops that take one in place of their input (``linear``, ``fused_moe``) call ``run()`` first, which is exactly
-    the unfused norm, or, with ``HIGHSPEED_FUSE_NORM=1``, compute it inside their own first kernel at batch-1
-    decode on CUDA (it saves a launch of mostly fixed latency, but measured slower end to end on the H200:
-    ``ops/triton/norm.py``). Any other reader calls ``materialize``.
+    Ops that take one in place of their input (``linear``, ``fused_moe``) call ``run()``, which is exactly the
+    unfused norm (one ``add_rms_norm`` or ``rms_norm`` launch), or, when ``sumsq`` is known (the producer of ``x``
+    wrote its rows' sums of squares, see ``ResidualSum``), normalise ``x`` inside their own first kernel at
+    batch-1 decode on CUDA: a launch fewer per norm. Any other reader calls ``materialize``.
     Whoever computes it sets ``residual_out`` to ``x + residual`` (``x`` itself without a residual): the residual
     stream the decoder layer carries on."""
 
-    def __init__(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    def __init__(self, x: torch.Tensor | ResidualSum, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None):
+        self.sumsq: torch.Tensor | None = None
+        if isinstance(x, ResidualSum):
+            if residual is not None:
+                raise ValueError("a ResidualSum carries its own residual")
+            x, residual, self.sumsq = x.x, x.residual, x.sumsq
         self.x, self.weight, self.eps, self.residual = x, weight, eps, residual
         self._residual_out = x if residual is None else None
         self._out: torch.Tensor | None = None
@@ -48,10 +79,6 @@ class DeferredNorm:
         if self._residual_out is None:
             raise RuntimeError("the deferred norm has not been computed: pass it to an op or call materialize()")
         return self._residual_out
-
-    def set_residual_out(self, s: torch.Tensor) -> None:
-        """For a kernel that computed ``x + residual`` itself."""
-        self._residual_out = s
 
     def needs_grad(self) -> bool:
         """Whether autograd must see the norm (then the fused kernels, which it cannot see through, stay out)."""
@@ -76,3 +103,13 @@ def materialize(x: torch.Tensor | DeferredNorm) -> torch.Tensor:
 def unnormed(x: torch.Tensor | DeferredNorm) -> torch.Tensor:
     """The tensor an input is computed from (``x`` of a deferred norm): its device and shape are the input's."""
     return x.x if isinstance(x, DeferredNorm) else x
+
+
+def residual_of(x: DeferredNorm) -> torch.Tensor:
+    """The residual stream a block's output is added to: its input norm's ``residual_out`` (the norm runs first
+    if its residual add is still pending)."""
+    if not isinstance(x, DeferredNorm):
+        raise TypeError("the residual stream of a block comes from its input norm (a DeferredNorm)")
+    if x._residual_out is None:
+        x.run()
+    return x.residual_out

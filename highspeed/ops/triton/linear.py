@@ -1,6 +1,6 @@
-"""GEMV for batch-1 decode: ``y[1, N] = x[1, K] @ W[N, K]^T``, optionally with the RMSNorm of x (and the residual
-add before it) folded in (``DeferredNorm``, only with ``HIGHSPEED_FUSE_NORM=1``: it saves the norm's launch but
-measured slower end to end on the H200, see ``ops/triton/norm.py``).
+"""GEMV for batch-1 decode: ``y[1, N] = x[1, K] @ W[N, K]^T``, optionally with the RMSNorm of x folded in (a
+``DeferredNorm`` whose producer stored the sums of squares) and the residual add of y folded out (``residual``:
+it returns a ``ResidualSum`` with its programs' sums of squares for the next norm); see ``ops/triton/norm.py``.
 
 Multiply-and-reduce in registers (no tensor cores: one row of x), a few weight rows per program over the whole K
 range (no split-K, so deterministic and no second launch), with the next weight tile loaded while the current one
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from highspeed.ops.norm import DeferredNorm, materialize, unnormed
+from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2
-from highspeed.ops.triton.norm import fusable_norm, norm_onepass_tile
+from highspeed.ops.triton.norm import foldable_norm, norm_values, residual_epilogue, sumsq_buffer, sumsq_rstd
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
@@ -53,17 +53,32 @@ def whole_block_n(K: int) -> int:
 
 
 @triton.jit
-def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr):
+def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr, ss_row, P, eps,
+                   NORM: tl.constexpr, BLOCK_P: tl.constexpr):
     """[rows] fp32 dot products of whole preloaded weight rows (w1: columns [0, K1), w2: [K1, K1 + K2), unused
-    when K2 == 0) with the row at ``x_row``: both x reads are issued before either is used."""
+    when K2 == 0) with the row at ``x_row`` -- with NORM, with its RMSNorm (weights ``nw_ptr``, the producer's
+    partial sums of squares at ``ss_row``). Every load is issued before any of it is used."""
     k1 = tl.arange(0, K1)
-    x1 = tl.load(x_row + k1, mask=k1 < K, other=0.0).to(tl.float32)
+    x1 = tl.load(x_row + k1, mask=k1 < K, other=0.0)
+    if NORM:
+        g1 = tl.load(nw_ptr + k1, mask=k1 < K, other=0.0)
     if K2 > 0:
         k2 = K1 + tl.arange(0, K2)
-        x2 = tl.load(x_row + k2, mask=k2 < K, other=0.0).to(tl.float32)
-    y = tl.sum(w1.to(tl.float32) * x1[None, :], 1)
+        x2 = tl.load(x_row + k2, mask=k2 < K, other=0.0)
+        if NORM:
+            g2 = tl.load(nw_ptr + k2, mask=k2 < K, other=0.0)
+    if NORM:
+        rstd = sumsq_rstd(ss_row, P, K, eps, BLOCK_P)
+        xf1 = norm_values(x1, g1, rstd, x_row.dtype.element_ty)
+    else:
+        xf1 = x1.to(tl.float32)
+    y = tl.sum(w1.to(tl.float32) * xf1[None, :], 1)
     if K2 > 0:
-        y += tl.sum(w2.to(tl.float32) * x2[None, :], 1)
+        if NORM:
+            xf2 = norm_values(x2, g2, rstd, x_row.dtype.element_ty)
+        else:
+            xf2 = x2.to(tl.float32)
+        y += tl.sum(w2.to(tl.float32) * xf2[None, :], 1)
     return y
 
 
@@ -73,14 +88,16 @@ def use_gemv(M: int, N: int, K: int, weight: torch.Tensor) -> bool:
 
 @triton.jit
 def _gemv_row_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, sum_ptr, N, K, eps,
-    stride_xm, stride_wn, stride_ym,
+    x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, ss_in_ptr, ss_out_ptr, N, K, P_in, eps,
+    stride_xm, stride_wn, stride_ym, stride_rm, stride_sim, stride_som,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SUMSQ_OUT: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # NORM (one row only): x is rms_norm(x + residual) with weight nw; program 0 stores x + residual at sum_ptr.
+    # NORM (WHOLE only): x is the residual stream, normalised here (see ops/triton/norm.py). ADD_RESIDUAL: y is
+    # added to the residual rows at res_ptr; SUMSQ_OUT: each program stores the sum of squares of its sums.
     if PDL:
         gdc_launch_dependents()
     m = tl.program_id(1).to(tl.int64)
@@ -91,7 +108,7 @@ def _gemv_row_kernel(
     if L2_PREFETCH:  # all of this program's weight rows, requested while the previous kernel still runs
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, K - 1)
         prefetch_l2(w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
-    if WHOLE:      # every weight of this program, in flight before the wait (no NORM: x is read once, below)
+    if WHOLE:      # every weight of this program, in flight before the wait
         k1 = tl.arange(0, K1)
         w1 = tl.load(w_rows + k1[None, :], mask=nmask[:, None] & (k1 < K)[None, :], other=0.0)
         if K2 > 0:
@@ -105,19 +122,12 @@ def _gemv_row_kernel(
     if PDL:
         gdc_wait()
     if WHOLE:
-        y = whole_rows_dot(w1, w2, x_row, K, K1, K2)
+        y = whole_rows_dot(w1, w2, x_row, K, K1, K2, nw_ptr, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P)
     else:
-        if NORM:   # one pass: sum of squares alongside the products, rstd applied to the result
-            ss = tl.full([], 0.0, tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            if NORM:
-                xv, ss_k = norm_onepass_tile(x_row, res_ptr, sum_ptr, nw_ptr, k, k < K,
-                                             (tl.program_id(0) == 0).to(tl.int32), HAS_RESIDUAL)
-                ss += ss_k
-            else:
-                xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+            xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
             if PREFETCH:
                 kn = k + BLOCK_K
                 w_next = tl.load(w_rows + kn[None, :], mask=nmask[:, None] & (kn < K)[None, :], other=0.0,
@@ -129,46 +139,57 @@ def _gemv_row_kernel(
             if PREFETCH:
                 w = w_next
         y = tl.sum(acc, 1)
-        if NORM:
-            y = y * (1.0 / tl.sqrt(ss / K + eps))
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    if ADD_RESIDUAL:
+        out, part = residual_epilogue(y, res_ptr + m * stride_rm + n, nmask, y_ptr.dtype.element_ty)
+        tl.store(y_ptr + m * stride_ym + n, out, mask=nmask)
+        if SUMSQ_OUT:
+            tl.store(ss_out_ptr + m * stride_som + tl.program_id(0), part)
+    else:
+        tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor | ResidualSum:
     """Same contract as ``highspeed.ops.linear.linear``."""
     norm = x if isinstance(x, DeferredNorm) else None
-    if norm is not None and not fusable_norm(norm, norm.x):
-        x, norm = materialize(norm), None     # its own norm launch, then the GEMV (or cuBLAS) as without one
-    x = unnormed(x)
-    K = x.shape[-1]
+    xin = unnormed(x)
+    K = xin.shape[-1]
     N = weight.shape[0]
-    M = x.numel() // K if K else 0
-    if (not use_gemv(M, N, K, weight) or weight.dim() != 2 or weight.stride(-1) != 1 or x.dtype != weight.dtype
-            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.requires_grad):
-        return F.linear(materialize(norm) if norm is not None else x, weight, bias)
-    x2 = x.reshape(M, K)
+    M = xin.numel() // K if K else 0
+    if (not use_gemv(M, N, K, weight) or weight.dim() != 2 or weight.stride(-1) != 1 or xin.dtype != weight.dtype
+            or xin.dtype not in (torch.bfloat16, torch.float16, torch.float32) or xin.requires_grad
+            or (residual is not None and (residual.shape != (*xin.shape[:-1], N) or residual.dtype != xin.dtype
+                                          or residual.stride(-1) != 1))):
+        y = F.linear(materialize(x), weight, bias)
+        return y if residual is None else ResidualSum(y, residual)
+    whole = WHOLE_ROWS and K <= GEMV_WHOLE["MAX_K"]
+    if norm is not None and not (whole and foldable_norm(norm, xin)):
+        xin, norm = materialize(norm), None     # its own norm launch, then the GEMV as without one
+    x2 = xin.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    residual, norm_weight, s, eps = x2, weight, x2, 0.0      # unused pointers without a norm / residual
-    if norm is not None:
-        norm_weight, eps = norm.weight, norm.eps
-        if norm.residual is not None:
-            residual, s = norm.residual, torch.empty_like(x2)
-            norm.set_residual_out(s.view(x.shape))
+    y = torch.empty(M, N, dtype=xin.dtype, device=xin.device)
     cfg = GEMV_ROW_NARROW if N < NARROW_N else GEMV_ROW
-    whole = WHOLE_ROWS and norm is None and K <= GEMV_WHOLE["MAX_K"]
     k1, k2 = whole_split(K)
     if whole:
         cfg = dict(cfg, BLOCK_N=whole_block_n(K), num_warps=GEMV_WHOLE["num_warps"])
-    _gemv_row_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), M)](
-        x2, weight, bias if bias is not None else weight, y, residual, norm_weight, s, N, K, eps,
-        x2.stride(0), weight.stride(0), y.stride(0),
+    programs = triton.cdiv(N, cfg["BLOCK_N"])
+    ss_out = sumsq_buffer(M, programs, xin.device) if residual is not None else None
+    res = residual.reshape(M, N) if residual is not None else y       # unused pointers without them
+    ss_in = norm.sumsq if norm is not None else y
+    ss_o = ss_out if ss_out is not None else y
+    _gemv_row_kernel[(programs, M)](
+        x2, weight, bias if bias is not None else weight, y, res, norm.weight if norm is not None else weight,
+        ss_in, ss_o, N, K, ss_in.shape[-1] if norm is not None else 0, norm.eps if norm is not None else 0.0,
+        x2.stride(0), weight.stride(0), y.stride(0), res.stride(0), ss_in.stride(0), ss_o.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
-        NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
-        WHOLE=whole, K1=k1, K2=k2, num_warps=cfg["num_warps"], **pdl(x2),
+        WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None,
+        BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None else 1,
+        ADD_RESIDUAL=residual is not None, SUMSQ_OUT=ss_out is not None,
+        num_warps=cfg["num_warps"], **pdl(x2),
     )
-    return y.view(*x.shape[:-1], N)
+    y = y.view(*xin.shape[:-1], N)
+    return y if residual is None else ResidualSum(y, None, ss_out)

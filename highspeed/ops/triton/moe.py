@@ -22,12 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.norm import DeferredNorm, materialize, unnormed
+from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
                                   prefetch_l2)
 from highspeed.ops.triton import linear as lin
 from highspeed.ops.triton.linear import whole_rows_dot
-from highspeed.ops.triton.norm import fusable_norm, norm_prologue_block, norm_prologue_rstd, norm_prologue_tile
+from highspeed.ops.triton.norm import foldable_norm, norm_values, residual_epilogue, sumsq_buffer
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
@@ -208,17 +208,16 @@ def select_experts(
 # ----------------------------------------------------------------------------------------------------------------
 # The whole MoE block at decode (``fused_moe``, T <= FUSED_MAX_TOKENS): three launches in place of seven.
 #   1. ``_router_kernel``: fp32 router logits, many programs (the router weight is 1-6 MB: one program would
-#      read it at a fraction of the bandwidth). With ``HIGHSPEED_FUSE_NORM=1`` and a ``DeferredNorm``
-#      (the decoder layer's post-attention norm) each program also normalises the row itself, and one per token
-#      stores the normalised row and the new residual, in place of the norm's own launch (measured slower, so
-#      off by default: ``ops/triton/norm.py``).
+#      read it at a fraction of the bandwidth). With a foldable ``DeferredNorm`` (the post-attention norm, its
+#      sums of squares stored by o_proj) this kernel and the next normalise the row as they load it.
 #   2. ``_fused_gate_up_kernel``: each program picks its token's experts from the logits (``_route_ids``, in
 #      registers), then computes SiLU(gate) * up for one row block of one chosen expert -- or of the shared
 #      expert, whose rows are just more row blocks. Program 0 of each token then computes the routing weights and
 #      stores the routing for step 3.
 #   3. ``_fused_down_kernel``: each program owns a block of output columns and reads that block of rows of ALL the
 #      token's chosen experts in one 2-D tile ([k * BLOCK_N, BLOCK_K]: k times the loads in flight of a
-#      per-expert loop), sums them with the routing weights in registers, then adds the shared expert's rows.
+#      per-expert loop), sums them with the routing weights in registers, then adds the shared expert's rows,
+#      and with ``residual`` the residual stream, storing its sums of squares for the next layer's norm.
 # ----------------------------------------------------------------------------------------------------------------
 
 # H200 (benchmarks/kernels.py ``fused_moe``, results/kernels-h200-run5-fused-moe-linear.json, CUDA-graph times):
@@ -227,9 +226,7 @@ def select_experts(
 FUSED_MAX_TOKENS: int = 2
 # Launch shapes: the sweep's best router on all three models; the expert shapes are within 2-3% of each model's
 # best (no one shape won everywhere).
-# NORM_BLOCK: the norm prologue's chunk (``norm_prologue_block``); ptxas for sm_90a counts 40 registers without the
-# norm, 48 with a 1024 chunk, and spills with 2048.
-ROUTER = dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4, NORM_BLOCK=1024)
+ROUTER = dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4)
 FUSED_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
 FUSED_DOWN = dict(BLOCK_N=4, BLOCK_K=256, num_warps=4)
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
@@ -249,22 +246,21 @@ PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, sum_ptr, xn_ptr, H, E, eps,
-                   stride_xt, stride_we, stride_ot, stride_rt, stride_nt,
+def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
+                   stride_xt, stride_we, stride_ot, stride_st,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
-                   NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                   WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, PDL: tl.constexpr):
-    # NORM: x is rms_norm(x + residual) with weight nw. The token's program for expert block 0 stores x + residual
-    # at sum_ptr (the layer's new residual) and the normalised row at xn_ptr (the expert kernel's input).
+                   WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr,
+                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss.
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = e < E
     w_rows = w_ptr + e[:, None].to(tl.int64) * stride_we
-    # The router weights do not depend on the previous kernel: the first tile is in flight before the wait, and
-    # each iteration loads the next tile before using the current one.
+    # The router weights do not depend on the previous kernel: in flight before the wait (all of them with WHOLE,
+    # else the first tile, each iteration then loading the next tile before using the current one).
     if L2_PREFETCH:
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, H - 1)
         prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
@@ -283,22 +279,12 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, sum_ptr, xn_ptr, H, E
         gdc_wait()
     x_row = x_ptr + t * stride_xt
     if WHOLE:
-        y = whole_rows_dot(w1, w2, x_row, H, K1, K2)
+        y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P)
     else:
-        if NORM:
-            first = tl.program_id(1) == 0
-            res_row = res_ptr + t * stride_rt
-            rstd = norm_prologue_rstd(x_row, res_row, sum_ptr + t * stride_nt, H, eps, first, HAS_RESIDUAL,
-                                      NORM_BLOCK)
         acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            if NORM:
-                xv = norm_prologue_tile(x_row, res_row, nw_ptr, k, k < H, rstd, HAS_RESIDUAL)
-                if first:
-                    tl.store(xn_ptr + t * stride_nt + k, xv.to(xn_ptr.dtype.element_ty), mask=k < H)
-            else:
-                xv = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
+            xv = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
             kn = k + BLOCK_K
             w_next = tl.load(w_rows + kn[None, :], mask=emask[:, None] & (kn < H)[None, :], other=0.0,
                              eviction_policy=W_EVICT)
@@ -310,10 +296,10 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, sum_ptr, xn_ptr, H, E
 
 @triton.jit
 def _fused_gate_up_kernel(
-    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr,
-    H, I, IS, n_group, per_group, scaling,
-    stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at, stride_2e, stride_2n, stride_s2n,
-    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
+    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr, nw_ptr, ss_ptr,
+    H, I, IS, n_group, per_group, scaling, P, eps,
+    stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at, stride_2e, stride_2n, stride_s2n, stride_st,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
@@ -325,6 +311,9 @@ def _fused_gate_up_kernel(
         gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
+    if NORM:   # x is the residual stream: its rms from the producer's partial sums, loaded with the logits
+        pp = tl.arange(0, BLOCK_P)
+        parts = tl.load(ss_ptr + t * stride_st + pp, mask=pp < P, other=0.0)
     blocks_per_expert = tl.cdiv(I, BLOCK_N)
     r = tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_TK)
@@ -354,6 +343,8 @@ def _fused_gate_up_kernel(
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
             prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :])
     x_row = x_ptr + t * stride_xt
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(parts, 0) / H + eps)
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
@@ -364,7 +355,11 @@ def _fused_gate_up_kernel(
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < H
-        xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
+        if NORM:
+            xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0), tl.load(nw_ptr + k, mask=kmask, other=0.0),
+                             rstd, x_ptr.dtype.element_ty)
+        else:
+            xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
         if PREFETCH:
             kn = k + BLOCK_K
             mn = nmask[:, None] & (kn < H)[None, :]
@@ -392,9 +387,10 @@ def _fused_gate_up_kernel(
 
 @triton.jit
 def _fused_down_kernel(
-    act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr,
+    act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr, res_ptr, ss_ptr,
     H, I, IS,
-    stride_at, stride_we, stride_wn, stride_sn, stride_ot,
+    stride_at, stride_we, stride_wn, stride_sn, stride_ot, stride_rt, stride_st,
+    ADD_RESIDUAL: tl.constexpr, SUMSQ_OUT: tl.constexpr,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -448,13 +444,22 @@ def _fused_down_kernel(
                 w_sh = tl.load(s_rows + ks[None, :], mask=cmask[:, None] & (ks < IS)[None, :], other=0.0, eviction_policy=W_EVICT)
                 acc_s += w_sh.to(tl.float32) * a_sh[None, :]
         out += tl.sum(acc_s, 1)
-    tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
+    if ADD_RESIDUAL:   # the residual stream, and its sums of squares for the next layer's norm
+        out, part = residual_epilogue(out, res_ptr + t * stride_rt + c, cmask, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + t * stride_ot + c, out, mask=cmask)
+        if SUMSQ_OUT:
+            tl.store(ss_ptr + t * stride_st + nb, part)
+    else:
+        tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
                       shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
-                      norm: DeferredNorm | None = None) -> torch.Tensor:
+                      norm: DeferredNorm | None = None, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor | ResidualSum:
+    """The three decode launches. ``norm``: a foldable ``DeferredNorm`` of x (router and gate/up normalise x as
+    they load it); ``residual``: added to the output by the down kernel, which also stores the sums of squares."""
     T, H = x.shape
     E, _, I = w2.shape
     k = meta["TOP_K"]
@@ -464,28 +469,18 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
     launch = pdl(x)
     prefetch = l2_prefetch(x)
-    # With a deferred norm the router normalises x and stores the normalised rows (xn) for the expert kernel,
-    # and x + residual (the layer's new residual).
-    xn = s = residual = x                          # unused pointers without a norm / residual
-    if norm is not None:
-        xn = torch.empty(T, H, dtype=x.dtype, device=dev)
-        if norm.residual is not None:
-            residual, s = norm.residual, torch.empty(T, H, dtype=x.dtype, device=dev)
-            norm.set_residual_out(s)
+    nw, ss_in = (norm.weight, norm.sumsq) if norm is not None else (x, logits)   # unused pointers without a norm
+    norm_args = dict(NORM=norm is not None, BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None else 1)
+    P, eps = (ss_in.shape[-1], norm.eps) if norm is not None else (0, 0.0)
     cfg = ROUTER
-    whole = lin.WHOLE_ROWS and norm is None and H <= lin.GEMV_WHOLE["MAX_K"]
     k1, k2 = lin.whole_split(H)
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
-        x, gate_weight, logits, residual, norm.weight if norm is not None else x, s, xn, H, E,
-        norm.eps if norm is not None else 0.0,
-        x.stride(0), gate_weight.stride(0), logits.stride(0), residual.stride(0), xn.stride(0),
+        x, gate_weight, logits, nw, ss_in, H, E, P, eps,
+        x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0),
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
-        NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
-        NORM_BLOCK=norm_prologue_block(H, cfg.get("NORM_BLOCK", 1024)) if norm is not None else 1,
-        WHOLE=whole, K1=k1, K2=k2,
+        WHOLE=lin.WHOLE_ROWS and H <= lin.GEMV_WHOLE["MAX_K"], K1=k1, K2=k2, **norm_args,
     )
-    x = xn
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
@@ -498,10 +493,10 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     # by its own, which may be fewer: the rows are clamped, so a short share just repeats the last row).
     bpe = min(triton.cdiv(I, bn), triton.cdiv(IS, bn)) if has_shared else triton.cdiv(I, bn)
     _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
-        x, logits, bias, w13, ws13, act, weights, ids, w2, ws2,
-        H, I, IS, n_group, E // n_group, float(scaling),
+        x, logits, bias, w13, ws13, act, weights, ids, w2, ws2, nw, ss_in,
+        H, I, IS, n_group, E // n_group, float(scaling), P, eps,
         x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
-        w2.stride(0), w2.stride(1), ws2.stride(0),
+        w2.stride(0), w2.stride(1), ws2.stride(0), ss_in.stride(0), **norm_args,
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
@@ -509,14 +504,19 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = FUSED_DOWN if I <= NARROW_I else FUSED_DOWN_WIDE
-    _fused_down_kernel[(T, triton.cdiv(H, cfg["BLOCK_N"]))](
-        act, w2, ws2, weights, ids, out, H, I, IS,
-        act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
+    programs = triton.cdiv(H, cfg["BLOCK_N"])
+    ss_out = sumsq_buffer(T, programs, dev) if residual is not None else None
+    res = residual if residual is not None else out
+    ss_o = ss_out if ss_out is not None else logits
+    _fused_down_kernel[(T, programs)](
+        act, w2, ws2, weights, ids, out, res, ss_o, H, I, IS,
+        act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
+        ADD_RESIDUAL=residual is not None, SUMSQ_OUT=ss_out is not None,
         TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
         W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
     )
-    return out
+    return out if residual is None else ResidualSum(out, None, ss_out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -757,7 +757,8 @@ def fused_moe(
     routed_scaling_factor: float = 1.0,
     shared_w13: torch.Tensor | None = None,
     shared_w2: torch.Tensor | None = None,
-) -> torch.Tensor:
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | ResidualSum:
     """Router + selection + routed experts + shared expert; see ``highspeed.ops.moe.fused_moe``."""
     norm = x if isinstance(x, DeferredNorm) else None
     T, H = unnormed(x).shape
@@ -765,16 +766,20 @@ def fused_moe(
     meta = _routing_meta(E, top_k, scoring, renormalize, correction_bias, n_group, topk_group)
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13 and shared_w2 come together")
-    if norm is not None and not fusable_norm(norm, norm.x):
+    fused = 0 < T <= FUSED_MAX_TOKENS and (residual is None or (
+        residual.shape == (T, H) and residual.dtype == unnormed(x).dtype and residual.stride(-1) == 1))
+    if norm is not None and not (fused and lin.WHOLE_ROWS and H <= lin.GEMV_WHOLE["MAX_K"]
+                                 and foldable_norm(norm, norm.x)):
         x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one
-    if 0 < T <= FUSED_MAX_TOKENS:
+    if fused:
         xin = unnormed(x)
         xin = xin if xin.stride(-1) == 1 else xin.contiguous()
         w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
         w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
         return _fused_moe_decode(xin, gate_weight.contiguous(), w13, w2, meta, correction_bias, n_group,
-                                 routed_scaling_factor, shared_w13, shared_w2, norm)
+                                 routed_scaling_factor, shared_w13, shared_w2, norm, residual)
     from highspeed.ops.moe import moe_block   # the separate ops, each dispatching to its kernel
 
-    return moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,
-                     topk_group, routed_scaling_factor, shared_w13, shared_w2)
+    y = moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,
+                  topk_group, routed_scaling_factor, shared_w13, shared_w2)
+    return y if residual is None else ResidualSum(y, residual)

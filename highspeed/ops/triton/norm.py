@@ -4,12 +4,10 @@ One program per row; the row stays in registers between the sum of squares and t
 reads x once and writes y once, and ``add_rms_norm`` reads x and residual once and writes the sum and y once
 (three round trips through memory instead of the five the unfused add + norm need).
 Rounding follows transformers' RMSNorm: statistics in fp32, the normalised row cast back to the input dtype,
-then multiplied by the weight. The end of the file holds the same norm as the prologue of another kernel
-(``DeferredNorm``), which saves its launch at batch-1 decode.
+then multiplied by the weight. The end of the file holds the pieces that fold the norm into the kernels that
+write and read the residual stream at batch-1 decode (``DeferredNorm`` with ``sumsq``), saving its launch.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -90,77 +88,51 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The same norm as the prologue of a consumer kernel (``DeferredNorm``: the batch-1 GEMV, the decode MoE router).
-# Each program of the consumer reads the whole row (a few thousand elements, in L2) for its sum of squares, then
-# normalises each tile of it as its main loop reaches it, with the rounding steps of ``_rms_norm_kernel``.
+# The norm folded into the kernels around it at batch-1 decode (``DeferredNorm`` with ``sumsq``): the kernel that
+# writes the residual stream (the GEMV, the fused MoE's down kernel) adds the residual in its epilogue and stores
+# each program's sum of squares of the rows it wrote (``residual_epilogue``); the kernels that read the norm's
+# output (the GEMV, the MoE router and gate/up kernel) add those partials up into ``rstd`` (``sumsq_rstd``, one
+# load issued with the row's own) and normalise the row as they load it (``norm_values``). Nothing waits for a
+# whole-row reduction, and the norm launch -- ~1.5 us of pure latency on the H200 -- is gone.
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def norm_prologue_rstd(x_row, res_row, sum_row, K, eps, STORE_SUM, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """``1 / rms(s)`` of the row ``s = x + residual`` (rounded to x's dtype) or ``s = x``; stores s at ``sum_row``
-    where ``STORE_SUM`` (one program per row should). Only after the PDL wait: x and residual are activations."""
-    ss = tl.full([], 0.0, tl.float32)   # a scalar: a [BLOCK] accumulator would hold BLOCK / threads more registers
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        kmask = k < K
-        s = tl.load(x_row + k, mask=kmask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(res_row + k, mask=kmask, other=0.0)
-            s = (s.to(tl.float32) + r.to(tl.float32)).to(x_row.dtype.element_ty)
-            if STORE_SUM:
-                tl.store(sum_row + k, s, mask=kmask)
-        sf = s.to(tl.float32)
-        ss += tl.sum(sf * sf, 0)
+def residual_epilogue(y, res_ptrs, mask, OUT_TY: tl.constexpr):
+    """``s = y + residual`` for a producer's fp32 results ``y``: y rounded to the model dtype first (the unfused
+    op's output), the sum rounded once (the residual stream's dtype). Returns (s, sum of s^2 over ``mask``)."""
+    r = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+    s = (y.to(OUT_TY).to(tl.float32) + r).to(OUT_TY)
+    sf = tl.where(mask, s.to(tl.float32), 0.0)
+    return s, tl.sum(sf * sf, 0)
+
+
+@triton.jit
+def sumsq_rstd(ss_row, P, K, eps, BLOCK_P: tl.constexpr):
+    """``1 / rms`` of a row of K elements from the P partial sums of squares its producer stored."""
+    p = tl.arange(0, BLOCK_P)
+    ss = tl.sum(tl.load(ss_row + p, mask=p < P, other=0.0), 0)
     return 1.0 / tl.sqrt(ss / K + eps)
 
 
 @triton.jit
-def norm_prologue_tile(x_row, res_row, nw_ptr, k, kmask, rstd, HAS_RESIDUAL: tl.constexpr):
-    """Columns ``k`` of the normalised row, in fp32 but holding exactly the x-dtype values ``rms_norm`` returns."""
-    s = tl.load(x_row + k, mask=kmask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_row + k, mask=kmask, other=0.0)
-        s = (s.to(tl.float32) + r.to(tl.float32)).to(x_row.dtype.element_ty)
-    normed = (s.to(tl.float32) * rstd).to(x_row.dtype.element_ty).to(tl.float32)
-    w = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    return (normed * w).to(x_row.dtype.element_ty).to(tl.float32)
+def norm_values(x, nw, rstd, OUT_TY: tl.constexpr):
+    """Loaded row values ``x`` normalised and scaled by the loaded weights ``nw``, with ``_rms_norm_kernel``'s
+    roundings (so exactly the values ``rms_norm`` returns, held in fp32)."""
+    normed = (x.to(tl.float32) * rstd).to(OUT_TY).to(tl.float32)
+    return (normed * nw.to(tl.float32)).to(OUT_TY).to(tl.float32)
 
 
-@triton.jit
-def norm_onepass_tile(x_row, res_row, sum_row, nw_ptr, k, kmask, STORE_SUM, HAS_RESIDUAL: tl.constexpr):
-    """One pass of a consumer that can scale its result by ``rstd`` at the end (the batch-1 GEMV: ``W @ norm(s) =
-    rstd * W @ (g * s)``): columns ``k`` of ``g * s`` in fp32 and their sum of squares of ``s``, with ``s = x +
-    residual`` (rounded to x's dtype, stored at ``sum_row`` where the int ``STORE_SUM`` is not 0) or ``s = x``. Unlike
-    ``norm_prologue_tile`` it skips rms_norm's two roundings to x's dtype (bf16: a few 1e-3 relative per element,
-    the size of bf16 noise; fp32: none), and saves the sum-of-squares pass before the main loop: H200 run 6c
-    measured that pass at +2.4 us per GEMV, more than the norm launch it replaced."""
-    s = tl.load(x_row + k, mask=kmask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_row + k, mask=kmask, other=0.0)
-        s = (s.to(tl.float32) + r.to(tl.float32)).to(x_row.dtype.element_ty)
-        tl.store(sum_row + k, s, mask=kmask & ((k * 0 + STORE_SUM) != 0))   # block mask (the interpreter's rule)
-    sf = s.to(tl.float32)
-    g = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-    return sf * g, tl.sum(sf * sf, 0)
+def foldable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
+    """Whether a consumer kernel can fold this ``DeferredNorm`` of its input ``x``: its producer stored the
+    sums of squares, and the residual is already added."""
+    w, ss = norm.weight, norm.sumsq
+    return (ss is not None and norm.residual is None and not norm.needs_grad() and w.dtype == x.dtype
+            and w.shape == x.shape[-1:] and w.is_contiguous() and ss.is_contiguous() and ss.dim() == 2
+            and ss.shape[0] == x.numel() // max(1, x.shape[-1]) and x.stride(-1) == 1)
 
 
-def norm_prologue_block(K: int, cap: int) -> int:
-    """Chunk of the sum-of-squares pass: the whole row in one load when it fits ``cap`` (one L2 round trip on the
-    critical path after the PDL wait), else ``cap`` per step. Each consumer's launch shape sets the cap so that the
-    pass does not raise its register count much (more registers, fewer resident programs)."""
-    return min(next_power_of_2(K), cap)
+def sumsq_buffer(rows: int, programs: int, device: torch.device) -> torch.Tensor | None:
+    """Where a producer's programs store their partial sums of squares, or None with HIGHSPEED_FOLD_NORM=0."""
+    from highspeed.ops import norm as norm_ops
 
-
-# Whether the consumers run a DeferredNorm in their prologue. Off unless HIGHSPEED_FUSE_NORM=1: on the H200 (run 6d,
-# batch-1 graph replay) the prologue made decode slower, not faster -- Qwen3-30B-A3B 2.85 ms with it against 2.64 ms
-# with separate norm launches, GLM-4.7-Flash 3.40 against 3.35 ms. (The first, two-pass GEMV prologue: 2.72 ms on
-# Qwen3 in run 6c; its profile had each GEMV +2.4 us and the router +1.1 us against the 1.5 us norm launch saved.)
-# Without it, every DeferredNorm is one norm launch followed by the same kernels as before.
-FUSE_NORM: bool = os.environ.get("HIGHSPEED_FUSE_NORM", "0") == "1"
-
-
-def fusable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
-    """Whether a kernel can run this ``DeferredNorm`` (of input ``x``) in its prologue."""
-    r, w = norm.residual, norm.weight
-    return (FUSE_NORM and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:] and w.is_contiguous()
-            and (r is None or (r.dtype == x.dtype and r.shape == x.shape and r.stride(-1) == 1)))
+    return torch.empty(rows, programs, dtype=torch.float32, device=device) if norm_ops.FOLD_NORM else None

@@ -1,0 +1,187 @@
+"""The residual RMSNorm folded into the kernels around it (``ops/triton/norm.py``): a producer (the batch-1 GEMV,
+the decode MoE's down kernel) adds the residual in its epilogue and stores its programs' sums of squares
+(``ResidualSum``); a consumer (the GEMV, the MoE router and gate/up kernel) takes the ``DeferredNorm`` of that sum
+and normalises the row as it loads it. Checked against the torch reference (the norm ops, then the op), and the
+sums of squares are shown to be what the consumer really reads."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from highspeed.ops.norm import DeferredNorm, ResidualSum
+from highspeed.ops.norm import add_rms_norm as ref_add_rms_norm
+from highspeed.ops.norm import rms_norm as ref_rms_norm
+from tests.ops.conftest import DEVICE, HAS_CUDA, TOL, rel_err
+from tests.ops.test_triton_linear import small_gemv_tiles
+from tests.ops.test_triton_moe import FUSED_CASES, _expert_weights
+
+EPS = 1e-6
+# The interpreter (Triton 3.9) casts fp32 -> bf16 by truncation where torch and GPUs round to nearest, so on the
+# CPU a bf16 result is compared loosely with the torch reference.
+REF_TOL = {**TOL, torch.bfloat16: TOL[torch.bfloat16] if HAS_CUDA else 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_fold(monkeypatch) -> None:
+    torch.manual_seed(11)
+    import highspeed.ops.norm as norm_ops
+
+    monkeypatch.setattr(norm_ops, "FOLD_NORM", True)
+
+
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = (torch.randn(shape, device=DEVICE) * 2 + 0.3).to(dtype)
+    r = torch.randn(shape, device=DEVICE).to(dtype)
+    nw = (1 + 0.5 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    return x, r, nw
+
+
+def _check_sums(rs: ResidualSum, expected_s: torch.Tensor, dtype: torch.dtype) -> None:
+    """The producer's output: the residual added (no pending residual) and the partial sums of squares of the
+    rows it stored."""
+    assert rs.residual is None and rs.sumsq is not None and rs.sumsq.dtype == torch.float32
+    assert rs.x.shape == expected_s.shape and rs.x.dtype == dtype
+    assert rel_err(rs.x, expected_s) < REF_TOL[dtype], rel_err(rs.x, expected_s)
+    rows = rs.x.reshape(-1, rs.x.shape[-1]).double()
+    torch.testing.assert_close(rs.sumsq.double().sum(-1), (rows * rows).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch-1 GEMV: producer, consumer, and the chain
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,bias", [(20, 40, False), (7, 37, True), (33, 48, False), (5, 300, True)])
+def test_gemv_producer_and_consumer(triton_module, reference, monkeypatch, dtype, N, K, bias):
+    lin = triton_module("linear")
+    small_gemv_tiles(lin, monkeypatch, False, whole=True)
+    a, r, nw = _inputs((1, K), dtype)
+    w_in = (torch.randn(K, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(K, device=DEVICE).to(dtype) if bias else None
+    # Producer: s = a @ w_in^T (+ b) + r, with its sums of squares.
+    rs = lin.linear(a, w_in, b, r)
+    ref_s = reference(F.linear, a, w_in, b) + r
+    _check_sums(rs, ref_s, dtype)
+    # Consumer: the norm of s, folded into the next GEMV.
+    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    norm = DeferredNorm(rs, nw, EPS)
+    y = lin.linear(norm, w)
+    assert norm.residual_out is rs.x
+    ref = F.linear(reference(ref_rms_norm, rs.x, nw, EPS).double(), w.double())
+    assert y.shape == (1, N) and y.dtype == dtype
+    assert rel_err(y, ref) < REF_TOL[dtype], rel_err(y, ref)
+    # The consumer reads the sums of squares (it does not recompute them): scaled sums scale the result.
+    scaled = lin.linear(DeferredNorm(ResidualSum(rs.x, None, rs.sumsq * 4), nw, EPS), w)
+    assert rel_err(scaled, ref / 2) < REF_TOL[dtype] + 1e-3, rel_err(scaled, ref / 2)
+
+
+def test_gemv_without_fold(triton_module, reference, monkeypatch):
+    """HIGHSPEED_FOLD_NORM=0: the producer still adds the residual but stores no sums; the consumer then runs the
+    norm launch first. More than one row: cuBLAS, and the residual add is left to the norm (pending)."""
+    import highspeed.ops.norm as norm_ops
+
+    lin = triton_module("linear")
+    small_gemv_tiles(lin, monkeypatch, False, whole=True)
+    monkeypatch.setattr(norm_ops, "FOLD_NORM", False)
+    a, r, nw = _inputs((1, 24), torch.float32)
+    w = torch.randn(24, 24, device=DEVICE) / 24**0.5
+    rs = lin.linear(a, w, None, r)
+    assert rs.residual is None and rs.sumsq is None
+    assert rel_err(rs.x, F.linear(a, w) + r) < TOL[torch.float32]
+    y = lin.linear(DeferredNorm(rs, nw, EPS), w)
+    assert rel_err(y, F.linear(reference(ref_rms_norm, rs.x, nw, EPS), w)) < TOL[torch.float32]
+
+    a3, r3, _ = _inputs((3, 24), torch.float32)
+    rs3 = lin.linear(a3, w, None, r3)
+    assert rs3.residual is r3 and rs3.sumsq is None
+    normed, s = reference(ref_add_rms_norm, rs3.x, r3, nw, EPS)
+    norm = DeferredNorm(rs3, nw, EPS)
+    assert rel_err(lin.linear(norm, w), F.linear(normed, w)) < TOL[torch.float32]
+    assert torch.equal(norm.residual_out, s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode MoE: the router and gate/up fold the norm in, the down kernel adds the residual
+# ----------------------------------------------------------------------------------------------------------------
+
+def _moe_tiles(moe, monkeypatch, T: int) -> None:
+    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", max(T, moe.FUSED_MAX_TOKENS))
+    monkeypatch.setattr(moe.lin, "WHOLE_ROWS", True)
+    if not HAS_CUDA:
+        monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
+        monkeypatch.setattr(moe, "FUSED_GATE_UP", dict(BLOCK_N=8, BLOCK_K=16, num_warps=4))
+        monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=True))
+        monkeypatch.setattr(moe, "FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=8, num_warps=4))
+        monkeypatch.setattr(moe, "FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=8, num_warps=4, PREFETCH=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_moe_fold(triton_module, reference, monkeypatch, case, dtype):
+    T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared = case
+    from highspeed.ops.moe import fused_moe as ref_fused_moe
+
+    moe = triton_module("moe")
+    _moe_tiles(moe, monkeypatch, T)
+    s, r2, nw = _inputs((T, H), dtype)
+    gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
+    w13, w2 = _expert_weights(E, H, I, dtype)
+    b = torch.randn(E, device=DEVICE) * 0.5 if bias else None
+    ws13 = (torch.randn(2 * shared, H, device=DEVICE) / H**0.5).to(dtype) if shared else None
+    ws2 = (torch.randn(H, shared, device=DEVICE) / shared**0.5).to(dtype) if shared else None
+    rest = (gate, w13, w2, k, scoring, renorm, b, n_group, topk_group, scale, ws13, ws2)
+    sq = s.double().pow(2)
+    # The input as a producer leaves it: the row and its partial sums of squares (split unevenly on purpose).
+    sumsq = torch.stack([sq[:, : H // 3].sum(-1), sq[:, H // 3:].sum(-1), torch.zeros(T, dtype=sq.dtype)], -1)
+    norm = DeferredNorm(ResidualSum(s, None, sumsq.float().contiguous()), nw, EPS)
+    out = moe.fused_moe(norm, *rest, r2)
+    normed = reference(ref_rms_norm, s, nw, EPS)
+    block = reference(ref_fused_moe, normed, *rest)
+    _check_sums(out, block + r2, dtype)
+    assert norm.residual_out is s
+    # Routing and the experts really see the normalised row: the unnormalised one gives another answer.
+    assert rel_err(reference(ref_fused_moe, s, *rest), block) > 10 * REF_TOL[dtype]
+
+
+def test_fused_moe_pending_residual(triton_module, reference, monkeypatch):
+    """A norm whose residual add is still pending (its producer ran unfused) runs first; then the block adds the
+    new residual stream, and the reference gives the same ResidualSum semantics."""
+    from highspeed.ops.moe import fused_moe as ref_fused_moe
+
+    moe = triton_module("moe")
+    _moe_tiles(moe, monkeypatch, 1)
+    T, E, H, I, k = 1, 8, 32, 16, 2
+    y, r, nw = _inputs((T, H), torch.float32)
+    gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4
+    w13, w2 = _expert_weights(E, H, I, torch.float32)
+    rest = (gate, w13, w2, k)
+    norm = DeferredNorm(ResidualSum(y, r), nw, EPS)
+    normed, s = reference(ref_add_rms_norm, y, r, nw, EPS)
+    from highspeed.ops.norm import residual_of
+
+    out = moe.fused_moe(norm, *rest, residual=residual_of(norm))
+    assert torch.equal(norm.residual_out, s) if HAS_CUDA else rel_err(norm.residual_out, s) < 1e-6
+    _check_sums(out, reference(ref_fused_moe, normed, *rest) + s, torch.float32)
+    ref_out = reference(ref_fused_moe, normed, *rest, residual=s)
+    assert isinstance(ref_out, ResidualSum) and ref_out.residual is s
+
+
+def test_residual_sum_objects(reference):
+    y, r, nw = _inputs((2, 16), torch.float32)
+    pending = ResidualSum(y, r)
+    assert torch.equal(pending.value(), y + r)
+    norm = DeferredNorm(pending, nw, EPS)
+    assert norm.residual is r and norm.sumsq is None
+    with pytest.raises(RuntimeError, match="not been computed"):
+        norm.residual_out
+    out = reference(norm.run)
+    assert reference(norm.run) is out   # computed once
+    normed, s = reference(ref_add_rms_norm, y, r, nw, EPS)
+    assert torch.equal(out, normed) and torch.equal(norm.residual_out, s)
+    with pytest.raises(ValueError):
+        DeferredNorm(pending, nw, EPS, r)
+    from highspeed.ops.norm import residual_of
+
+    with pytest.raises(TypeError):
+        residual_of(y)
