@@ -5,8 +5,10 @@
 #         kernel profiles, PDL off as an ablation, and the plain-torch baseline);
 #   rest: the other presets, batch 8 and 32, and the kernel micro-benchmarks of the fused MoE, attention, RoPE
 #         and the indexer;
-#   ab:   A/B of switches: the op and GPU end-to-end tests, then batch-1 Qwen3-30B-A3B and GLM-4.7-Flash as they
-#         are and once per switch in $AB_ENV (space-separated, e.g. AB_ENV="HIGHSPEED_L2_PREFETCH=0 HIGHSPEED_PDL=0").
+#   ab:   A/B of switches: the op and GPU end-to-end tests, the kernels' register counts, then batch-1
+#         Qwen3-30B-A3B and GLM-4.7-Flash as they are and once per switch in $AB_ENV (space-separated, e.g.
+#         AB_ENV="HIGHSPEED_L2_PREFETCH=0 HIGHSPEED_PDL=0"; AB_ENV_QWEN / AB_ENV_GLM for one model only, e.g.
+#         AB_ENV_QWEN="HIGHSPEED_TUNE_FUSED_DOWN=BLOCK_K=128").
 # Records go to benchmarks/results/ (named with TAG, e.g. h200-run5) and come back as $OUT/results.tgz.
 set -u
 MODE=${1:-all}
@@ -42,15 +44,19 @@ if [ "$MODE" = ab ]; then
   timeout 330 python3 -m pytest -q -p no:cacheprovider ${AB_TESTS:-tests/ops tests/engine/test_gpu_e2e.py} 2>&1 \
     | tail -n 40 > "$OUT/gpu_tests.log"
   tail -n 4 "$OUT/gpu_tests.log"
+  timeout 120 python3 benchmarks/kernel_regs.py > "$OUT/kernel_regs.json" 2>&1
   for p in qwen3-30b-a3b glm-4.7-flash; do
     bench latency-$p-b1 --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256
     # Kernel profile with PDL off (with it on, an eager kernel's time includes its wait for the previous one).
     HIGHSPEED_PDL=0 bench latency-$p-b1-nopdl --preset $p --random-weights --batch-size 1 --input-len 128 \
       --output-len 256 --profile-out "$OUT/profile-$p-b1.txt"
-    for sw in $AB_ENV; do   # one variant per switch, e.g. HIGHSPEED_L2_PREFETCH=0
+    # One variant per switch, e.g. HIGHSPEED_L2_PREFETCH=0; AB_ENV_QWEN / AB_ENV_GLM: for that model only.
+    extra=${AB_ENV_GLM:-}; [ "$p" = qwen3-30b-a3b ] && extra=${AB_ENV_QWEN:-}
+    for sw in ${AB_ENV:-} $extra; do
+      tag=$(printf '%s' "$sw" | sed 's/^HIGHSPEED_//' | tr -c 'A-Za-z0-9_' '-')
       env "$sw" timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 \
-        --input-len 128 --output-len 256 --output-json "benchmarks/results/latency-$p-b1-${sw%%=*}-$TAG.json" 2>&1 \
-        | grep -v Warning | tail -n 1 | sed "s/^/[$sw] /" | tee -a "$OUT/bench.log"
+        --input-len 128 --output-len 256 --output-json "benchmarks/results/latency-$p-b1-HIGHSPEED_$tag-$TAG.json" \
+        2>&1 | grep -v Warning | tail -n 1 | sed "s/^/[$sw] /" | tee -a "$OUT/bench.log"
     done
   done
 fi

@@ -68,3 +68,17 @@ def test_linear_shapes_and_fallback(triton_module):
     assert torch.equal(lin.linear(two, w), F.linear(two, w))
     big = torch.empty(lin.MAX_WEIGHT_BYTES // 4 + 1, device="meta").view(1, -1)
     assert not lin.use_gemv(1, 1, big.shape[1], big)
+
+
+def test_tuned_launch_shapes(monkeypatch):
+    """HIGHSPEED_TUNE_<NAME> overrides a launch shape's keys (ints, bools); an unknown key is an error."""
+    pytest.importorskip("triton")
+    from highspeed.ops.triton import tuned
+
+    base = dict(BLOCK_N=4, BLOCK_K=256, PREFETCH=False)
+    assert tuned("X_TEST", base) is base
+    monkeypatch.setenv("HIGHSPEED_TUNE_X_TEST", "BLOCK_K=128, PREFETCH=1")
+    assert tuned("X_TEST", base) == dict(BLOCK_N=4, BLOCK_K=128, PREFETCH=True) and base["BLOCK_K"] == 256
+    monkeypatch.setenv("HIGHSPEED_TUNE_X_TEST", "BLOCKK=128")
+    with pytest.raises(ValueError, match="BLOCKK"):
+        tuned("X_TEST", base)

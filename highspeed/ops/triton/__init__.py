@@ -32,6 +32,24 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def tuned(name: str, shape: dict) -> dict:
+    """A kernel's launch shape ``shape`` with the overrides in ``HIGHSPEED_TUNE_<name>`` ("KEY=int,KEY=int"), for
+    A/B runs of launch shapes inside the whole decode chain, where PDL overlap and residency decide what is fast
+    (a kernel timed alone can rank shapes differently). Unknown keys are an error, so a typo cannot pass as a
+    measured variant."""
+    spec = os.environ.get(f"HIGHSPEED_TUNE_{name}", "").strip()
+    if not spec:
+        return shape
+    out = dict(shape)
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in out:
+            raise ValueError(f"HIGHSPEED_TUNE_{name}: {key!r} is not one of {sorted(out)}")
+        out[key] = value.strip().lower() in ("1", "true") if isinstance(out[key], bool) else int(value)
+    return out
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (CPU tests). The interpreter's tl.dot is wrong for bf16 operands
     (Triton 3.9: it returns garbage), so kernels upcast dot operands to fp32 there; on GPUs they stay bf16.

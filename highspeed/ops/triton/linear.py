@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
-from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2
-from highspeed.ops.triton.norm import foldable_norm, norm_values, residual_epilogue, sumsq_buffer, sumsq_rstd
+from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2,
+                                  tuned)
+from highspeed.ops.triton.norm import fold_residual, foldable_norm, norm_values, residual_epilogue, sumsq_rstd
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
@@ -34,8 +35,9 @@ NARROW_N: int = 4096
 # under PDL the whole matrix can stream in while the previous kernels still run -- the latency-bound ones
 # (attention, norms, router) leave HBM idle -- and after the wait a program pays one read of x and the reduction.
 # The first-tile prefetch above moved only a quarter of the weights ahead of the wait. Off with
-# HIGHSPEED_GEMV_WHOLE=0 (A/B); rows longer than MAX_K keep the loop. HIGHSPEED_GEMV_WHOLE_ELEMS sets ELEMS (A/B).
-GEMV_WHOLE = dict(ELEMS=int(os.environ.get("HIGHSPEED_GEMV_WHOLE_ELEMS", "8192")), MAX_K=8192, num_warps=4)
+# HIGHSPEED_GEMV_WHOLE=0 (A/B); rows longer than MAX_K keep the loop. Run 8 (H200, batch-1 graph replay): Qwen3
+# 2.606 -> 2.483 ms, GLM-4.7-Flash 3.326 -> 3.241 ms; ELEMS=4096 2.522 / 3.205 ms.
+GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4))
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 
 
@@ -93,11 +95,10 @@ def _gemv_row_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
     WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_P: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SUMSQ_OUT: tl.constexpr,
-    PDL: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     # NORM (WHOLE only): x is the residual stream, normalised here (see ops/triton/norm.py). ADD_RESIDUAL: y is
-    # added to the residual rows at res_ptr; SUMSQ_OUT: each program stores the sum of squares of its sums.
+    # added to the residual rows at res_ptr, and each program stores the sum of squares of its sums.
     if PDL:
         gdc_launch_dependents()
     m = tl.program_id(1).to(tl.int64)
@@ -121,6 +122,8 @@ def _gemv_row_kernel(
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
+    if ADD_RESIDUAL:
+        r = tl.load(res_ptr + m * stride_rm + n, mask=nmask, other=0.0)
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, K, K1, K2, nw_ptr, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P)
     else:
@@ -142,10 +145,9 @@ def _gemv_row_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
-        out, part = residual_epilogue(y, res_ptr + m * stride_rm + n, nmask, y_ptr.dtype.element_ty)
+        out, part = residual_epilogue(y, r, nmask, y_ptr.dtype.element_ty)
         tl.store(y_ptr + m * stride_ym + n, out, mask=nmask)
-        if SUMSQ_OUT:
-            tl.store(ss_out_ptr + m * stride_som + tl.program_id(0), part)
+        tl.store(ss_out_ptr + m * stride_som + tl.program_id(0), part)
     else:
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
@@ -159,9 +161,7 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
     N = weight.shape[0]
     M = xin.numel() // K if K else 0
     if (not use_gemv(M, N, K, weight) or weight.dim() != 2 or weight.stride(-1) != 1 or xin.dtype != weight.dtype
-            or xin.dtype not in (torch.bfloat16, torch.float16, torch.float32) or xin.requires_grad
-            or (residual is not None and (residual.shape != (*xin.shape[:-1], N) or residual.dtype != xin.dtype
-                                          or residual.stride(-1) != 1))):
+            or xin.dtype not in (torch.bfloat16, torch.float16, torch.float32) or xin.requires_grad):
         y = F.linear(materialize(x), weight, bias)
         return y if residual is None else ResidualSum(y, residual)
     whole = WHOLE_ROWS and K <= GEMV_WHOLE["MAX_K"]
@@ -176,8 +176,9 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
     if whole:
         cfg = dict(cfg, BLOCK_N=whole_block_n(K), num_warps=GEMV_WHOLE["num_warps"])
     programs = triton.cdiv(N, cfg["BLOCK_N"])
-    ss_out = sumsq_buffer(M, programs, xin.device) if residual is not None else None
-    res = residual.reshape(M, N) if residual is not None else y       # unused pointers without them
+    add = fold_residual(residual, xin, M, N)
+    ss_out = torch.empty(M, programs, dtype=torch.float32, device=xin.device) if add else None
+    res = residual.reshape(M, N) if add else y       # unused pointers without them
     ss_in = norm.sumsq if norm is not None else y
     ss_o = ss_out if ss_out is not None else y
     _gemv_row_kernel[(programs, M)](
@@ -188,8 +189,9 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
         WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None,
         BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None else 1,
-        ADD_RESIDUAL=residual is not None, SUMSQ_OUT=ss_out is not None,
-        num_warps=cfg["num_warps"], **pdl(x2),
+        ADD_RESIDUAL=add, num_warps=cfg["num_warps"], **pdl(x2),
     )
     y = y.view(*xin.shape[:-1], N)
-    return y if residual is None else ResidualSum(y, None, ss_out)
+    if residual is None:
+        return y
+    return ResidualSum(y, None, ss_out) if add else ResidualSum(y, residual)

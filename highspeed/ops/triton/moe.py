@@ -24,10 +24,10 @@ import triton.language as tl
 
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
-                                  prefetch_l2)
+                                  prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
 from highspeed.ops.triton.linear import whole_rows_dot
-from highspeed.ops.triton.norm import foldable_norm, norm_values, residual_epilogue, sumsq_buffer
+from highspeed.ops.triton.norm import fold_residual, foldable_norm, norm_values, residual_epilogue
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
@@ -226,16 +226,17 @@ def select_experts(
 FUSED_MAX_TOKENS: int = 2
 # Launch shapes: the sweep's best router on all three models; the expert shapes are within 2-3% of each model's
 # best (no one shape won everywhere).
-ROUTER = dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4)
-FUSED_GATE_UP = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
-FUSED_DOWN = dict(BLOCK_N=4, BLOCK_K=256, num_warps=4)
+ROUTER = tuned("ROUTER", dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4))
+FUSED_GATE_UP = tuned("FUSED_GATE_UP", dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PREFETCH=False))
+FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=256, num_warps=4, PREFETCH=False))
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
 # program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
 # FUSED_DOWN, GLM-5 179 vs 193 us; at Qwen3's 768 the plain loop won (27.7 vs 29.0 us).
-FUSED_DOWN_WIDE = dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True)
+FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
-FUSED_GATE_UP_NARROW = dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True)
+FUSED_GATE_UP_NARROW = tuned("FUSED_GATE_UP_NARROW",
+                             dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True))
 NARROW_I: int = 1024
 # Fused gate/up asking L2 for the chosen experts' down rows (``prefetch_l2``, only with HIGHSPEED_L2_PREFETCH=1
 # and HIGHSPEED_PREFETCH_DOWN=1): H200 run 6 measured batch-1 decode 10% slower with every prefetch on (Qwen3
@@ -390,7 +391,7 @@ def _fused_down_kernel(
     act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr, res_ptr, ss_ptr,
     H, I, IS,
     stride_at, stride_we, stride_wn, stride_sn, stride_ot, stride_rt, stride_st,
-    ADD_RESIDUAL: tl.constexpr, SUMSQ_OUT: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -411,6 +412,8 @@ def _fused_down_kernel(
     acc = tl.zeros([SLOTS * BLOCK_N, BLOCK_K], dtype=tl.float32)
     c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = c < H
+    if ADD_RESIDUAL:   # issued with the routing loads: no round trip at the end
+        r = tl.load(res_ptr + t * stride_rt + c, mask=cmask, other=0.0)
     if HAS_SHARED:
         s_rows = ws2_ptr + c[:, None].to(tl.int64) * stride_sn
         a_shared = act_ptr + t * stride_at + TOP_K * I
@@ -445,10 +448,9 @@ def _fused_down_kernel(
                 acc_s += w_sh.to(tl.float32) * a_sh[None, :]
         out += tl.sum(acc_s, 1)
     if ADD_RESIDUAL:   # the residual stream, and its sums of squares for the next layer's norm
-        out, part = residual_epilogue(out, res_ptr + t * stride_rt + c, cmask, out_ptr.dtype.element_ty)
+        out, part = residual_epilogue(out, r, cmask, out_ptr.dtype.element_ty)
         tl.store(out_ptr + t * stride_ot + c, out, mask=cmask)
-        if SUMSQ_OUT:
-            tl.store(ss_ptr + t * stride_st + nb, part)
+        tl.store(ss_ptr + t * stride_st + nb, part)
     else:
         tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
@@ -505,18 +507,20 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = FUSED_DOWN if I <= NARROW_I else FUSED_DOWN_WIDE
     programs = triton.cdiv(H, cfg["BLOCK_N"])
-    ss_out = sumsq_buffer(T, programs, dev) if residual is not None else None
-    res = residual if residual is not None else out
+    add = fold_residual(residual, x, T, H)
+    ss_out = torch.empty(T, programs, dtype=torch.float32, device=dev) if add else None
+    res = residual if add else out
     ss_o = ss_out if ss_out is not None else logits
     _fused_down_kernel[(T, programs)](
         act, w2, ws2, weights, ids, out, res, ss_o, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
-        ADD_RESIDUAL=residual is not None, SUMSQ_OUT=ss_out is not None,
-        TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
+        ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
         W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
     )
-    return out if residual is None else ResidualSum(out, None, ss_out)
+    if residual is None:
+        return out
+    return ResidualSum(out, None, ss_out) if add else ResidualSum(out, residual)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -766,8 +770,7 @@ def fused_moe(
     meta = _routing_meta(E, top_k, scoring, renormalize, correction_bias, n_group, topk_group)
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13 and shared_w2 come together")
-    fused = 0 < T <= FUSED_MAX_TOKENS and (residual is None or (
-        residual.shape == (T, H) and residual.dtype == unnormed(x).dtype and residual.stride(-1) == 1))
+    fused = 0 < T <= FUSED_MAX_TOKENS
     if norm is not None and not (fused and lin.WHOLE_ROWS and H <= lin.GEMV_WHOLE["MAX_K"]
                                  and foldable_norm(norm, norm.x)):
         x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one

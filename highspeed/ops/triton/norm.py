@@ -97,11 +97,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def residual_epilogue(y, res_ptrs, mask, OUT_TY: tl.constexpr):
-    """``s = y + residual`` for a producer's fp32 results ``y``: y rounded to the model dtype first (the unfused
-    op's output), the sum rounded once (the residual stream's dtype). Returns (s, sum of s^2 over ``mask``)."""
-    r = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
-    s = (y.to(OUT_TY).to(tl.float32) + r).to(OUT_TY)
+def residual_epilogue(y, r, mask, OUT_TY: tl.constexpr):
+    """``s = y + r`` for a producer's fp32 results ``y`` and the residual values ``r`` (loaded right after the
+    PDL wait, so the load is not a round trip at the end): y rounded to the model dtype first (the unfused op's
+    output), the sum rounded once (the residual stream's dtype). Returns (s, sum of s^2 over ``mask``)."""
+    s = (y.to(OUT_TY).to(tl.float32) + r.to(tl.float32)).to(OUT_TY)
     sf = tl.where(mask, s.to(tl.float32), 0.0)
     return s, tl.sum(sf * sf, 0)
 
@@ -131,8 +131,10 @@ def foldable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
             and ss.shape[0] == x.numel() // max(1, x.shape[-1]) and x.stride(-1) == 1)
 
 
-def sumsq_buffer(rows: int, programs: int, device: torch.device) -> torch.Tensor | None:
-    """Where a producer's programs store their partial sums of squares, or None with HIGHSPEED_FOLD_NORM=0."""
+def fold_residual(residual: torch.Tensor | None, like: torch.Tensor, rows: int, cols: int) -> bool:
+    """Whether a producer adds ``residual`` in its epilogue (and stores the sums of squares): always, unless
+    HIGHSPEED_FOLD_NORM=0, which leaves the add to the next norm launch, as without the fold."""
     from highspeed.ops import norm as norm_ops
 
-    return torch.empty(rows, programs, dtype=torch.float32, device=device) if norm_ops.FOLD_NORM else None
+    return (norm_ops.FOLD_NORM and residual is not None and residual.dtype == like.dtype
+            and residual.numel() == rows * cols and residual.shape[-1] == cols and residual.is_contiguous())
