@@ -211,15 +211,15 @@ class SparseMoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``. Each layer takes ``(hidden, residual)``
-    and returns ``(ResidualSum, None)``: the residual adds happen in the ops that produce ``attn`` and ``mlp``
-    (their last kernel's epilogue at batch-1 decode, which also stores the sums of squares the next norm needs),
-    and the model's final norm normalises the last sum.
+    and returns ``(ResidualSum, None)``: ``attn`` and ``mlp`` are asked to add the residual stream to their
+    output (``add_residual``). By default the add stays pending and the next norm launch does it
+    (``add_rms_norm``); with HIGHSPEED_FOLD_NORM=1 the last kernel of the op adds it in its epilogue and stores
+    the sums of squares the next norm needs, so that norm folds into its consumers (measured slower on the H200:
+    ``ops/norm.py``). The model's final norm normalises the last sum.
 
     Both norms are deferred to the module that reads them (``DeferredNorm``): attention's first projection and
-    the MLP / MoE fold the norm into their first kernels when its producer stored the sums of squares, else they
-    run the norm op first. ``self_attn`` and ``mlp`` therefore take ``Tensor | DeferredNorm``; one that has
-    several readers of its input calls ``materialize`` first. HIGHSPEED_FOLD_NORM=0 (an A/B switch) keeps the
-    norm launches (``ops/norm.py``)."""
+    the MLP / MoE run the norm op first, or fold it into their first kernels. ``self_attn`` and ``mlp`` therefore
+    take ``Tensor | DeferredNorm``; one that has several readers of its input calls ``materialize`` first."""
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):
         super().__init__()

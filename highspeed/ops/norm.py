@@ -32,10 +32,14 @@ def add_rms_norm(
     return rms_norm(s, weight, eps), s
 
 
-# Whether the decode producers of the residual stream (the batch-1 GEMV, the fused MoE's down kernel) hand the
-# next RMSNorm the sums of squares of the rows they write (``ResidualSum.sumsq``), so that its consumers fold the
-# norm into their own kernels (``DeferredNorm``). HIGHSPEED_FOLD_NORM=0 keeps a norm launch per norm (an A/B).
-FOLD_NORM: bool = os.environ.get("HIGHSPEED_FOLD_NORM", "1") != "0"
+# Whether the decode producers of the residual stream (the batch-1 GEMV, the fused MoE's down kernel) add the
+# residual in their epilogue and hand the next RMSNorm the sums of squares of the rows they write
+# (``ResidualSum.sumsq``), so that its consumers fold the norm into their own kernels (``DeferredNorm``). Off
+# unless HIGHSPEED_FOLD_NORM=1: measured slower on the H200 (runs 8b/8c, batch-1 graph replay): Qwen3-30B-A3B
+# 2.55-2.60 ms folded against 2.47-2.48 ms with the norm launches, GLM-4.7-Flash 3.27-3.45 against 3.23-3.24 ms.
+# Under PDL the norm launch costs little: the next GEMV's weights are still streaming in while it runs. Off, the
+# residual add stays with the norm launch (``add_rms_norm``), exactly as before the fold existed.
+FOLD_NORM: bool = os.environ.get("HIGHSPEED_FOLD_NORM", "0") == "1"
 
 
 @dataclass
