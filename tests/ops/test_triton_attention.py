@@ -368,3 +368,203 @@ def test_rope_paged_attention_prefill_falls_back(triton_module, reference):
     out = attn.rope_paged_attention(q, k, v, positions, cos_sin, D, False, k_cache, v_cache, ctx, D**-0.5)
     ref = reference(ref_rope_paged_attention, q, k, v, positions, cos_sin, D, False, kc_ref, vc_ref, ctx, D**-0.5)
     assert rel_err(out, ref) < TOL[torch.float32] and rel_err(k_cache, kc_ref) < TOL[torch.float32]
+
+
+# ---- The DECODE path (one query per sequence: loads issued up front, K and V together) ----
+# Every case runs with DECODE_FAST on and off: both must match the reference, and each other exactly under the
+# interpreter (same arithmetic in the same order). The caches hold NaN wherever a kernel must not read: the slots
+# past each sequence's end in its last block, and a poison block that every table entry past the sequence's own
+# blocks points to. A key past the end that slipped through a mask turns the output into NaN.
+
+class _LaunchSpy:
+    """Stands in for _paged_attn_kernel and records each launch's DECODE flag (which path ran)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.decode: list[bool] = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            self.decode.append(bool(kwargs["DECODE"]))
+            return launch(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def decode_attn(triton_module, monkeypatch):
+    """The attention module with 16-key tiles (so that small contexts have several tiles and splits) and a spy on
+    the attention launches."""
+    attn = triton_module("attention")
+    monkeypatch.setattr(attn, "GQA", dict(attn.GQA, block_n=16, decode_min_block_n=16))
+    monkeypatch.setattr(attn, "MLA_NARROW", dict(attn.MLA_NARROW, block_n=16))
+    spy = _LaunchSpy(attn._paged_attn_kernel)
+    monkeypatch.setattr(attn, "_paged_attn_kernel", spy)
+    return attn, spy
+
+
+def _poisoned_decode_ctx(slens: list[int], bs: int, max_len: int, splits: int,
+                         *per_token: tuple[int, ...]) -> tuple[AttentionContext, AttentionContext, list[torch.Tensor]]:
+    """(host context for the reference, graph-style context for the kernel, caches of shape [nb, bs, *shape] for
+    each per-token shape), NaN-poisoned as described above. The kernel's context has no host lengths and a grid
+    sized for ``max_len`` keys in ``splits`` splits."""
+    need = [(s + bs - 1) // bs for s in slens]
+    nb = sum(need) + 1
+    poison = nb - 1
+    ctx = make_ctx([1] * len(slens), slens, bs, nb - 1)
+    tables = ctx.block_tables.cpu()
+    caches = [torch.randn(nb, bs, *shape, device=DEVICE) for shape in per_token]
+    for i, (s, n) in enumerate(zip(slens, need)):
+        tables[i, n:] = poison
+        for c in caches:
+            c[int(tables[i, n - 1]), s - (n - 1) * bs:] = float("nan")
+    for c in caches:
+        c[poison] = float("nan")
+    ctx.block_tables = tables.to(DEVICE)
+    gctx = dataclasses.replace(ctx, query_lens=_NoHostLengths(), seq_lens=_NoHostLengths(), max_query_len=1,
+                               max_seq_len=max_len, extra={"num_kv_splits": splits})
+    return ctx, gctx, caches
+
+
+DECODE_CASES = [
+    # seq_lens (one query each), max_seq_len of the grid, forced splits; 16-key tiles, 8-token blocks.
+    # 3 splits of 2 tiles (32 keys): length 1 (splits 1-2 past its end), 32 (exactly one split: split 1 starts at
+    # its end), 45 (a partial second tile), 17, 96 (every split full).
+    ([1, 32, 45, 17, 96], 96, 3),
+    # A grid planned for fewer keys than a sequence has: the last split takes the rest (3 tiles, the last beyond
+    # the plan).
+    ([70, 5], 48, 2),
+    # 8 one-tile splits over 128 keys; the block tables cover only 72, so the first table entries of splits 5-7
+    # lie past the table's width (masked by the width alone).
+    ([33, 64, 2], 128, 8),
+]
+
+
+@pytest.mark.parametrize("slens,max_len,splits", DECODE_CASES)
+def test_paged_attention_decode_path(decode_attn, reference, monkeypatch, slens, max_len, splits):
+    attn, spy = decode_attn
+    Hq, Hkv, D, Dv, bs = 6, 2, 24, 40, 8     # group of 3, head sizes that are not powers of two
+    ctx, gctx, (k_cache, v_cache) = _poisoned_decode_ctx(slens, bs, max_len, splits, (Hkv, D), (Hkv, Dv))
+    q = torch.randn(len(slens), Hq, D, device=DEVICE)
+    ref = reference(ref_paged_attention, q, k_cache, v_cache, ctx, D**-0.5)
+    assert torch.isfinite(ref).all()
+    outs = []
+    for fast in (True, False):
+        monkeypatch.setattr(attn, "DECODE_FAST", fast)
+        outs.append(attn.paged_attention(q, k_cache, v_cache, gctx, D**-0.5))
+        assert rel_err(outs[-1], ref) < TOL[torch.float32], (fast, rel_err(outs[-1], ref))
+    assert spy.decode == [True, False]
+    if not HAS_CUDA:
+        assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("merge", ["separate", "fused"])
+def test_paged_attention_decode_path_merge(decode_attn, reference, monkeypatch, merge):
+    """The DECODE path under both merges (the fused one counts only the active splits)."""
+    attn, spy = decode_attn
+    calls = _merge_mode(attn, monkeypatch, merge)
+    slens, Hq, Hkv, D, bs = [1, 32, 45], 4, 1, 16, 8
+    ctx, gctx, (k_cache, v_cache) = _poisoned_decode_ctx(slens, bs, 96, 3, (Hkv, D), (Hkv, D))
+    q = torch.randn(len(slens), Hq, D, device=DEVICE)
+    ref = reference(ref_paged_attention, q, k_cache, v_cache, ctx, D**-0.5)
+    for _ in range(calls):
+        out = attn.paged_attention(q, k_cache, v_cache, gctx, D**-0.5)
+        assert rel_err(out, ref) < TOL[torch.float32], rel_err(out, ref)
+    assert spy.decode == [True] * calls
+    for buf in attn._counters.values():
+        assert int(buf.abs().sum()) == 0
+
+
+ROPE_DECODE_CASES = [
+    # seq_lens, max_seq_len, splits, rotary_dim, interleaved, qk_norm
+    ([1, 32, 45, 17, 96], 96, 3, 24, False, True),
+    ([33, 64, 2], 128, 8, 16, True, False),     # partial interleaved rotary, no norm
+    ([70, 5], 48, 2, 16, False, True),          # the new token in a tile past the planned range
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slens,max_len,splits,rot,inter,qk_norm", ROPE_DECODE_CASES)
+def test_rope_paged_attention_decode_path(decode_attn, reference, monkeypatch, slens, max_len, splits, rot, inter,
+                                          qk_norm, dtype):
+    """ROPE_NEW through the DECODE path: q rotated at the first tile, the new key/value used in place of their
+    cache row (poisoned here: the kernel must not read it) and written after the loop."""
+    from highspeed.ops.attention import rope_paged_attention as ref_rope_paged_attention
+    from highspeed.ops.rope import build_cos_sin_cache
+
+    attn, spy = decode_attn
+    Hq, Hkv, D, bs = 6, 2, 24, 8
+    ctx, gctx, (k_cache, v_cache) = _poisoned_decode_ctx(slens, bs, max_len, splits, (Hkv, D), (Hkv, D))
+    tables = ctx.block_tables.cpu()
+    slots = [int(tables[i, (s - 1) // bs]) * bs + (s - 1) % bs for i, s in enumerate(slens)]
+    ctx.slot_mapping = gctx.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    for c in (k_cache, v_cache):
+        c.view(-1, Hkv, D)[ctx.slot_mapping] = float("nan")   # the new rows: not in the cache yet
+    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    positions = torch.tensor([s - 1 for s in slens], dtype=torch.int64, device=DEVICE)
+    cos_sin = build_cos_sin_cache(rot, 256, 10000.0, device=DEVICE)
+    T = len(slens)
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
+    qw = (torch.rand(D, device=DEVICE) + 0.5).to(dtype) if qk_norm else None
+    kw = (torch.rand(D, device=DEVICE) + 0.5).to(dtype) if qk_norm else None
+    args = (positions, cos_sin, rot, inter)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    ref = reference(ref_rope_paged_attention, q, k, v, *args, kc_ref, vc_ref, ctx, D**-0.5, qw, kw, 1e-6)
+    assert torch.isfinite(ref).all()
+    outs = []
+    for fast in (True, False):
+        monkeypatch.setattr(attn, "DECODE_FAST", fast)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs.append(attn.rope_paged_attention(q, k, v, *args, kc, vc, gctx, D**-0.5, qw, kw, 1e-6))
+        assert rel_err(outs[-1], ref) < TOL[dtype], (fast, rel_err(outs[-1], ref))
+        # The same new rows written, nothing else touched (the poison stays where it was).
+        assert torch.equal(kc.isnan(), kc_ref.isnan()) and torch.equal(vc.isnan(), vc_ref.isnan())
+        assert rel_err(kc.nan_to_num(), kc_ref.nan_to_num()) < TOL[dtype]
+        assert rel_err(vc.nan_to_num(), vc_ref.nan_to_num()) < TOL[dtype]
+    assert spy.decode == [True, False]
+    if not HAS_CUDA:
+        assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("slens,max_len,splits", DECODE_CASES[:2])
+def test_mla_attention_decode_path(decode_attn, reference, monkeypatch, slens, max_len, splits):
+    attn, spy = decode_attn
+    H, L, R, bs = 5, 32, 16, 8
+    ctx, gctx, (cache,) = _poisoned_decode_ctx(slens, bs, max_len, splits, (L + R,))
+    q = torch.randn(len(slens), H, L + R, device=DEVICE)
+    scale = (L + R) ** -0.5
+    ref = reference(ref_mla_attention, q, cache, ctx, scale, L)
+    assert torch.isfinite(ref).all()
+    outs = []
+    for fast in (True, False):
+        monkeypatch.setattr(attn, "DECODE_FAST", fast)
+        outs.append(attn.mla_attention(q, cache, gctx, scale, L))
+        assert rel_err(outs[-1], ref) < TOL[torch.float32], (fast, rel_err(outs[-1], ref))
+    assert spy.decode == [True, False]
+    if not HAS_CUDA:
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_decode_path_only_for_one_query_per_sequence(decode_attn, reference):
+    """The host takes DECODE only when max_q == 1 and T == num_seqs (then query_start_loc is arange). Not for a
+    batch with a sequence without a query (max_q == 1 but T < S: token i is not sequence i), nor for prefill or
+    DSA top-k."""
+    attn, spy = decode_attn
+    ctx = make_ctx([1, 0, 1], [9, 4, 30], 8, 10)
+    q = torch.randn(2, 4, 16, device=DEVICE)
+    k_cache, v_cache = torch.randn(2, 10, 8, 2, 16, device=DEVICE)
+    out = attn.paged_attention(q, k_cache, v_cache, ctx, 0.25)
+    assert rel_err(out, reference(ref_paged_attention, q, k_cache, v_cache, ctx, 0.25)) < TOL[torch.float32]
+    ctx = make_ctx([3, 1], [3, 20], 8, 10)
+    attn.paged_attention(torch.randn(4, 4, 16, device=DEVICE), k_cache, v_cache, ctx, 0.25)
+    ctx = make_ctx([1, 1], [30, 50], 16, 10)
+    cache = torch.randn(10, 16, 48, device=DEVICE)
+    qm = torch.randn(2, 5, 48, device=DEVICE)
+    ti = _topk_indices([1, 1], [30, 50], 12)
+    out = attn.mla_attention(qm, cache, ctx, 48**-0.5, 32, ti)
+    assert rel_err(out, reference(ref_mla_attention, qm, cache, ctx, 48**-0.5, 32, ti)) < TOL[torch.float32]
+    assert spy.decode == [False, False, False]

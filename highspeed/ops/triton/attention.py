@@ -13,7 +13,9 @@ small, inside the same launch by whichever split finishes last (``FUSED_MERGE``,
 The grid and the split count depend only on host-known shapes (``ctx.max_seq_len``, the batch): inside a CUDA
 graph the real lengths exist only on the device (``ctx.seq_lens_t``). Splits that start past a sequence's real
 length exit at once and the merge skips them, so a graph sized for ``max_model_len`` pays little for short
-sequences.
+sequences. Such small decode launches move a few KB each, so their time is the chain of dependent memory round
+trips; pure decode launches (one query per sequence, no top-k) take the kernel's ``DECODE`` path, which issues
+every load that depends on no other load first (``DECODE_FAST``).
 
 Queries are causal per sequence: query ``i`` of a sequence with ``q`` new tokens and ``s`` total sits at position
 ``s - q + i`` and sees keys ``0..s - q + i``. With ``topk_indices`` (DSA) a query sees only the listed positions
@@ -64,6 +66,11 @@ DECODE_MIN_BLOCK_N = 16
 # Off (0): on the H200 (run 5) the fused merge cost more than the launch it saves -- Qwen3-30B-A3B B=1, 12 x
 # 32-key splits: 8.6 us fused vs 5.1 us with _combine_kernel; 4 x 32 at 128 keys: 7.1 vs 4.4 us.
 FUSED_MERGE_MAX_ELEMS = 0
+# Decode launches (one query per sequence, no top-k) take the kernel's DECODE path: the token index is the sequence
+# index, and every load that depends on no other is issued at once, so a program waits on two dependent memory
+# round trips before its first dot instead of four to seven (~0.6-1 us each on the H200). Off
+# (HIGHSPEED_ATTN_DECODE_FAST=0): the general path, as before (an A/B switch).
+DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 _COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
 
 
@@ -93,12 +100,121 @@ def _split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     return buf
 
 
+# ---- DECODE helpers: rope._rope_tile split into its loads and its arithmetic, and one key tile's loads and its
+# online-softmax step, so that the decode path can issue every load before the first value it waits for.
+
+@triton.jit
+def _rope_lanes(d, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Per lane of a head row, as in rope._rope_tile: its rotation partner, its cos/sin column, whether its sine
+    term is negated, and whether it rotates at all (lanes past 2 * HALF pass through)."""
+    rot = d < 2 * HALF
+    if INTERLEAVED:
+        pair = d ^ 1
+        neg = (d % 2) == 0
+        ci = d // 2
+    else:
+        pair = tl.where(d < HALF, d + HALF, d - HALF)
+        neg = d < HALF
+        ci = tl.where(d < HALF, d, d - HALF)
+    return tl.where(rot, pair, d), ci, neg, rot
+
+
+@triton.jit
+def _rope_loads(rows, rmask, d, w_ptr, D, HALF: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
+    """What rope._rope_tile loads before it needs the position: the rows (each element and its rotation partner)
+    and, with NORM, the norm weight at both, in their own dtype (_rope_apply widens them). Without NORM the weights
+    are placeholders, never read."""
+    pair, _, _, _ = _rope_lanes(d, HALF, INTERLEAVED)
+    dm = d < D
+    m = rmask & dm[None, :]
+    x = tl.load(rows + d[None, :], mask=m, other=0.0)
+    xp = tl.load(rows + pair[None, :], mask=m, other=0.0)
+    if NORM:
+        w = tl.load(w_ptr + d, mask=dm, other=0.0)
+        wp = tl.load(w_ptr + pair, mask=dm, other=0.0)
+    else:
+        w = x
+        wp = xp
+    return x, xp, w, wp
+
+
+@triton.jit
+def _rope_cos_sin(cs_row, d, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The position's cos and sin per lane, as rope._rope_tile loads them (1 and 0 on pass-through lanes)."""
+    _, ci, _, rot = _rope_lanes(d, HALF, INTERLEAVED)
+    cos = tl.load(cs_row + ci, mask=rot, other=1.0).to(tl.float32)
+    sin = tl.load(cs_row + HALF + ci, mask=rot, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rope_apply(x, xp, w, wp, cos, sin, d, eps, D, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+                NORM: tl.constexpr, ROUND_TY: tl.constexpr, OUT_TY: tl.constexpr):
+    """rope._rope_tile's arithmetic on the values of _rope_loads / _rope_cos_sin, with the same roundings (the
+    fused decode must give what the RoPE kernel would have written)."""
+    _, _, neg, _ = _rope_lanes(d, HALF, INTERLEAVED)
+    x = x.to(tl.float32)
+    xp = xp.to(tl.float32)
+    if NORM:
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps))[:, None]
+        # rope._norm_scale with the weight already loaded
+        x = ((x * rstd).to(ROUND_TY).to(tl.float32) * w.to(tl.float32)[None, :]).to(OUT_TY).to(tl.float32)
+        xp = ((xp * rstd).to(ROUND_TY).to(tl.float32) * wp.to(tl.float32)[None, :]).to(OUT_TY).to(tl.float32)
+    return (x * cos[None, :] + xp * tl.where(neg, -sin, sin)[None, :]).to(OUT_TY)
+
+
+@triton.jit
+def _kv_tile(k_ptr, v_ptr, blk, n, n_ok, kv_head, block_size,
+             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, da, db, dv,
+             D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr, V_IS_K: tl.constexpr):
+    """Keys n's rows (in blocks blk; masked by n_ok, so no masked key's block entry is dereferenced): K part A, K
+    part B and V, issued back to back so that they are in flight together. Placeholders for missing parts:
+    kb = ka without part B (never read), v = ka with V_IS_K (the value)."""
+    slot_off = (n % block_size).to(tl.int64)
+    k_rows = k_ptr + blk * stride_kb + slot_off * stride_ks + kv_head * stride_kh
+    ka = tl.load(k_rows[:, None] + da[None, :], mask=n_ok[:, None] & (da[None, :] < D_A), other=0.0)
+    kb = ka
+    if D_B > 0:
+        kb = tl.load(k_rows[:, None] + D_A + db[None, :], mask=n_ok[:, None] & (db[None, :] < D_B), other=0.0)
+    v = ka
+    if not V_IS_K:
+        v_rows = v_ptr + blk * stride_vb + slot_off * stride_vs + kv_head * stride_vh
+        v = tl.load(v_rows[:, None] + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < D_V), other=0.0)
+    return ka, kb, v
+
+
+@triton.jit
+def _attend_tile(qa, qb, ka, kb, v, visible, qk_scale, m_i, l_i, acc, D_B: tl.constexpr, DOT_F32: tl.constexpr):
+    """One key tile of the online softmax: (m_i, l_i, acc) updated with the keys where ``visible``. The same
+    arithmetic in the same order as the general key loop in _paged_attn_kernel, so both paths give equal results."""
+    if DOT_F32:
+        s = tl.dot(qa.to(tl.float32), tl.trans(ka.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(qa, tl.trans(ka))
+    if D_B > 0:
+        if DOT_F32:
+            s += tl.dot(qb.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
+        else:
+            s += tl.dot(qb, tl.trans(kb))
+    s = tl.where(visible, s * qk_scale, float("-inf"))   # qk_scale includes log2(e): exp2 below
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 @triton.jit
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, lse_ptr, counter_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, topk_ptr,
     kn_ptr, vn_ptr, pos_ptr, cs_ptr, slot_ptr, qw_ptr, kw_ptr, eps,
-    qk_scale, group, block_size, num_keys_topk, tiles_per_split, num_head_blocks, num_splits,
+    qk_scale, group, block_size, num_keys_topk, tiles_per_split, num_head_blocks, num_splits, table_width,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -113,7 +229,7 @@ def _paged_attn_kernel(
     MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr,
 ):
     if PDL:
         # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels.
@@ -126,124 +242,234 @@ def _paged_attn_kernel(
     hb = (pid2 // num_splits) % num_head_blocks
     kv_head = pid2 // (num_splits * num_head_blocks)
 
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if q_tile * BLOCK_Q >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    ctx_start = seq_len - q_len            # position of the first new token
+    if DECODE:
+        # One query per sequence: the host launches this only when max_q == 1 and T == num_seqs, so
+        # query_start_loc is arange(S + 1); the token is `seq`, q_len is 1, and every program has its query.
+        # The loads are ordered for the shortest chain of dependent round trips (what a decode launch waits on,
+        # with a few KB to move): first all that depend on no other load (seq_len, this split's first block-table
+        # entries, q; with ROPE_NEW also the position, the slot, the new token's k/v rows and the norm weights),
+        # then cos/sin (after the position) and the first K and V tile (after seq_len and the table) together.
+        # Two round trips before the first dot, where the general path below chains four (GQA, MLA) to six or
+        # seven (ROPE_NEW): query_start, seq_len, [position, cos/sin, slot,] table, K/V (sm_90 SASS, compiled
+        # offline).
+        tl.static_assert(not USE_TOPK)              # a top-k program's key positions are themselves loads
+        tl.static_assert(not (ROPE_NEW and V_IS_K))  # the new token's value replaces a V tile, not part of K
+        q_start = seq
+        q_len = 1
+        seq_len = tl.load(seq_lens_ptr + seq)
+        keys_per_split = tiles_per_split * BLOCK_N
+        lo = split * keys_per_split
+        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        n_first = lo + tl.arange(0, BLOCK_N)
+        # Masked only by the table row's width, so that it need not wait for seq_len: entries past the sequence's
+        # end (padding, stale blocks) may be read here, but every K/V load masks its keys by hi (<= seq_len), so
+        # none of them is dereferenced.
+        blk_first = tl.load(bt_row + n_first // block_size, mask=n_first // block_size < table_width,
+                            other=0).to(tl.int64)
 
-    # Row m of the tile = (query qi, head hh of this program's head block).
-    m = tl.arange(0, BLOCK_M)
-    qi = q_tile * BLOCK_Q + m // HEADS
-    hh = hb * HEADS + m % HEADS
-    row_ok = (m < BLOCK_Q * HEADS) & (qi < q_len) & (hh < group)
-    tok = (q_start + qi).to(tl.int64)
-    head = kv_head * group + hh
-    q_pos = ctx_start + qi
-
-    # Key range of this program: positions (or top-k slots) [lo, hi). The grid was sized on the host for the
-    # longest possible context; splits starting past this tile's keys are inactive and leave at once (the merge
-    # skips them). The last split also takes any keys past the planned range, so a max_seq_len that is too small
-    # costs time, not correctness.
-    if USE_TOPK:
-        n_keys = num_keys_topk
-    else:
-        last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
-        n_keys = ctx_start + last_q + 1
-    keys_per_split = tiles_per_split * BLOCK_N
-    lo = split * keys_per_split
-    hi = tl.minimum(n_keys, lo + keys_per_split)
-    hi = tl.where(split == num_splits - 1, n_keys, hi)
-    n_active = tl.maximum(tl.minimum((n_keys + keys_per_split - 1) // keys_per_split, num_splits), 1)
-    if split >= n_active:
-        if SPLIT and not FUSED_MERGE:
-            tl.store(lse_ptr + tok * stride_lt + head.to(tl.int64) * stride_lh + split, float("-inf"), mask=row_ok)
-        return
-
-    da = tl.arange(0, BLOCK_DA)
-    dv = tl.arange(0, BLOCK_DV)
-    q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
-    if ROPE_NEW:
-        # Decode from the raw projections (GQA, one token per sequence, BLOCK_Q = 1): q gets its QK-norm and RoPE
-        # here, and the new token's key and value are built in registers and stand in for its cache row, which
-        # the program whose key range holds it also writes for later steps. No RoPE launch before this one.
-        t0 = q_start.to(tl.int64)
-        cs_row = cs_ptr + tl.load(pos_ptr + t0).to(tl.int64) * stride_cs
-        qa = _rope_tile(q_rows, row_ok[:, None], da, cs_row, qw_ptr, eps, D_A, HALF, INTERLEAVED, Q_NORM,
-                        q_ptr.dtype.element_ty)
-        k_new = _rope_tile(kn_ptr + t0 * stride_knt + kv_head * stride_knh, tl.full([1, 1], 1, tl.int1), da,
-                           cs_row, kw_ptr, eps, D_A, HALF, INTERLEAVED, K_NORM,
-                           kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
-        v_new = tl.load(vn_ptr + t0 * stride_vnt + kv_head * stride_vnh + dv[None, :], mask=(dv < D_V)[None, :],
-                        other=0.0).to(v_ptr.dtype.element_ty)
-        p_new = seq_len - 1
-        if (lo <= p_new) & (p_new < hi):
-            slot = tl.load(slot_ptr + t0).to(tl.int64)
-            if slot >= 0:
-                blk_new = slot // block_size
-                off_new = slot % block_size
-                tl.store(k_ptr + blk_new * stride_kb + off_new * stride_ks + kv_head * stride_kh + da[None, :],
-                         k_new, mask=(da < D_A)[None, :])
-                tl.store(v_ptr + blk_new * stride_vb + off_new * stride_vs + kv_head * stride_vh + dv[None, :],
-                         v_new, mask=(dv < D_V)[None, :])
-    else:
-        qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
-    if D_B > 0:
+        m = tl.arange(0, BLOCK_M)
+        qi = q_tile * BLOCK_Q + m // HEADS
+        hh = hb * HEADS + m % HEADS
+        row_ok = (m < BLOCK_Q * HEADS) & (qi < q_len) & (hh < group)
+        tok = (q_start + qi).to(tl.int64)
+        head = kv_head * group + hh
+        da = tl.arange(0, BLOCK_DA)
         db = tl.arange(0, BLOCK_DB)
-        qb = tl.load(q_rows + D_A + db[None, :], mask=row_ok[:, None] & (db[None, :] < D_B), other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < hi
-        if USE_TOPK:
-            # All rows of a top-k program belong to one token (BLOCK_Q == 1).
-            pos = tl.load(topk_ptr + (q_start + q_tile).to(tl.int64) * stride_tt + n, mask=n_ok, other=-1)
-            n_ok = n_ok & (pos >= 0)
-            pos = tl.where(n_ok, pos, 0)
+        dv = tl.arange(0, BLOCK_DV)
+        q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
+        if ROPE_NEW:
+            # The loads of rope._rope_tile for q and the new key, without the rotation, which needs cos/sin.
+            t0 = seq.to(tl.int64)
+            rope_pos = tl.load(pos_ptr + t0)
+            slot = tl.load(slot_ptr + t0).to(tl.int64)
+            qx, qxp, qw, qwp = _rope_loads(q_rows, row_ok[:, None], da, qw_ptr, D_A, HALF, INTERLEAVED, Q_NORM)
+            kx, kxp, kw, kwp = _rope_loads(kn_ptr + t0 * stride_knt + kv_head * stride_knh,
+                                           tl.full([1, 1], 1, tl.int1), da, kw_ptr, D_A, HALF, INTERLEAVED, K_NORM)
+            v_new = tl.load(vn_ptr + t0 * stride_vnt + kv_head * stride_vnh + dv[None, :],
+                            mask=(dv < D_V)[None, :], other=0.0).to(v_ptr.dtype.element_ty)
+            cos, sin = _rope_cos_sin(cs_ptr + rope_pos.to(tl.int64) * stride_cs, da, HALF, INTERLEAVED)
         else:
-            pos = n
-        blk = tl.load(bt_row + pos // block_size, mask=n_ok, other=0).to(tl.int64)
-        slot_off = (pos % block_size).to(tl.int64)
-        k_rows = k_ptr + blk * stride_kb + slot_off * stride_ks + kv_head * stride_kh
-        ka = tl.load(k_rows[:, None] + da[None, :], mask=n_ok[:, None] & (da[None, :] < D_A), other=0.0)
-        if ROPE_NEW:   # the new token's row may not be in the cache yet (or be this launch's own write)
-            is_new = (pos == p_new)[:, None]
-            ka = tl.where(is_new, k_new, ka)
-        if DOT_F32:
-            s = tl.dot(qa.to(tl.float32), tl.trans(ka.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(qa, tl.trans(ka))
+            qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
         if D_B > 0:
-            kb = tl.load(k_rows[:, None] + D_A + db[None, :], mask=n_ok[:, None] & (db[None, :] < D_B), other=0.0)
-            if DOT_F32:
-                s += tl.dot(qb.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
-            else:
-                s += tl.dot(qb, tl.trans(kb))
-        visible = row_ok[:, None] & n_ok[None, :] & (pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s * qk_scale, float("-inf"))   # qk_scale includes log2(e): exp2 below
+            qb = tl.load(q_rows + D_A + db[None, :], mask=row_ok[:, None] & (db[None, :] < D_B), other=0.0)
+        else:
+            qb = da   # placeholder: _attend_tile reads qb only with D_B > 0
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if V_IS_K:
-            v = ka
-        else:
-            v_rows = v_ptr + blk * stride_vb + slot_off * stride_vs + kv_head * stride_vh
-            v = tl.load(v_rows[:, None] + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < D_V), other=0.0)
+        # From here on seq_len is needed. Key range as in the general path, with the one query at seq_len - 1.
+        ctx_start = seq_len - q_len
+        q_pos = ctx_start + qi
+        n_keys = seq_len
+        hi = tl.minimum(n_keys, lo + keys_per_split)
+        hi = tl.where(split == num_splits - 1, n_keys, hi)
+        n_active = tl.maximum(tl.minimum((n_keys + keys_per_split - 1) // keys_per_split, num_splits), 1)
+        if split >= n_active:
+            if SPLIT and not FUSED_MERGE:
+                tl.store(lse_ptr + tok * stride_lt + head.to(tl.int64) * stride_lh + split, float("-inf"),
+                         mask=row_ok)
+            return
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        if ROPE_NEW:
+            p_new = seq_len - 1
+            qa = tl.zeros([BLOCK_M, BLOCK_DA], dtype=q_ptr.dtype.element_ty)   # rotated at the first tile
+            k_new = tl.zeros([1, BLOCK_DA], dtype=k_ptr.dtype.element_ty)
+        # One loop for every tile, so that Triton's software pipeliner still overlaps the tiles of long splits. It
+        # issues the first tile's K and V just before the loop, after everything above; hence the block-table
+        # entries run one tile ahead (the first tile's came with the first loads, each next tile's are loaded while
+        # this tile's K/V are in flight), and q's rotation, which waits for cos/sin, is done inside the loop at the
+        # first tile, while that tile's K/V are in flight (before the loop it would hold them back a round trip).
+        blk = blk_first
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < hi
+            ka, kb, v = _kv_tile(k_ptr, v_ptr, blk, n, n_ok, kv_head, block_size, stride_kb, stride_ks, stride_kh,
+                                 stride_vb, stride_vs, stride_vh, da, db, dv, D_A, D_B, D_V, V_IS_K)
+            n_next = n + BLOCK_N
+            blk = tl.load(bt_row + n_next // block_size, mask=n_next < hi, other=0).to(tl.int64)
             if ROPE_NEW:
+                if n0 == lo:
+                    qa = _rope_apply(qx, qxp, qw, qwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, Q_NORM,
+                                     q_ptr.dtype.element_ty, q_ptr.dtype.element_ty)
+                    k_new = _rope_apply(kx, kxp, kw, kwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, K_NORM,
+                                        kn_ptr.dtype.element_ty, kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
+                is_new = (n == p_new)[:, None]   # its cache row is written below, after the loop
+                ka = tl.where(is_new, k_new, ka)
                 v = tl.where(is_new, v_new, v)
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            visible = row_ok[:, None] & n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+            m_i, l_i, acc = _attend_tile(qa, qb, ka, kb, v, visible, qk_scale, m_i, l_i, acc, D_B, DOT_F32)
+        if ROPE_NEW:
+            # The new token's cache row, for later steps, by the program whose key range holds it. Only this
+            # program reads that row in this launch, and it used k_new / v_new instead.
+            if (lo <= p_new) & (p_new < hi):
+                if slot >= 0:
+                    blk_new = slot // block_size
+                    off_new = slot % block_size
+                    tl.store(k_ptr + blk_new * stride_kb + off_new * stride_ks + kv_head * stride_kh + da[None, :],
+                             k_new, mask=(da < D_A)[None, :])
+                    tl.store(v_ptr + blk_new * stride_vb + off_new * stride_vs + kv_head * stride_vh + dv[None, :],
+                             v_new, mask=(dv < D_V)[None, :])
+    else:
+        # The general path: prefill, DSA top-k, and decode with DECODE_FAST off (the A/B baseline).
+        q_start = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_start
+        if q_tile * BLOCK_Q >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + seq)
+        ctx_start = seq_len - q_len            # position of the first new token
+
+        # Row m of the tile = (query qi, head hh of this program's head block).
+        m = tl.arange(0, BLOCK_M)
+        qi = q_tile * BLOCK_Q + m // HEADS
+        hh = hb * HEADS + m % HEADS
+        row_ok = (m < BLOCK_Q * HEADS) & (qi < q_len) & (hh < group)
+        tok = (q_start + qi).to(tl.int64)
+        head = kv_head * group + hh
+        q_pos = ctx_start + qi
+
+        # Key range of this program: positions (or top-k slots) [lo, hi). The grid was sized on the host for the
+        # longest possible context; splits starting past this tile's keys are inactive and leave at once (the merge
+        # skips them). The last split also takes any keys past the planned range, so a max_seq_len that is too small
+        # costs time, not correctness.
+        if USE_TOPK:
+            n_keys = num_keys_topk
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
+            n_keys = ctx_start + last_q + 1
+        keys_per_split = tiles_per_split * BLOCK_N
+        lo = split * keys_per_split
+        hi = tl.minimum(n_keys, lo + keys_per_split)
+        hi = tl.where(split == num_splits - 1, n_keys, hi)
+        n_active = tl.maximum(tl.minimum((n_keys + keys_per_split - 1) // keys_per_split, num_splits), 1)
+        if split >= n_active:
+            if SPLIT and not FUSED_MERGE:
+                tl.store(lse_ptr + tok * stride_lt + head.to(tl.int64) * stride_lh + split, float("-inf"), mask=row_ok)
+            return
+
+        da = tl.arange(0, BLOCK_DA)
+        dv = tl.arange(0, BLOCK_DV)
+        q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
+        if ROPE_NEW:
+            # Decode from the raw projections (GQA, one token per sequence, BLOCK_Q = 1): q gets its QK-norm and RoPE
+            # here, and the new token's key and value are built in registers and stand in for its cache row, which
+            # the program whose key range holds it also writes for later steps. No RoPE launch before this one.
+            t0 = q_start.to(tl.int64)
+            cs_row = cs_ptr + tl.load(pos_ptr + t0).to(tl.int64) * stride_cs
+            qa = _rope_tile(q_rows, row_ok[:, None], da, cs_row, qw_ptr, eps, D_A, HALF, INTERLEAVED, Q_NORM,
+                            q_ptr.dtype.element_ty)
+            k_new = _rope_tile(kn_ptr + t0 * stride_knt + kv_head * stride_knh, tl.full([1, 1], 1, tl.int1), da,
+                               cs_row, kw_ptr, eps, D_A, HALF, INTERLEAVED, K_NORM,
+                               kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(vn_ptr + t0 * stride_vnt + kv_head * stride_vnh + dv[None, :], mask=(dv < D_V)[None, :],
+                            other=0.0).to(v_ptr.dtype.element_ty)
+            p_new = seq_len - 1
+            if (lo <= p_new) & (p_new < hi):
+                slot = tl.load(slot_ptr + t0).to(tl.int64)
+                if slot >= 0:
+                    blk_new = slot // block_size
+                    off_new = slot % block_size
+                    tl.store(k_ptr + blk_new * stride_kb + off_new * stride_ks + kv_head * stride_kh + da[None, :],
+                             k_new, mask=(da < D_A)[None, :])
+                    tl.store(v_ptr + blk_new * stride_vb + off_new * stride_vs + kv_head * stride_vh + dv[None, :],
+                             v_new, mask=(dv < D_V)[None, :])
+        else:
+            qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
+        if D_B > 0:
+            db = tl.arange(0, BLOCK_DB)
+            qb = tl.load(q_rows + D_A + db[None, :], mask=row_ok[:, None] & (db[None, :] < D_B), other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < hi
+            if USE_TOPK:
+                # All rows of a top-k program belong to one token (BLOCK_Q == 1).
+                pos = tl.load(topk_ptr + (q_start + q_tile).to(tl.int64) * stride_tt + n, mask=n_ok, other=-1)
+                n_ok = n_ok & (pos >= 0)
+                pos = tl.where(n_ok, pos, 0)
+            else:
+                pos = n
+            blk = tl.load(bt_row + pos // block_size, mask=n_ok, other=0).to(tl.int64)
+            slot_off = (pos % block_size).to(tl.int64)
+            k_rows = k_ptr + blk * stride_kb + slot_off * stride_ks + kv_head * stride_kh
+            ka = tl.load(k_rows[:, None] + da[None, :], mask=n_ok[:, None] & (da[None, :] < D_A), other=0.0)
+            if ROPE_NEW:   # the new token's row may not be in the cache yet (or be this launch's own write)
+                is_new = (pos == p_new)[:, None]
+                ka = tl.where(is_new, k_new, ka)
+            if DOT_F32:
+                s = tl.dot(qa.to(tl.float32), tl.trans(ka.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(qa, tl.trans(ka))
+            if D_B > 0:
+                kb = tl.load(k_rows[:, None] + D_A + db[None, :], mask=n_ok[:, None] & (db[None, :] < D_B), other=0.0)
+                if DOT_F32:
+                    s += tl.dot(qb.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
+                else:
+                    s += tl.dot(qb, tl.trans(kb))
+            visible = row_ok[:, None] & n_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s * qk_scale, float("-inf"))   # qk_scale includes log2(e): exp2 below
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if V_IS_K:
+                v = ka
+            else:
+                v_rows = v_ptr + blk * stride_vb + slot_off * stride_vs + kv_head * stride_vh
+                v = tl.load(v_rows[:, None] + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < D_V), other=0.0)
+                if ROPE_NEW:
+                    v = tl.where(is_new, v_new, v)
+            if DOT_F32:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -389,6 +615,12 @@ def _attend(
     q_tiles = triton.cdiv(max_q, block_q)
     base_programs = S * q_tiles * num_kv_heads * num_head_blocks
     decode = max_q == 1
+    # DECODE needs query_start_loc == arange(S + 1), which the kernel then never reads. Host shapes prove it (and
+    # hold inside a CUDA graph): with max_q == 1 each of the S sequences has at most one query token, so T == S
+    # tokens means exactly one each (the runner's decode steps and graphs, highspeed/engine/runner.py).
+    fast = DECODE_FAST and decode and T == S and topk_indices is None
+    if fast:
+        assert block_q == 1 and q_tiles == 1, (block_q, q_tiles)
     block_dv = max(16, next_power_of_2(d_v))
     merge_m = next_power_of_2(block_q * heads)
 
@@ -431,7 +663,7 @@ def _attend(
         q, k_cache, v_cache, out, part, lse, counters if fused else ctx.seq_lens_t,
         bt, ctx.seq_lens_t, ctx.query_start_loc, topk, *r_ptrs, r_eps,
         float(scale) * _LOG2E, group, ctx.block_size, max_keys, tiles_per_split, num_head_blocks, num_splits,
-        q.stride(0), q.stride(1),
+        bt.shape[1], q.stride(0), q.stride(1),
         *kv_strides, *v_strides,
         out.stride(0), out.stride(1),
         *p_strides, *l_strides,
@@ -441,7 +673,7 @@ def _attend(
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
-        DOT_F32=interpreting() or q.dtype == torch.float32, **r_consts,
+        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, **r_consts,
         **launch,
     )
     if split and not fused:
