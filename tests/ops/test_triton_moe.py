@@ -165,17 +165,16 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     monkeypatch.setattr(moe.lin, "WHOLE_ROWS", prefetch)    # the router: whole-row preload, or the tile loop
     # Both launch-shape families: the wide-expert ones with prefetch, the narrow ones without.
     monkeypatch.setattr(moe, "NARROW_I", -1 if prefetch else 10**9)
+    # Row-sum accumulators with plain loops, 2-D accumulators with double buffering (both kinds each way).
+    rs = not prefetch
     if not HAS_CUDA:  # small tiles: partial tiles and several K steps under the interpreter
         monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
-        monkeypatch.setattr(moe, "FUSED_GATE_UP", dict(BLOCK_N=8, BLOCK_K=16, num_warps=4, PREFETCH=prefetch))
-        monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=prefetch))
-        monkeypatch.setattr(moe, "FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=8, num_warps=4, PREFETCH=prefetch))
-        monkeypatch.setattr(moe, "FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=8, num_warps=4, PREFETCH=prefetch))
+        for name, bn, bk in [("FUSED_GATE_UP", 8, 16), ("FUSED_GATE_UP_NARROW", 4, 16), ("FUSED_DOWN", 4, 8),
+                             ("FUSED_DOWN_WIDE", 2, 8)]:
+            monkeypatch.setattr(moe, name, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, PREFETCH=prefetch, ROW_SUMS=rs))
     else:
-        monkeypatch.setattr(moe, "FUSED_GATE_UP", {**moe.FUSED_GATE_UP, "PREFETCH": prefetch})
-        monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", {**moe.FUSED_GATE_UP_NARROW, "PREFETCH": prefetch})
-        monkeypatch.setattr(moe, "FUSED_DOWN", {**moe.FUSED_DOWN, "PREFETCH": prefetch})
-        monkeypatch.setattr(moe, "FUSED_DOWN_WIDE", {**moe.FUSED_DOWN_WIDE, "PREFETCH": prefetch})
+        for name in ("FUSED_GATE_UP", "FUSED_GATE_UP_NARROW", "FUSED_DOWN", "FUSED_DOWN_WIDE"):
+            monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH": prefetch, "ROW_SUMS": rs})
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
     w13, w2 = _expert_weights(E, H, I, dtype)

@@ -227,16 +227,16 @@ FUSED_MAX_TOKENS: int = 2
 # Launch shapes: the sweep's best router on all three models; the expert shapes are within 2-3% of each model's
 # best (no one shape won everywhere).
 ROUTER = tuned("ROUTER", dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4))
-FUSED_GATE_UP = tuned("FUSED_GATE_UP", dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PREFETCH=False))
-FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=256, num_warps=4, PREFETCH=False))
+FUSED_GATE_UP = tuned("FUSED_GATE_UP", dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PREFETCH=False, ROW_SUMS=True))
+FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=256, num_warps=4, PREFETCH=False, ROW_SUMS=True))
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
 # program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
 # FUSED_DOWN, GLM-5 179 vs 193 us; at Qwen3's 768 the plain loop won (27.7 vs 29.0 us).
-FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True))
+FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
 FUSED_GATE_UP_NARROW = tuned("FUSED_GATE_UP_NARROW",
-                             dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True))
+                             dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
 NARROW_I: int = 1024
 # Fused gate/up asking L2 for the chosen experts' down rows (``prefetch_l2``, only with HIGHSPEED_L2_PREFETCH=1
 # and HIGHSPEED_PREFETCH_DOWN=1): H200 run 6 measured batch-1 decode 10% slower with every prefetch on (Qwen3
@@ -244,6 +244,32 @@ NARROW_I: int = 1024
 # one extra read of the down weights per layer, the prefetched rows not surviving the 50 MB of gate/up weights
 # streamed meanwhile.
 PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
+
+
+@triton.jit
+def _acc_zeros(ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SUMS: tl.constexpr):
+    if ROW_SUMS:
+        return tl.zeros([ROWS], dtype=tl.float32)
+    return tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+
+
+@triton.jit
+def _acc_add(acc, w, x, ROW_SUMS: tl.constexpr):
+    """``acc`` plus the products of weight tile ``w`` and ``x`` (broadcastable to it): a 2-D accumulator the
+    shape of the tile, reduced once at the end, or (ROW_SUMS) its row sums, reduced every step (within a warp,
+    the tile's rows lying along warps). ROW_SUMS holds a third to a half fewer registers -- the down kernel's
+    [32, 256] tile took 167 (three programs per SM, two waves) -- so more programs are resident at once and the
+    next kernel's programs find room sooner under PDL."""
+    if ROW_SUMS:
+        return acc + tl.sum(w.to(tl.float32) * x, 1)
+    return acc + w.to(tl.float32) * x
+
+
+@triton.jit
+def _acc_rows(acc, ROW_SUMS: tl.constexpr):
+    if ROW_SUMS:
+        return acc
+    return tl.sum(acc, 1)
 
 
 @triton.jit
@@ -303,7 +329,7 @@ def _fused_gate_up_kernel(
     NORM: tl.constexpr, BLOCK_P: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
     L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -346,8 +372,8 @@ def _fused_gate_up_kernel(
     x_row = x_ptr + t * stride_xt
     if NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(parts, 0) / H + eps)
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_g = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
+    acc_u = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
     if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
         k = tl.arange(0, BLOCK_K)
         m2 = nmask[:, None] & (k < H)[None, :]
@@ -370,13 +396,13 @@ def _fused_gate_up_kernel(
             m2 = nmask[:, None] & kmask[None, :]
             wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
             wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-        acc_g += wg.to(tl.float32) * xv[None, :]
-        acc_u += wu.to(tl.float32) * xv[None, :]
+        acc_g = _acc_add(acc_g, wg, xv[None, :], ROW_SUMS)
+        acc_u = _acc_add(acc_u, wu, xv[None, :], ROW_SUMS)
         if PREFETCH:
             wg = wg_next
             wu = wu_next
-    gate = tl.sum(acc_g, 1)
-    up = tl.sum(acc_u, 1)
+    gate = _acc_rows(acc_g, ROW_SUMS)
+    up = _acc_rows(acc_u, ROW_SUMS)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
     if p == 0:   # the routing for the down kernel; its weights are off every other program's critical path
@@ -393,7 +419,8 @@ def _fused_down_kernel(
     stride_at, stride_we, stride_wn, stride_sn, stride_ot, stride_rt, stride_st,
     ADD_RESIDUAL: tl.constexpr,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
+    W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on gate_up's routing and activations
         gdc_launch_dependents()
@@ -409,7 +436,7 @@ def _fused_down_kernel(
     wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0)
     w_rows = w2_ptr + e * stride_we + n.to(tl.int64) * stride_wn
     a_rows = act_ptr + t * stride_at + slot * I
-    acc = tl.zeros([SLOTS * BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = _acc_zeros(SLOTS * BLOCK_N, BLOCK_K, ROW_SUMS)
     c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = c < H
     if ADD_RESIDUAL:   # issued with the routing loads: no round trip at the end
@@ -417,7 +444,7 @@ def _fused_down_kernel(
     if HAS_SHARED:
         s_rows = ws2_ptr + c[:, None].to(tl.int64) * stride_sn
         a_shared = act_ptr + t * stride_at + TOP_K * I
-        acc_s = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_s = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
     if PREFETCH:
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows[:, None] + k[None, :], mask=rmask[:, None] & (k < I)[None, :], other=0.0, eviction_policy=W_EVICT)
@@ -433,11 +460,11 @@ def _fused_down_kernel(
         if SHARED_IN_LOOP:   # the shared expert has the routed width: its rows load in the same iterations
             a_sl = tl.load(a_shared + k, mask=k < I, other=0.0).to(tl.float32)
             w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0, eviction_policy=W_EVICT)
-            acc_s += w_sl.to(tl.float32) * a_sl[None, :]
-        acc += w.to(tl.float32) * a
+            acc_s = _acc_add(acc_s, w_sl, a_sl[None, :], ROW_SUMS)
+        acc = _acc_add(acc, w, a, ROW_SUMS)
         if PREFETCH:
             w = w_next
-    per_row = tl.sum(acc, 1) * wt
+    per_row = _acc_rows(acc, ROW_SUMS) * wt
     out = tl.sum(tl.reshape(per_row, [SLOTS, BLOCK_N]), 0)
     if HAS_SHARED:
         if not SHARED_IN_LOOP:
@@ -445,8 +472,8 @@ def _fused_down_kernel(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 a_sh = tl.load(a_shared + ks, mask=ks < IS, other=0.0).to(tl.float32)
                 w_sh = tl.load(s_rows + ks[None, :], mask=cmask[:, None] & (ks < IS)[None, :], other=0.0, eviction_policy=W_EVICT)
-                acc_s += w_sh.to(tl.float32) * a_sh[None, :]
-        out += tl.sum(acc_s, 1)
+                acc_s = _acc_add(acc_s, w_sh, a_sh[None, :], ROW_SUMS)
+        out += _acc_rows(acc_s, ROW_SUMS)
     if ADD_RESIDUAL:   # the residual stream, and its sums of squares for the next layer's norm
         out, part = residual_epilogue(out, r, cmask, out_ptr.dtype.element_ty)
         tl.store(out_ptr + t * stride_ot + c, out, mask=cmask)
@@ -501,7 +528,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         w2.stride(0), w2.stride(1), ws2.stride(0), ss_in.stride(0), **norm_args,
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
-        PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
+        ROW_SUMS=cfg.get("ROW_SUMS", True), PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
@@ -516,7 +543,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
         ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
-        W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
+        ROW_SUMS=cfg.get("ROW_SUMS", True), W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
     )
     if residual is None:
         return out
