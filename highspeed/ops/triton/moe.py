@@ -249,8 +249,10 @@ PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
 @triton.jit
 def _acc_zeros(ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ROW_SUMS: tl.constexpr):
     if ROW_SUMS:
-        return tl.zeros([ROWS], dtype=tl.float32)
-    return tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([ROWS], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+    return acc
 
 
 @triton.jit
@@ -259,17 +261,22 @@ def _acc_add(acc, w, x, ROW_SUMS: tl.constexpr):
     shape of the tile, reduced once at the end, or (ROW_SUMS) its row sums, reduced every step (within a warp,
     the tile's rows lying along warps). ROW_SUMS holds a third to a half fewer registers -- the down kernel's
     [32, 256] tile took 167 (three programs per SM, two waves) -- so more programs are resident at once and the
-    next kernel's programs find room sooner under PDL."""
+    next kernel's programs find room sooner under PDL. (One return per jit function: the GPU compiler rejects a
+    return inside a constexpr branch followed by another.)"""
     if ROW_SUMS:
-        return acc + tl.sum(w.to(tl.float32) * x, 1)
-    return acc + w.to(tl.float32) * x
+        out = acc + tl.sum(w.to(tl.float32) * x, 1)
+    else:
+        out = acc + w.to(tl.float32) * x
+    return out
 
 
 @triton.jit
 def _acc_rows(acc, ROW_SUMS: tl.constexpr):
     if ROW_SUMS:
-        return acc
-    return tl.sum(acc, 1)
+        rows = acc
+    else:
+        rows = tl.sum(acc, 1)
+    return rows
 
 
 @triton.jit

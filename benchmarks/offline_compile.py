@@ -1,0 +1,130 @@
+"""Compile the batch-1 decode kernels for a Hopper GPU (sm_90) on a machine without one, and report each kernel's
+registers and spills (from ``cuobjdump``, shipped with Triton).
+
+The interpreter (CI) accepts code the GPU compiler rejects, and a register count decides how many programs are
+resident -- both are worth knowing before spending device time. Each op is called with CPU tensors at a real
+model shape while its kernels are replaced by recorders; the recorded launches are then compiled with
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` with PDL on. Honours the HIGHSPEED_TUNE_* overrides.
+
+    python3 benchmarks/offline_compile.py [qwen3-30b-a3b|glm-4.7-flash ...]
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+# name: (hidden, experts, intermediate, top_k, shared intermediate, q|k|v width, o_proj input width)
+SHAPES = {"qwen3-30b-a3b": (2048, 128, 768, 8, 0, 5120, 4096), "glm-4.7-flash": (2048, 64, 1536, 4, 1536, 0, 5120)}
+_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64", torch.float16: "fp16"}
+
+
+class Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kw)`` records the launch."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((self.kernel, args, kw))
+
+
+def _type(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return "*" + _TYPES[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if abs(v) < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(type(v))
+
+
+def compile_launch(kernel, args: tuple, kw: dict) -> dict:
+    """Compile one recorded launch for sm_90 as the JIT would specialise it (ints equal to 1 become constants,
+    16-divisible pointers and ints get the divisibility hint); returns registers, spills and shared memory."""
+    sig, consts, attrs = {}, {}, {}
+    for i, (name, a) in enumerate(zip(kernel.arg_names, args)):
+        sig[name] = _type(a)
+        if isinstance(a, int) and not isinstance(a, bool) and a == 1:
+            sig[name], consts[name] = "constexpr", 1
+        elif (isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0) or (
+                isinstance(a, int) and not isinstance(a, bool) and a % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    for name, v in kw.items():
+        if name not in ("num_warps", "num_stages", "launch_pdl"):
+            sig[name], consts[name] = "constexpr", v
+    if "PDL" in kernel.arg_names:
+        consts["PDL"] = True
+    opts = {"num_warps": kw.get("num_warps", 4)}
+    if kw.get("num_stages") is not None:
+        opts["num_stages"] = kw["num_stages"]
+    compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    field = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else None  # noqa: E731
+    return dict(kernel=kernel.__name__, regs=field("REG"), stack=field("STACK"), shared=field("SHARED"),
+                num_warps=opts["num_warps"])
+
+
+def record_decode_layer(shape: str) -> list:
+    """The MoE block (with and without the norm fold) and the GEMVs of one batch-1 decode layer, recorded."""
+    from highspeed.ops.norm import DeferredNorm, ResidualSum
+    from highspeed.ops.triton import linear as lin
+    from highspeed.ops.triton import moe
+
+    H, E, I, k, S, qkv, o_in = SHAPES[shape]
+    launches: list = []
+    kernels = {mod: [n for n, v in vars(mod).items() if isinstance(v, triton.runtime.jit.JITFunction)]
+               for mod in (lin, moe)}
+    saved = {(mod, n): getattr(mod, n) for mod, names in kernels.items() for n in names}
+    for (mod, n), kern in saved.items():
+        setattr(mod, n, Recorder(kern, launches))
+    try:
+        dt = torch.bfloat16
+        x, r = torch.randn(1, H, dtype=dt), torch.randn(1, H, dtype=dt)
+        nw = torch.ones(H, dtype=dt)
+        w13, w2 = torch.empty(E, 2 * I, H, dtype=dt), torch.empty(E, H, I, dtype=dt)
+        ws13 = torch.empty(2 * S, H, dtype=dt) if S else None
+        ws2 = torch.empty(H, S, dtype=dt) if S else None
+        gate = torch.randn(E, H)
+        moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
+        folded = DeferredNorm(ResidualSum(x, None, torch.ones(1, 8)), nw, 1e-6)
+        moe.fused_moe(folded, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2, residual=r)
+        lin.linear(torch.randn(1, o_in, dtype=dt), torch.empty(H, o_in, dtype=dt))
+        if qkv:
+            lin.linear(x, torch.empty(qkv, H, dtype=dt))
+    finally:
+        for (mod, n), kern in saved.items():
+            setattr(mod, n, kern)
+    return launches
+
+
+def main(shapes: list[str]) -> None:
+    for shape in shapes:
+        seen = set()
+        for kernel, args, kw in record_decode_layer(shape):
+            key = (kernel.__name__, tuple(sorted((n, str(v)) for n, v in kw.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            print(shape, compile_launch(kernel, args, kw))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(SHAPES))
