@@ -3,8 +3,9 @@
 it returns a ``ResidualSum`` with its programs' sums of squares for the next norm); see ``ops/triton/norm.py``.
 
 Multiply-and-reduce in registers (no tensor cores: one row of x), a few weight rows per program over the whole K
-range (no split-K, so deterministic and no second launch), with the next weight tile loaded while the current one
-is used. H200, weights cold in L2 as in a model (benchmarks/kernels.py ``linear``, run 5): it beats cuBLAS on every
+range (no split-K, so deterministic and no second launch). Rows up to ``GEMV_WHOLE["MAX_K"]`` long are loaded
+whole before the PDL wait (``WHOLE_ROWS``), so the matrix streams in while the previous kernels run; longer ones
+loop over K tiles, the next tile loaded while the current one is used. H200, weights cold in L2 as in a model (benchmarks/kernels.py ``linear``, run 5): it beats cuBLAS on every
 attention/shared-expert projection shape of Qwen3-30B-A3B and GLM-4.7-Flash -- o_proj 6.4 vs 9.6 us (cuBLAS takes
 split-K plus a reduce launch where N < K), qkv 7.2 vs 7.9, GLM-4.7-Flash q_a+kv_a 3.5 vs 6.6 -- and only loses on
 GLM-5's 200 MB o_proj (53 vs 52 us, 91% of copy bandwidth in cuBLAS), hence ``MAX_WEIGHT_BYTES``. With more than
