@@ -1,5 +1,5 @@
-"""Compile the batch-1 decode kernels for a Hopper GPU (sm_90) on a machine without one, and report each kernel's
-registers and spills (from ``cuobjdump``, shipped with Triton).
+"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention) for a Hopper GPU (sm_90) on a machine
+without one, and report each kernel's registers and spills (from ``cuobjdump``, shipped with Triton).
 
 The interpreter (CI) accepts code the GPU compiler rejects, and a register count decides how many programs are
 resident -- both are worth knowing before spending device time. Each op is called with CPU tensors at a real
@@ -84,6 +84,7 @@ def compile_launch(kernel, args: tuple, kw: dict) -> dict:
 
 def record_decode_layer(shape: str) -> list:
     """The MoE block (with and without the norm fold) and the GEMVs of one batch-1 decode layer, recorded."""
+    from highspeed.ops import norm as norm_ops
     from highspeed.ops.norm import DeferredNorm, ResidualSum
     from highspeed.ops.triton import linear as lin
     from highspeed.ops.triton import moe
@@ -104,9 +105,14 @@ def record_decode_layer(shape: str) -> list:
         ws2 = torch.empty(H, S, dtype=dt) if S else None
         gate = torch.randn(E, H)
         moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
-        folded = DeferredNorm(ResidualSum(x, None, torch.ones(1, 8)), nw, 1e-6)
-        moe.fused_moe(folded, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2, residual=r)
         lin.linear(torch.randn(1, o_in, dtype=dt), torch.empty(H, o_in, dtype=dt))
+        fold, norm_ops.FOLD_NORM = norm_ops.FOLD_NORM, True     # the norm-fold variants (HIGHSPEED_FOLD_NORM=1)
+        try:
+            folded = DeferredNorm(ResidualSum(x, None, torch.ones(1, 8)), nw, 1e-6)
+            moe.fused_moe(folded, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2, residual=r)
+            lin.linear(torch.randn(1, o_in, dtype=dt), torch.empty(H, o_in, dtype=dt), None, r)
+        finally:
+            norm_ops.FOLD_NORM = fold
         if qkv:
             lin.linear(x, torch.empty(qkv, H, dtype=dt))
     finally:
@@ -115,10 +121,42 @@ def record_decode_layer(shape: str) -> list:
     return launches
 
 
+def record_attention() -> list:
+    """Qwen3-30B-A3B's batch-1 decode attention (32 q / 4 kv heads x 128, QK-norm + RoPE from the raw
+    projections) and a 512-wide MLA latent (GLM-4.7-Flash's), over a 200-key sequence in a graph sized for 384."""
+    from highspeed.context import AttentionContext
+    from highspeed.ops.rope import build_cos_sin_cache
+    from highspeed.ops.triton import attention as att
+
+    launches: list = []
+    saved = att._paged_attn_kernel, att._combine_kernel, att._num_sms
+    att._paged_attn_kernel = Recorder(saved[0], launches)
+    att._combine_kernel = Recorder(saved[1], launches)
+    att._num_sms = lambda device: 132   # an H200's SMs: the split plan of the real launch
+    try:
+        dt = torch.bfloat16
+        ctx = AttentionContext(query_lens=[1], seq_lens=[200], query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                               seq_lens_t=torch.tensor([200], dtype=torch.int32),
+                               slot_mapping=torch.zeros(1, dtype=torch.int64),
+                               block_tables=torch.zeros(1, 24, dtype=torch.int32), block_size=16, max_query_len=1,
+                               max_seq_len=384)
+        cache = torch.zeros(30, 16, 4, 128, dtype=dt)
+        q, k, v = torch.zeros(1, 40 * 128, dtype=dt).split([32 * 128, 4 * 128, 4 * 128], -1)
+        att.rope_paged_attention(q.view(1, 32, 128), k.view(1, 4, 128), v.view(1, 4, 128),
+                                 torch.zeros(1, dtype=torch.int64), build_cos_sin_cache(128, 1024, 1e6).float(), 128,
+                                 False, cache, cache.clone(), ctx, 0.1, torch.ones(128, dtype=dt),
+                                 torch.ones(128, dtype=dt), 1e-6)
+        att.mla_attention(torch.zeros(1, 20, 576, dtype=dt), torch.zeros(30, 16, 576, dtype=dt), ctx, 0.1, 512)
+    finally:
+        att._paged_attn_kernel, att._combine_kernel, att._num_sms = saved
+    return launches
+
+
 def main(shapes: list[str]) -> None:
     for shape in shapes:
         seen = set()
-        for kernel, args, kw in record_decode_layer(shape):
+        launches = record_decode_layer(shape) + (record_attention() if shape == "qwen3-30b-a3b" else [])
+        for kernel, args, kw in launches:
             key = (kernel.__name__, tuple(sorted((n, str(v)) for n, v in kw.items())))
             if key in seen:
                 continue

@@ -30,5 +30,6 @@ def test_decode_kernels_compile_for_sm90():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("qwen3-30b-a3b")]
     kernels = {line.split("'kernel': '")[1].split("'")[0] for line in lines}
-    assert {"_router_kernel", "_fused_gate_up_kernel", "_fused_down_kernel", "_gemv_row_kernel"} <= kernels
+    assert {"_router_kernel", "_fused_gate_up_kernel", "_fused_down_kernel", "_gemv_row_kernel", "_paged_attn_kernel",
+            "_combine_kernel"} <= kernels
     assert all("'stack': 0" in line for line in lines), lines   # nothing spilled

@@ -38,7 +38,8 @@ def test_kernels_with_pdl_exist():
 @pytest.mark.parametrize("fname,kernel", PDL_KERNELS, ids=[k.name for _, k in PDL_KERNELS])
 def test_pdl_kernel_waits_first(fname, kernel):
     """Walk the kernel's statements in order until the wait; nothing before it may store, return, use atomics or
-    load (or prefetch into L2) through a pointer other than the listed parameter pointers."""
+    load (or prefetch into L2, or preload whole rows with ``whole_rows_load``) through a pointer other than the
+    listed parameter pointers."""
     waited = False
     for stmt in kernel.body:
         src = ast.unparse(stmt)
@@ -47,7 +48,7 @@ def test_pdl_kernel_waits_first(fname, kernel):
             break
         assert "tl.store(" not in src and "atomic" not in src and "return" not in src, (fname, kernel.name, src)
         for call in [n for n in ast.walk(stmt) if isinstance(n, ast.Call)
-                     and ast.unparse(n.func) in ("tl.load", "prefetch_l2")]:
+                     and ast.unparse(n.func) in ("tl.load", "prefetch_l2", "whole_rows_load")]:
             base = ast.unparse(call.args[0]).split("+")[0].strip().split("[")[0]
             assert base in PARAM_POINTERS, f"{fname}:{kernel.name} loads {base!r} before gdc_wait()"
     assert waited, f"{fname}:{kernel.name} takes PDL but never calls gdc_wait()"

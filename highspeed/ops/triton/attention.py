@@ -34,7 +34,7 @@ import triton.language as tl
 from highspeed.context import AttentionContext
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl
 from highspeed.ops.triton import rope as t_rope
-from highspeed.ops.triton.rope import _rope_tile
+from highspeed.ops.triton.rope import _rope_lanes, _rope_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -100,23 +100,21 @@ def _split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     return buf
 
 
-# ---- DECODE helpers: rope._rope_tile split into its loads and its arithmetic, and one key tile's loads and its
-# online-softmax step, so that the decode path can issue every load before the first value it waits for.
+# ---- DECODE helpers: rope._rope_tile split into its loads and its arithmetic (sharing rope._rope_lanes), and one
+# key tile's loads and its online-softmax step, so that the decode path can issue every load before the first
+# value it waits for.
 
 @triton.jit
-def _rope_lanes(d, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Per lane of a head row, as in rope._rope_tile: its rotation partner, its cos/sin column, whether its sine
-    term is negated, and whether it rotates at all (lanes past 2 * HALF pass through)."""
-    rot = d < 2 * HALF
-    if INTERLEAVED:
-        pair = d ^ 1
-        neg = (d % 2) == 0
-        ci = d // 2
-    else:
-        pair = tl.where(d < HALF, d + HALF, d - HALF)
-        neg = d < HALF
-        ci = tl.where(d < HALF, d, d - HALF)
-    return tl.where(rot, pair, d), ci, neg, rot
+def _write_new_kv(k_ptr, v_ptr, slot, block_size, kv_head, stride_kb, stride_ks, stride_kh,
+                  stride_vb, stride_vs, stride_vh, k_new, v_new, da, dv, D_A: tl.constexpr, D_V: tl.constexpr):
+    """The new token's key and value rows into the paged cache at ``slot`` (negative: a padded token, skipped)."""
+    if slot >= 0:
+        blk = slot // block_size
+        off = slot % block_size
+        tl.store(k_ptr + blk * stride_kb + off * stride_ks + kv_head * stride_kh + da[None, :], k_new,
+                 mask=(da < D_A)[None, :])
+        tl.store(v_ptr + blk * stride_vb + off * stride_vs + kv_head * stride_vh + dv[None, :], v_new,
+                 mask=(dv < D_V)[None, :])
 
 
 @triton.jit
@@ -343,13 +341,8 @@ def _paged_attn_kernel(
             # The new token's cache row, for later steps, by the program whose key range holds it. Only this
             # program reads that row in this launch, and it used k_new / v_new instead.
             if (lo <= p_new) & (p_new < hi):
-                if slot >= 0:
-                    blk_new = slot // block_size
-                    off_new = slot % block_size
-                    tl.store(k_ptr + blk_new * stride_kb + off_new * stride_ks + kv_head * stride_kh + da[None, :],
-                             k_new, mask=(da < D_A)[None, :])
-                    tl.store(v_ptr + blk_new * stride_vb + off_new * stride_vs + kv_head * stride_vh + dv[None, :],
-                             v_new, mask=(dv < D_V)[None, :])
+                _write_new_kv(k_ptr, v_ptr, slot, block_size, kv_head, stride_kb, stride_ks, stride_kh,
+                              stride_vb, stride_vs, stride_vh, k_new, v_new, da, dv, D_A, D_V)
     else:
         # The general path: prefill, DSA top-k, and decode with DECODE_FAST off (the A/B baseline).
         q_start = tl.load(query_start_ptr + seq)
@@ -406,13 +399,8 @@ def _paged_attn_kernel(
             p_new = seq_len - 1
             if (lo <= p_new) & (p_new < hi):
                 slot = tl.load(slot_ptr + t0).to(tl.int64)
-                if slot >= 0:
-                    blk_new = slot // block_size
-                    off_new = slot % block_size
-                    tl.store(k_ptr + blk_new * stride_kb + off_new * stride_ks + kv_head * stride_kh + da[None, :],
-                             k_new, mask=(da < D_A)[None, :])
-                    tl.store(v_ptr + blk_new * stride_vb + off_new * stride_vs + kv_head * stride_vh + dv[None, :],
-                             v_new, mask=(dv < D_V)[None, :])
+                _write_new_kv(k_ptr, v_ptr, slot, block_size, kv_head, stride_kb, stride_ks, stride_kh,
+                              stride_vb, stride_vs, stride_vh, k_new, v_new, da, dv, D_A, D_V)
         else:
             qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
         if D_B > 0:

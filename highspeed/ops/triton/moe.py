@@ -26,7 +26,7 @@ from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
                                   prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
-from highspeed.ops.triton.linear import whole_rows_dot
+from highspeed.ops.triton.linear import whole_rows_dot, whole_rows_load
 from highspeed.ops.triton.norm import fold_residual, foldable_norm, norm_values, residual_epilogue
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
@@ -302,13 +302,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, H - 1)
         prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
     if WHOLE:   # the whole rows (as in the GEMV, ops/triton/linear.py): after the wait, one read of x
-        k1 = tl.arange(0, K1)
-        w1 = tl.load(w_rows + k1[None, :], mask=emask[:, None] & (k1 < H)[None, :], other=0.0)
-        if K2 > 0:
-            k2 = K1 + tl.arange(0, K2)
-            w2 = tl.load(w_rows + k2[None, :], mask=emask[:, None] & (k2 < H)[None, :], other=0.0)
-        else:
-            w2 = w1   # unused
+        w1, w2 = whole_rows_load(w_rows, emask, H, K1, K2)
     else:
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)

@@ -81,13 +81,10 @@ def _rotate_rows(src, dst, dst2, rmask, cos, sin, w_ptr, eps, D, HALF: tl.conste
 
 
 @triton.jit
-def _rope_tile(rows, rmask, d, cs_row, w_ptr, eps, D, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-               NORM: tl.constexpr, OUT_TY: tl.constexpr):
-    """Head rows ``rows`` ([R, 1] row-start pointers, or one scalar pointer) normalised (with NORM) and rotated,
-    returned as a [R, len(d)] tile in OUT_TY: the values ``_rotate_rows`` would store, for a consumer that keeps
-    them in registers (the decode attention kernel). Each element loads its rotation partner directly instead of
-    splitting the row into halves, so the tile keeps the consumer's [rows, D] shape; ``cs_row`` is the
-    position's row of the cos/sin table."""
+def _rope_lanes(d, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Per lane ``d`` of a head row: its rotation partner, its cos/sin column, whether its sine term is negated,
+    and whether it rotates at all (lanes past 2 * HALF pass through). Shared by ``_rope_tile`` and the decode
+    attention kernel's RoPE (ops/triton/attention.py)."""
     rot = d < 2 * HALF
     if INTERLEAVED:
         pair = d ^ 1
@@ -97,7 +94,18 @@ def _rope_tile(rows, rmask, d, cs_row, w_ptr, eps, D, HALF: tl.constexpr, INTERL
         pair = tl.where(d < HALF, d + HALF, d - HALF)
         neg = d < HALF
         ci = tl.where(d < HALF, d, d - HALF)
-    pair = tl.where(rot, pair, d)
+    return tl.where(rot, pair, d), ci, neg, rot
+
+
+@triton.jit
+def _rope_tile(rows, rmask, d, cs_row, w_ptr, eps, D, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+               NORM: tl.constexpr, OUT_TY: tl.constexpr):
+    """Head rows ``rows`` ([R, 1] row-start pointers, or one scalar pointer) normalised (with NORM) and rotated,
+    returned as a [R, len(d)] tile in OUT_TY: the values ``_rotate_rows`` would store, for a consumer that keeps
+    them in registers (the decode attention kernel). Each element loads its rotation partner directly instead of
+    splitting the row into halves, so the tile keeps the consumer's [rows, D] shape; ``cs_row`` is the
+    position's row of the cos/sin table."""
+    pair, ci, neg, rot = _rope_lanes(d, HALF, INTERLEAVED)
     dm = d < D
     m = rmask & dm[None, :]
     x = tl.load(rows + d[None, :], mask=m, other=0.0).to(tl.float32)
