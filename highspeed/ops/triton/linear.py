@@ -100,6 +100,30 @@ def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr,
     return y
 
 
+@triton.jit
+def tile_rows_dot(w, w_rows, rmask, x_row, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+                  W_EVICT: tl.constexpr):
+    """[ROWS] fp32 dot products of the weight rows at ``w_rows`` with the row at ``x_row``, over K in BLOCK_K tiles.
+    With PREFETCH, ``w`` is the first tile (loaded before the PDL wait) and each step loads the next tile before
+    using the current one; without, ``w`` is unused."""
+    acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        if PREFETCH:
+            kn = k + BLOCK_K
+            w_next = tl.load(w_rows + kn[None, :], mask=rmask[:, None] & (kn < K)[None, :], other=0.0,
+                             eviction_policy=W_EVICT)
+            cur = w
+        else:
+            cur = tl.load(w_rows + k[None, :], mask=rmask[:, None] & (k < K)[None, :], other=0.0,
+                          eviction_policy=W_EVICT)
+        acc += cur.to(tl.float32) * xv[None, :]
+        if PREFETCH:
+            w = w_next
+    return tl.sum(acc, 1)
+
+
 def use_gemv(M: int, N: int, K: int, weight: torch.Tensor) -> bool:
     return M == 1 and weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES
 
@@ -130,6 +154,8 @@ def _gemv_row_kernel(
     elif PREFETCH:   # the first weight tile does not depend on the previous kernel: in flight before the wait
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
+    else:
+        w = 0.0   # no first tile: tile_rows_dot loads every tile itself
     if PDL:
         gdc_wait()
     if ADD_RESIDUAL:
@@ -137,21 +163,7 @@ def _gemv_row_kernel(
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, K, K1, K2, nw_ptr, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P)
     else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-            if PREFETCH:
-                kn = k + BLOCK_K
-                w_next = tl.load(w_rows + kn[None, :], mask=nmask[:, None] & (kn < K)[None, :], other=0.0,
-                                 eviction_policy=W_EVICT)
-            else:
-                w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0,
-                            eviction_policy=W_EVICT)
-            acc += w.to(tl.float32) * xv[None, :]
-            if PREFETCH:
-                w = w_next
-        y = tl.sum(acc, 1)
+        y = tile_rows_dot(w, w_rows, nmask, x_row, K, BLOCK_N, BLOCK_K, PREFETCH, W_EVICT)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:

@@ -26,7 +26,7 @@ from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
                                   prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
-from highspeed.ops.triton.linear import whole_rows_dot, whole_rows_load
+from highspeed.ops.triton.linear import tile_rows_dot, whole_rows_dot, whole_rows_load
 from highspeed.ops.triton.norm import fold_residual, foldable_norm, norm_values, residual_epilogue
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
@@ -312,16 +312,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P)
     else:
-        acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_row + k, mask=k < H, other=0.0).to(tl.float32)
-            kn = k + BLOCK_K
-            w_next = tl.load(w_rows + kn[None, :], mask=emask[:, None] & (kn < H)[None, :], other=0.0,
-                             eviction_policy=W_EVICT)
-            acc += w.to(tl.float32) * xv[None, :]
-            w = w_next
-        y = tl.sum(acc, 1)
+        y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
     tl.store(out_ptr + t * stride_ot + e, y, mask=emask)
 
 
