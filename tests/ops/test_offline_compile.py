@@ -33,3 +33,10 @@ def test_decode_kernels_compile_for_sm90():
     assert {"_router_kernel", "_fused_gate_up_kernel", "_fused_down_kernel", "_gemv_row_kernel", "_paged_attn_kernel",
             "_combine_kernel"} <= kernels
     assert all("'stack': 0" in line for line in lines), lines   # nothing spilled
+    # Residency: the expert kernels stay at <= 128 registers per thread, so at least four 4-warp programs fit on
+    # an SM (the down kernel's old 2-D accumulator took 164-167: three per SM, two waves, and no room for the next
+    # kernel's programs under PDL -- BENCHMARKS.md, runs 8-11).
+    for line in lines:
+        if "_fused_" in line:
+            regs = int(line.split("'regs': ")[1].split(",")[0])
+            assert regs <= 128, line
