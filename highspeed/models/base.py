@@ -65,10 +65,10 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flattened tokens of all sequences of the step -> hidden states after the final norm ``[T, hidden]``."""
         hidden = self.model.embed_tokens(input_ids)
-        residual, aux = None, {}
+        aux: dict = {}
         for layer in self.model.layers:
-            hidden, residual = layer(positions, hidden, residual, aux)
-        return self.model.norm(hidden) if residual is None else self.model.norm(hidden, residual)[0]
+            hidden = layer(positions, hidden, aux)
+        return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head.weight).float()
@@ -83,9 +83,7 @@ class CausalLM(nn.Module):
         emb = self.model.embed_tokens(input_ids)
         emb = torch.where((positions == 0)[:, None], torch.zeros_like(emb), emb)  # as vLLM/DeepSeek: no t_0 draft
         hidden = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(previous_hidden)], dim=-1))
-        hidden, residual = mtp(positions, hidden, None, {})
-        norm = mtp.shared_head.norm
-        return norm(hidden) if residual is None else norm(hidden, residual)[0]
+        return mtp.shared_head.norm(mtp(positions, hidden, {}))
 
     # ----- checkpoint mapping -----
     def checkpoint_name(self, name: str) -> str | None:

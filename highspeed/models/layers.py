@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from highspeed.ops import add_rms_norm, build_cos_sin_cache, fused_moe, linear, rms_norm, rope, silu_and_mul
+from highspeed.ops import build_cos_sin_cache, fused_moe, linear, rms_norm, rope, silu_and_mul
 from highspeed.ops.norm import DeferredNorm, ResidualSum, residual_of
 
 # A weight source: (checkpoint name relative to the declaring module, index into the parameter).
@@ -70,19 +70,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor | ResidualSum, residual: torch.Tensor | None = None):
-        """``norm(x)``, or with a residual ``(norm(x + residual), x + residual)``. A ``ResidualSum`` (a decoder
-        layer's output) gives ``norm`` of the sum it stands for."""
+    def forward(self, x: torch.Tensor | ResidualSum) -> torch.Tensor:
+        """``norm(x)``; for a ``ResidualSum`` (a decoder layer's output), ``norm`` of the sum it stands for."""
         if isinstance(x, ResidualSum):
-            return self.deferred(x, residual).run()
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+            return self.deferred(x).run()
+        return rms_norm(x, self.weight, self.eps)
 
-    def deferred(self, x: torch.Tensor | ResidualSum, residual: torch.Tensor | None = None) -> DeferredNorm:
-        """This norm (of ``x + residual``) left to the module that reads its output, whose first kernel computes it
-        where it can; ``.residual_out`` is ``x + residual`` once it has run (see ``DeferredNorm``)."""
-        return DeferredNorm(x, self.weight, self.eps, residual)
+    def deferred(self, x: torch.Tensor | ResidualSum) -> DeferredNorm:
+        """This norm left to the module that reads its output, whose first kernel computes it where it can;
+        ``.residual_out`` is the residual stream once it has run (see ``DeferredNorm``)."""
+        return DeferredNorm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -210,9 +207,9 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``. Each layer takes ``(hidden, residual)``
-    and returns ``(ResidualSum, None)``: ``attn`` and ``mlp`` are asked to add the residual stream to their
-    output (``add_residual``). By default the add stays pending and the next norm launch does it
+    """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``. Each layer takes the residual stream (the
+    embeddings, or the previous layer's ``ResidualSum``) and returns its own ``ResidualSum``: ``attn`` and
+    ``mlp`` are asked to add the residual stream to their output (``add_residual``). By default the add stays pending and the next norm launch does it
     (``add_rms_norm``); with HIGHSPEED_FOLD_NORM=1 the last kernel of the op adds it in its epilogue and stores
     the sums of squares the next norm needs, so that norm folds into its consumers (measured slower on the H200:
     ``ops/norm.py``). The model's final norm normalises the last sum.
@@ -228,10 +225,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor | ResidualSum, residual: torch.Tensor | None, aux: dict
-    ) -> tuple[ResidualSum, None]:
-        normed = self.input_layernorm.deferred(hidden, residual)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | ResidualSum, aux: dict) -> ResidualSum:
+        normed = self.input_layernorm.deferred(hidden)
         h = self.self_attn(positions, normed, aux, add_residual=True)
         normed = self.post_attention_layernorm.deferred(h)
-        return self.mlp(normed, add_residual=True), None
+        return self.mlp(normed, add_residual=True)
