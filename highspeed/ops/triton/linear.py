@@ -23,7 +23,8 @@ import triton.language as tl
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2,
                                   tuned)
-from highspeed.ops.triton.norm import fold_residual, foldable_norm, norm_values, residual_epilogue, sumsq_rstd
+from highspeed.ops.triton.norm import (fold_residual, foldable_norm, norm_values, residual_epilogue, sumsq_load,
+                                       sumsq_rstd)
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
@@ -40,6 +41,11 @@ NARROW_N: int = 4096
 # 2.606 -> 2.483 ms, GLM-4.7-Flash 3.326 -> 3.241 ms; ELEMS=4096 2.522 / 3.205 ms.
 GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4))
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
+
+
+def whole_rows(K: int) -> bool:
+    """Whether rows of K weights take the whole-row preload (the GEMV, and the MoE router)."""
+    return WHOLE_ROWS and K <= GEMV_WHOLE["MAX_K"]
 
 
 def whole_split(K: int) -> tuple[int, int]:
@@ -86,7 +92,7 @@ def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr,
         if NORM:
             g2 = tl.load(nw_ptr + k2, mask=k2 < K, other=0.0)
     if NORM:
-        rstd = sumsq_rstd(ss_row, P, K, eps, BLOCK_P)
+        rstd = sumsq_rstd(sumsq_load(ss_row, P, BLOCK_P), K, eps)
         xf1 = norm_values(x1, g1, rstd, x_row.dtype.element_ty)
     else:
         xf1 = x1.to(tl.float32)
@@ -186,7 +192,7 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
             or xin.dtype not in (torch.bfloat16, torch.float16, torch.float32) or xin.requires_grad):
         y = F.linear(materialize(x), weight, bias)
         return y if residual is None else ResidualSum(y, residual)
-    whole = WHOLE_ROWS and K <= GEMV_WHOLE["MAX_K"]
+    whole = whole_rows(K)
     if norm is not None and not (whole and foldable_norm(norm, xin)):
         xin, norm = materialize(norm), None     # its own norm launch, then the GEMV as without one
     x2 = xin.reshape(M, K)

@@ -27,7 +27,8 @@ from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting,
                                   prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
 from highspeed.ops.triton.linear import tile_rows_dot, whole_rows_dot, whole_rows_load
-from highspeed.ops.triton.norm import fold_residual, foldable_norm, norm_values, residual_epilogue
+from highspeed.ops.triton.norm import (fold_residual, foldable_norm, norm_values, residual_epilogue, sumsq_load,
+                                       sumsq_rstd)
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
@@ -334,8 +335,7 @@ def _fused_gate_up_kernel(
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
     if NORM:   # x is the residual stream: its rms from the producer's partial sums, loaded with the logits
-        pp = tl.arange(0, BLOCK_P)
-        parts = tl.load(ss_ptr + t * stride_st + pp, mask=pp < P, other=0.0)
+        parts = sumsq_load(ss_ptr + t * stride_st, P, BLOCK_P)
     blocks_per_expert = tl.cdiv(I, BLOCK_N)
     r = tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_TK)
@@ -366,7 +366,7 @@ def _fused_gate_up_kernel(
             prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :])
     x_row = x_ptr + t * stride_xt
     if NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(parts, 0) / H + eps)
+        rstd = sumsq_rstd(parts, H, eps)
     acc_g = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
     acc_u = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
     if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
@@ -503,7 +503,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0),
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
-        WHOLE=lin.WHOLE_ROWS and H <= lin.GEMV_WHOLE["MAX_K"], K1=k1, K2=k2, **norm_args,
+        WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args,
     )
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
@@ -793,8 +793,7 @@ def fused_moe(
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13 and shared_w2 come together")
     fused = 0 < T <= FUSED_MAX_TOKENS
-    if norm is not None and not (fused and lin.WHOLE_ROWS and H <= lin.GEMV_WHOLE["MAX_K"]
-                                 and foldable_norm(norm, norm.x)):
+    if norm is not None and not (fused and lin.whole_rows(H) and foldable_norm(norm, norm.x)):
         x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one
     if fused:
         xin = unnormed(x)

@@ -91,9 +91,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 # The norm folded into the kernels around it at batch-1 decode (``DeferredNorm`` with ``sumsq``): the kernel that
 # writes the residual stream (the GEMV, the fused MoE's down kernel) adds the residual in its epilogue and stores
 # each program's sum of squares of the rows it wrote (``residual_epilogue``); the kernels that read the norm's
-# output (the GEMV, the MoE router and gate/up kernel) add those partials up into ``rstd`` (``sumsq_rstd``, one
-# load issued with the row's own) and normalise the row as they load it (``norm_values``). Nothing waits for a
-# whole-row reduction, and the norm launch -- ~1.5 us of pure latency on the H200 -- is gone.
+# output (the GEMV, the MoE router and gate/up kernel) add those partials up into ``rstd`` (``sumsq_load``, one
+# load issued with the row's own, then ``sumsq_rstd``) and normalise the row as they load it (``norm_values``).
+# Nothing waits for a whole-row reduction, and the norm launch -- ~1.5 us of pure latency on the H200 -- is gone.
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -107,11 +107,16 @@ def residual_epilogue(y, r, mask, OUT_TY: tl.constexpr):
 
 
 @triton.jit
-def sumsq_rstd(ss_row, P, K, eps, BLOCK_P: tl.constexpr):
-    """``1 / rms`` of a row of K elements from the P partial sums of squares its producer stored."""
+def sumsq_load(ss_row, P, BLOCK_P: tl.constexpr):
+    """The P partial sums of squares a producer stored for one row (issued early; reduced by ``sumsq_rstd``)."""
     p = tl.arange(0, BLOCK_P)
-    ss = tl.sum(tl.load(ss_row + p, mask=p < P, other=0.0), 0)
-    return 1.0 / tl.sqrt(ss / K + eps)
+    return tl.load(ss_row + p, mask=p < P, other=0.0)
+
+
+@triton.jit
+def sumsq_rstd(parts, K, eps):
+    """``1 / rms`` of a row of K elements from its loaded partial sums of squares."""
+    return 1.0 / tl.sqrt(tl.sum(parts, 0) / K + eps)
 
 
 @triton.jit
