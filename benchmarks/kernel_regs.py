@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-# (name, hidden, experts, intermediate, top_k, shared intermediate, attention q|k|v width, o_proj input width)
-SHAPES = [("qwen3-30b-a3b", 2048, 128, 768, 8, 0, 5120, 4096), ("glm-4.7-flash", 2048, 64, 1536, 4, 1536, 0, 5120)]
+from offline_compile import SHAPES  # the same model shapes as the offline compile (a sibling script)
 
 
 def compiled_kernels(module) -> list[dict]:
@@ -40,7 +39,7 @@ def main() -> None:
     dev, dt = "cuda", torch.bfloat16
     props = torch.cuda.get_device_properties(0)
     report = {"device": props.name, "regs_per_sm": getattr(props, "regs_per_multiprocessor", 65536), "shapes": {}}
-    for name, H, E, I, k, S, qkv, o_in in SHAPES:
+    for name, (H, E, I, k, S, qkv, o_in) in SHAPES.items():
         torch.manual_seed(0)
         x = torch.randn(1, H, device=dev, dtype=dt)
         r = torch.randn(1, H, device=dev, dtype=dt)
