@@ -8,7 +8,8 @@
 #   ab:   A/B of switches: the op and GPU end-to-end tests, the kernels' register counts, then batch-1
 #         Qwen3-30B-A3B and GLM-4.7-Flash as they are and once per switch in $AB_ENV (space-separated, e.g.
 #         AB_ENV="HIGHSPEED_L2_PREFETCH=0 HIGHSPEED_PDL=0"; AB_ENV_QWEN / AB_ENV_GLM for one model only, e.g.
-#         AB_ENV_QWEN="HIGHSPEED_TUNE_FUSED_DOWN=BLOCK_K=128").
+#         AB_ENV_QWEN="HIGHSPEED_TUNE_FUSED_DOWN=BLOCK_K=128"; several variables in one switch joined by '+',
+#         e.g. "HIGHSPEED_DOWN_WHOLE=1+HIGHSPEED_ROUTE_RANK=1").
 # Records go to benchmarks/results/ (named with TAG, e.g. h200-run5) and come back as $OUT/results.tgz.
 set -u
 MODE=${1:-all}
@@ -54,7 +55,7 @@ if [ "$MODE" = ab ]; then
     extra=${AB_ENV_GLM:-}; [ "$p" = qwen3-30b-a3b ] && extra=${AB_ENV_QWEN:-}
     for sw in ${AB_ENV:-} $extra; do
       tag=$(printf '%s' "$sw" | sed 's/^HIGHSPEED_//' | tr -c 'A-Za-z0-9_' '-')
-      env "$sw" timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 \
+      env $(printf '%s' "$sw" | tr '+' ' ') timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 \
         --input-len 128 --output-len 256 --output-json "benchmarks/results/latency-$p-b1-HIGHSPEED_$tag-$TAG.json" \
         2>&1 | grep -v Warning | tail -n 1 | sed "s/^/[$sw] /" | tee -a "$OUT/bench.log"
     done

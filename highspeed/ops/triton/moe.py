@@ -43,6 +43,12 @@ GROUPED_LARGE_MIN_ROWS_PER_EXPERT: int = 64
 # Routing
 # ----------------------------------------------------------------------------------------------------------------
 
+# Top-k by rank (``_topk_by_rank``: one [E, E] comparison, two reductions) instead of k dependent max-reductions,
+# up to ROUTE_RANK_MAX_EXPERTS experts (the comparison grows as E^2). HIGHSPEED_ROUTE_RANK=1 (A/B).
+ROUTE_RANK: bool = os.environ.get("HIGHSPEED_ROUTE_RANK", "0") == "1"
+ROUTE_RANK_MAX_EXPERTS: int = 128
+
+
 @triton.jit
 def _expert_axis(n_group, per_group, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr):
     """The expert axis viewed as [group, expert-in-group] (so group selection needs no reshape): (g, j, valid,
@@ -65,7 +71,7 @@ def _route_ids(
     logits_ptr, bias_ptr, n_group, per_group,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RANK: tl.constexpr,
 ):
     """The chosen experts of one token, from its contiguous fp32 logits row: [BLOCK_K] ids, best first (equal
     scores: lowest index). This sits on the critical path of every expert program of the fused decode MoE, so it
@@ -102,21 +108,40 @@ def _route_ids(
             gscore = tl.where(g == gi, float("-inf"), gscore)
         sel = tl.where(keep[:, None], sel, float("-inf"))
 
-    # Packed key: high 32 bits order like the fp32 score (flip the magnitude bits of negatives), low 32 bits are
-    # (big - index) so that among equal scores the lowest index wins, like torch.topk on distinct values.
+    # Scores as int32 that order like the fp32 values (flip the magnitude bits of negatives); among equal scores
+    # the lowest index wins, like torch.topk on distinct values.
     big = BLOCK_G * BLOCK_PG
     bits = sel.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = ordered.to(tl.int64) * 4294967296 + (big - flat).to(tl.int64)
-    key = tl.where(valid, key, -9223372036854775807)
     kk = tl.arange(0, BLOCK_K)
-    ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for i in tl.static_range(TOP_K):
-        best = tl.max(tl.max(key, 1), 0)
-        fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
-        ivec = tl.where(kk == i, fi, ivec)
-        key = tl.where(flat == fi, -9223372036854775807, key)
+    if RANK:
+        ivec = _topk_by_rank(tl.reshape(ordered, [BLOCK_G * BLOCK_PG]), tl.reshape(valid, [BLOCK_G * BLOCK_PG]),
+                             tl.reshape(flat, [BLOCK_G * BLOCK_PG]), TOP_K, BLOCK_K)
+    else:
+        # Packed key: the ordered score in the high 32 bits, (big - index) in the low ones; one max per pick.
+        key = ordered.to(tl.int64) * 4294967296 + (big - flat).to(tl.int64)
+        key = tl.where(valid, key, -9223372036854775807)
+        ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for i in tl.static_range(TOP_K):
+            best = tl.max(tl.max(key, 1), 0)
+            fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
+            ivec = tl.where(kk == i, fi, ivec)
+            key = tl.where(flat == fi, -9223372036854775807, key)
     return ivec
+
+
+@triton.jit
+def _topk_by_rank(score, valid, idx, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The TOP_K best of ``score`` ([N] int32 order keys; ``idx`` their expert ids), best first, as [BLOCK_K] ids
+    (0 past TOP_K): each entry's rank is the number of entries that beat it, counted in one [N, N] comparison and
+    one reduction, then the ids are placed by rank in a second -- two reductions on the gate/up critical path
+    instead of TOP_K dependent max-reductions."""
+    beats = valid[None, :] & ((~valid[:, None]) | (score[None, :] > score[:, None])
+                              | ((score[None, :] == score[:, None]) & (idx[None, :] < idx[:, None])))
+    rank = tl.sum(beats.to(tl.int32), 1)
+    kk = tl.arange(0, BLOCK_K)
+    hit = (rank[None, :] == kk[:, None]) & valid[None, :] & (kk < TOP_K)[:, None]
+    return tl.sum(tl.where(hit, idx[None, :], 0), 1)
 
 
 @triton.jit
@@ -149,10 +174,11 @@ def _select_experts_kernel(
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
+    RANK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     ivec = _route_ids(logits_ptr + row * stride_lt, bias_ptr, n_group, per_group,
-                      TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
+                      TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
     wvec = _route_weights(logits_ptr + row * stride_lt, ivec, n_group, per_group, scaling,
                           TOP_K, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
     kk = tl.arange(0, BLOCK_K)
@@ -171,11 +197,12 @@ def _routing_meta(E: int, top_k: int, scoring: str, renormalize: bool, correctio
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k={top_k} must be in [1, {E}]")
     use_groups = n_group > 1
+    block_g, block_pg = next_power_of_2(n_group), next_power_of_2(E // n_group)
     return dict(
         TOP_K=top_k, TOPK_GROUP=topk_group if use_groups else 1, BLOCK_K=next_power_of_2(top_k),
-        BLOCK_G=next_power_of_2(n_group), BLOCK_PG=next_power_of_2(E // n_group),
+        BLOCK_G=block_g, BLOCK_PG=block_pg,
         SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, USE_GROUPS=use_groups,
-        RENORM=bool(renormalize),
+        RENORM=bool(renormalize), RANK=ROUTE_RANK and block_g * block_pg <= ROUTE_RANK_MAX_EXPERTS,
     )
 
 
@@ -236,6 +263,11 @@ FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=256, num_warps=4, PREFE
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
 # program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
 # FUSED_DOWN, GLM-5 179 vs 193 us; at Qwen3's 768 the plain loop won (27.7 vs 29.0 us).
+# Down weights loaded before the PDL wait (``_fused_down_whole_kernel``): [SLOTS, BLOCK_N, I] routed rows (plus the
+# shared expert's [BLOCK_N, IS]) per program, BLOCK_N the largest power of two within ELEMS elements; experts too
+# wide for one column keep the loop kernels. HIGHSPEED_DOWN_WHOLE=1 (A/B).
+FUSED_DOWN_WHOLE = tuned("FUSED_DOWN_WHOLE", dict(ELEMS=16384, num_warps=8))
+DOWN_WHOLE: bool = os.environ.get("HIGHSPEED_DOWN_WHOLE", "0") == "1"
 FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
@@ -303,7 +335,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, H - 1)
         prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
     if WHOLE:   # the whole rows (as in the GEMV, ops/triton/linear.py): after the wait, one read of x
-        w1, w2 = whole_rows_load(w_rows, emask, H, K1, K2)
+        w1, w2 = whole_rows_load(w_rows, emask[:, None], H, K1, K2)
     else:
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
@@ -325,13 +357,15 @@ def _fused_gate_up_kernel(
     NORM: tl.constexpr, BLOCK_P: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
+    RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
     L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
-    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
+    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, STORE_ROUTING: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
-        gdc_launch_dependents()
         gdc_wait()
+        # Only after the wait: the down kernel reads the router's logits before ITS wait (DOWN_WHOLE), so it must
+        # not start before the router has finished.
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
     if NORM:   # x is the residual stream: its rms from the producer's partial sums, loaded with the logits
@@ -344,7 +378,7 @@ def _fused_gate_up_kernel(
         n = (p % blocks_per_expert) * BLOCK_N + r
         nmask = n < I
         ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group,
-                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
+                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
@@ -400,7 +434,7 @@ def _fused_gate_up_kernel(
     up = _acc_rows(acc_u, ROW_SUMS)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
-    if p == 0:   # the routing for the down kernel; its weights are off every other program's critical path
+    if STORE_ROUTING and p == 0:   # the routing for the down kernel; off every other program's critical path
         wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
                               TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
         tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
@@ -477,6 +511,73 @@ def _fused_down_kernel(
         tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _fused_down_whole_kernel(
+    act_ptr, w2_ptr, ws2_ptr, logits_ptr, bias_ptr, out_ptr, res_ptr, ss_ptr,
+    H, I, IS, n_group, per_group, scaling,
+    stride_at, stride_lt, stride_we, stride_wn, stride_sn, stride_ot, stride_rt, stride_st,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, SLOTS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
+    RENORM: tl.constexpr, RANK: tl.constexpr, HAS_SHARED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K1: tl.constexpr, K2: tl.constexpr, KS1: tl.constexpr, KS2: tl.constexpr, PDL: tl.constexpr,
+):
+    """The down kernel with its weights loaded BEFORE the PDL wait (``DOWN_WHOLE``). The routing is not read from
+    gate/up: each program re-derives it from the router's logits, which the kernel two launches back wrote --
+    gate/up calls ``gdc_launch_dependents`` only after its own wait, so this grid starts after the router has
+    finished. Then every weight of the program ([SLOTS, BLOCK_N, I] routed rows, [BLOCK_N, IS] shared ones) is in
+    flight while gate/up still runs, and after the wait a program reads the activations and reduces."""
+    if PDL:
+        gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    s = tl.arange(0, SLOTS)
+    c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = c < H
+    ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group,
+                      TOP_K, TOPK_GROUP, SLOTS, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
+    w_rows = (w2_ptr + ivec.to(tl.int64)[:, None, None] * stride_we
+              + c.to(tl.int64)[None, :, None] * stride_wn)                       # [SLOTS, BLOCK_N, 1]
+    rmask = ((s < TOP_K)[:, None] & cmask[None, :])[:, :, None]
+    w1, w2 = whole_rows_load(w_rows, rmask, I, K1, K2)
+    if HAS_SHARED:
+        s1, s2 = whole_rows_load(ws2_ptr + c.to(tl.int64)[:, None] * stride_sn, cmask[:, None], IS, KS1, KS2)
+    wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
+                          TOP_K, SLOTS, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
+    if PDL:
+        gdc_wait()
+    if ADD_RESIDUAL:
+        r = tl.load(res_ptr + t * stride_rt + c, mask=cmask, other=0.0)
+    a_rows = act_ptr + t * stride_at + s[:, None] * I                             # [SLOTS, 1]
+    y = _whole_slots_dot(w1, w2, a_rows, s < TOP_K, I, K1, K2)                    # [SLOTS, BLOCK_N]
+    out = tl.sum(y * wvec[:, None], 0)
+    if HAS_SHARED:
+        a_shared = act_ptr + t * stride_at + TOP_K * I
+        out += whole_rows_dot(s1, s2, a_shared, IS, KS1, KS2, a_shared, a_shared, 0, 0.0, False, 1)
+    if ADD_RESIDUAL:   # the residual stream, and its sums of squares for the next layer's norm
+        out, part = residual_epilogue(out, r, cmask, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + t * stride_ot + c, out, mask=cmask)
+        tl.store(ss_ptr + t * stride_st + nb, part)
+    else:
+        tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _whole_slots_dot(w1, w2, a_rows, smask, K, K1: tl.constexpr, K2: tl.constexpr):
+    """[SLOTS, BLOCK_N] fp32 dot products of preloaded [SLOTS, BLOCK_N, K] weight tiles (columns [0, K1) in w1,
+    [K1, K1 + K2) in w2) with each slot's activation row at ``a_rows`` ([SLOTS, 1] pointers): one load per slot,
+    broadcast over the block's output columns."""
+    k1 = tl.arange(0, K1)
+    a1 = tl.load(a_rows + k1[None, :], mask=smask[:, None] & (k1 < K)[None, :], other=0.0)
+    if K2 > 0:
+        k2 = K1 + tl.arange(0, K2)
+        a2 = tl.load(a_rows + k2[None, :], mask=smask[:, None] & (k2 < K)[None, :], other=0.0)
+    y = tl.sum(w1.to(tl.float32) * a1.to(tl.float32)[:, None, :], 2)
+    if K2 > 0:
+        y += tl.sum(w2.to(tl.float32) * a2.to(tl.float32)[:, None, :], 2)
+    return y
+
+
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
                       shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
@@ -506,6 +607,9 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args,
     )
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
+    whole_bn = _down_whole_block_n(k, I, IS)
+    k1d, k2d = lin.whole_split(I)
+    ks1, ks2 = lin.whole_split(IS) if IS else (1, 0)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
     cfg = FUSED_GATE_UP_NARROW if I <= NARROW_I else FUSED_GATE_UP
@@ -524,12 +628,28 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
         ROW_SUMS=cfg.get("ROW_SUMS", True), PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
-        PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), **prefetch, **launch,
+        PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), STORE_ROUTING=not whole_bn,
+        **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
+    add = fold_residual(residual, x, T, H)
+    if whole_bn:
+        programs = triton.cdiv(H, whole_bn)
+        ss_out = torch.empty(T, programs, dtype=torch.float32, device=dev) if add else None
+        res = residual if add else out
+        ss_o = ss_out if ss_out is not None else logits
+        _fused_down_whole_kernel[(T, programs)](
+            act, w2, ws2, logits, bias, out, res, ss_o, H, I, IS, n_group, E // n_group, float(scaling),
+            act.stride(0), logits.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
+            res.stride(0), ss_o.stride(0),
+            TOP_K=k, TOPK_GROUP=meta["TOPK_GROUP"], SLOTS=meta["BLOCK_K"], BLOCK_G=meta["BLOCK_G"],
+            BLOCK_PG=meta["BLOCK_PG"], SIGMOID=meta["SIGMOID"], HAS_BIAS=meta["HAS_BIAS"],
+            USE_GROUPS=meta["USE_GROUPS"], RENORM=meta["RENORM"], RANK=meta["RANK"], HAS_SHARED=has_shared, ADD_RESIDUAL=add,
+            BLOCK_N=whole_bn, K1=k1d, K2=k2d, KS1=ks1, KS2=ks2, num_warps=FUSED_DOWN_WHOLE["num_warps"], **launch,
+        )
+        return _moe_result(out, residual, add, ss_out)
     cfg = FUSED_DOWN if I <= NARROW_I else FUSED_DOWN_WIDE
     programs = triton.cdiv(H, cfg["BLOCK_N"])
-    add = fold_residual(residual, x, T, H)
     ss_out = torch.empty(T, programs, dtype=torch.float32, device=dev) if add else None
     res = residual if add else out
     ss_o = ss_out if ss_out is not None else logits
@@ -540,9 +660,23 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
         ROW_SUMS=cfg.get("ROW_SUMS", True), W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
     )
+    return _moe_result(out, residual, add, ss_out)
+
+
+def _moe_result(out: torch.Tensor, residual: torch.Tensor | None, add: bool, ss_out: torch.Tensor | None
+                ) -> torch.Tensor | ResidualSum:
     if residual is None:
         return out
     return ResidualSum(out, None, ss_out) if add else ResidualSum(out, residual)
+
+
+def _down_whole_block_n(k: int, I: int, IS: int) -> int:
+    """Output columns per program of ``_fused_down_whole_kernel`` (0: the experts are too wide, use the loop)."""
+    if not DOWN_WHOLE:
+        return 0
+    per_col = next_power_of_2(k) * sum(lin.whole_split(I)) + (sum(lin.whole_split(IS)) if IS else 0)
+    cols = min(16, FUSED_DOWN_WHOLE["ELEMS"] // per_col)
+    return 0 if cols < 1 else 1 << (cols.bit_length() - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
