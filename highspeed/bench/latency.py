@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-json", default=None, help="write the record here (default: benchmarks/results/...)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--profile-out", default=None, help="write a per-kernel device-time table of decode steps here")
+    p.add_argument("--timeline-out", default=None,
+                   help="write what each kernel adds to the replayed decode graph (PDL overlap included) here")
 
 
 def preset_config(name: str, num_layers: int | None) -> dict[str, Any]:
@@ -214,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
         distinct = _distinct_experts_decode(engine, probe)
     ttft, steps, _ = generate(prompts(args.batch_size, args.input_len), args.output_len)
     device_ms = _graph_replay_ms(engine, args.batch_size)
+    if args.timeline_out and device_ms:
+        _write_timeline(engine, args.batch_size, args.timeline_out, device_ms)
     if args.profile_out and device.type == "cuda":
         _profile_decode(engine, prompts(args.batch_size, args.input_len), args.profile_out)
     step_s = statistics.median(steps)
@@ -298,6 +302,23 @@ def _graph_replay_ms(engine: Any, batch: int) -> float | None:
     end.record()
     torch.cuda.synchronize()
     return round(start.elapsed_time(end) / 20, 4)
+
+
+def _write_timeline(engine: Any, batch: int, path: str, replay_ms: float) -> None:
+    """The chain-cost table of the decode graph for this batch (``highspeed.bench.timeline``), and one layer's
+    kernels listed in launch order from the middle of a replay."""
+    from highspeed.bench.timeline import format_table, graph_timeline, layer_listing
+
+    graphs = engine.runner.graphs
+    replays = 5
+    kernels, rows = graph_timeline(graphs.graphs[graphs.size_for(batch)], replays)
+    per_replay = len(kernels) // replays
+    with open(path, "w", encoding="utf-8") as f:
+        if not kernels:
+            f.write("the profiler recorded no kernels of the graph replays\n")
+            return
+        f.write(format_table(rows, replay_ms) + "\n\n")
+        f.write(layer_listing(kernels, 2 * per_replay + per_replay // 2, 40) + "\n")
 
 
 def _profile_decode(engine: Any, batch: list[list[int]], path: str, steps: int = 8) -> None:
