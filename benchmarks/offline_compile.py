@@ -105,11 +105,13 @@ def record_decode_layer(shape: str) -> list:
         ws2 = torch.empty(H, S, dtype=dt) if S else None
         gate = torch.randn(E, H)
         moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
-        whole, moe.DOWN_WHOLE = moe.DOWN_WHOLE, True     # the down kernel with its weights before the wait
-        try:
-            moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
-        finally:
-            moe.DOWN_WHOLE = whole
+        for switch in ("DOWN_WHOLE", "FUSED_EXPERTS"):   # the down kernel preloading; gate/up + down in one
+            saved_switch = getattr(moe, switch)
+            setattr(moe, switch, True)
+            try:
+                moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
+            finally:
+                setattr(moe, switch, saved_switch)
         lin.linear(torch.randn(1, o_in, dtype=dt), torch.empty(H, o_in, dtype=dt))
         fold, norm_ops.FOLD_NORM = norm_ops.FOLD_NORM, True     # the norm-fold variants (HIGHSPEED_FOLD_NORM=1)
         try:

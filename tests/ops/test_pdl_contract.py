@@ -49,6 +49,8 @@ def test_pdl_kernel_waits_first(fname, kernel):
     allowed = PARAM_POINTERS | TWO_BACK.get(kernel.name, (None, set()))[1]
     waited = False
     for stmt in kernel.body:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue   # the docstring
         src = ast.unparse(stmt)
         if "gdc_wait()" in src:
             waited = True

@@ -200,6 +200,40 @@ def test_fused_moe_decode_down_whole(triton_module, reference, monkeypatch, elem
     _check_fused_moe(moe, reference, dtype, T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
+def test_fused_moe_decode_one_launch_experts(triton_module, reference, monkeypatch, dtype, T, E, H, I, k, scoring,
+                                             renorm, bias, n_group, topk_group, scale, shared):
+    """Gate/up and down in one kernel (``FUSED_EXPERTS``): fp32 sums by atomics into a row the router zeroes."""
+    moe = triton_module("moe")
+    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
+    monkeypatch.setattr(moe, "FUSED_EXPERTS", True)
+    monkeypatch.setattr(moe, "FUSED_EXPERTS_SHAPE", dict(BLOCK_N=4, BLOCK_K=16, BLOCK_H=8, num_warps=4))
+    _check_fused_moe(moe, reference, dtype, T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared)
+
+
+def test_fused_experts_hand_on_fp32_sums(triton_module, reference, monkeypatch):
+    """With a residual, the one-launch experts return their fp32 sums in a ResidualSum; its value (and the
+    add_rms_norm that consumes it in a model) rounds them to the stream's dtype before the add."""
+    from highspeed.ops.moe import fused_moe as ref_fused_moe
+    from highspeed.ops.norm import ResidualSum
+
+    moe = triton_module("moe")
+    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", 1)
+    monkeypatch.setattr(moe, "FUSED_EXPERTS", True)
+    monkeypatch.setattr(moe, "FUSED_EXPERTS_SHAPE", dict(BLOCK_N=4, BLOCK_K=16, BLOCK_H=8, num_warps=4))
+    E, H, I, k = 8, 32, 16, 2
+    x = torch.randn(1, H, device=DEVICE).to(torch.bfloat16)
+    res = torch.randn(1, H, device=DEVICE).to(torch.bfloat16)
+    gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4
+    w13, w2 = _expert_weights(E, H, I, torch.bfloat16)
+    out = moe.fused_moe(x, gate, w13, w2, k, "softmax", True, residual=res)
+    assert isinstance(out, ResidualSum) and out.x.dtype == torch.float32 and out.residual is res
+    ref = reference(ref_fused_moe, x, gate, w13, w2, k, "softmax", True)
+    assert out.value().dtype == torch.bfloat16
+    assert rel_err(out.value(), ref + res) < TOL[torch.bfloat16]
+
+
 def _check_fused_moe(moe, reference, dtype, T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale,
                      shared):
     from highspeed.ops.moe import fused_moe as ref_fused_moe

@@ -268,6 +268,11 @@ FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=256, num_warps=4, PREFE
 # wide for one column keep the loop kernels. HIGHSPEED_DOWN_WHOLE=1 (A/B).
 FUSED_DOWN_WHOLE = tuned("FUSED_DOWN_WHOLE", dict(ELEMS=16384, num_warps=8))
 DOWN_WHOLE: bool = os.environ.get("HIGHSPEED_DOWN_WHOLE", "0") == "1"
+# Gate/up and down in one launch (``_fused_experts_kernel``): BLOCK_N intermediate rows of one expert per program,
+# its down columns summed into an fp32 row with atomics, BLOCK_H output columns per step. HIGHSPEED_FUSED_EXPERTS=1.
+FUSED_EXPERTS: bool = os.environ.get("HIGHSPEED_FUSED_EXPERTS", "0") == "1"
+# BLOCK_K=128 keeps it at 91 registers (sm_90, offline; 166 with 256-wide gate/up tiles): five programs per SM.
+FUSED_EXPERTS_SHAPE = tuned("FUSED_EXPERTS", dict(BLOCK_N=16, BLOCK_K=128, BLOCK_H=256, num_warps=4))
 FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
@@ -316,13 +321,15 @@ def _acc_rows(acc, ROW_SUMS: tl.constexpr):
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
-                   stride_xt, stride_we, stride_ot, stride_st,
+def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, zero_ptr, H, E, P, eps,
+                   stride_xt, stride_we, stride_ot, stride_st, stride_zt,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
                    WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr,
-                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, ZERO_CHUNK: tl.constexpr, PDL: tl.constexpr):
     # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss.
+    # ZERO_CHUNK > 0: each program also zeroes its chunk of the fp32 row at zero_ptr that the fused experts kernel
+    # (next) sums into with atomics.
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -347,6 +354,49 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
     else:
         y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
     tl.store(out_ptr + t * stride_ot + e, y, mask=emask)
+    if ZERO_CHUNK > 0:
+        z = tl.program_id(1) * ZERO_CHUNK + tl.arange(0, ZERO_CHUNK)
+        tl.store(zero_ptr + t * stride_zt + z, tl.zeros([ZERO_CHUNK], dtype=tl.float32), mask=z < H)
+
+
+@triton.jit
+def _gate_up_act(x_row, w_gate, w_up, nmask, H, nw_ptr, rstd, NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr):
+    """SiLU(gate) * up (fp32, [BLOCK_N]) of the weight rows at ``w_gate`` / ``w_up`` ([BLOCK_N, 1] pointers) and
+    the row at ``x_row`` -- with NORM, its RMSNorm (weights ``nw_ptr``, ``rstd``) applied as it loads -- over H
+    in BLOCK_K tiles (PREFETCH: the next tiles in flight while the current ones are used)."""
+    acc_g = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
+    acc_u = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
+    if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
+        k = tl.arange(0, BLOCK_K)
+        m2 = nmask[:, None] & (k < H)[None, :]
+        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        if NORM:
+            xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0), tl.load(nw_ptr + k, mask=kmask, other=0.0),
+                             rstd, x_row.dtype.element_ty)
+        else:
+            xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            kn = k + BLOCK_K
+            mn = nmask[:, None] & (kn < H)[None, :]
+            wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+            wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+        else:
+            m2 = nmask[:, None] & kmask[None, :]
+            wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+            wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        acc_g = _acc_add(acc_g, wg, xv[None, :], ROW_SUMS)
+        acc_u = _acc_add(acc_u, wu, xv[None, :], ROW_SUMS)
+        if PREFETCH:
+            wg = wg_next
+            wu = wu_next
+    gate = _acc_rows(acc_g, ROW_SUMS)
+    up = _acc_rows(acc_u, ROW_SUMS)
+    return gate * tl.sigmoid(gate) * up
 
 
 @triton.jit
@@ -399,40 +449,9 @@ def _fused_gate_up_kernel(
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
             prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :])
     x_row = x_ptr + t * stride_xt
-    if NORM:
-        rstd = sumsq_rstd(parts, H, eps)
-    acc_g = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
-    acc_u = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
-    if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
-        k = tl.arange(0, BLOCK_K)
-        m2 = nmask[:, None] & (k < H)[None, :]
-        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < H
-        if NORM:
-            xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0), tl.load(nw_ptr + k, mask=kmask, other=0.0),
-                             rstd, x_ptr.dtype.element_ty)
-        else:
-            xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
-        if PREFETCH:
-            kn = k + BLOCK_K
-            mn = nmask[:, None] & (kn < H)[None, :]
-            wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
-            wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
-        else:
-            m2 = nmask[:, None] & kmask[None, :]
-            wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-            wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-        acc_g = _acc_add(acc_g, wg, xv[None, :], ROW_SUMS)
-        acc_u = _acc_add(acc_u, wu, xv[None, :], ROW_SUMS)
-        if PREFETCH:
-            wg = wg_next
-            wu = wu_next
-    gate = _acc_rows(acc_g, ROW_SUMS)
-    up = _acc_rows(acc_u, ROW_SUMS)
-    act = gate * tl.sigmoid(gate) * up
+    rstd = sumsq_rstd(parts, H, eps) if NORM else 0.0
+    act = _gate_up_act(x_row, w_gate, w_up, nmask, H, nw_ptr, rstd, NORM, BLOCK_N, BLOCK_K, PREFETCH, ROW_SUMS,
+                       W_EVICT)
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
     if STORE_ROUTING and p == 0:   # the routing for the down kernel; off every other program's critical path
         wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
@@ -578,6 +597,71 @@ def _whole_slots_dot(w1, w2, a_rows, smask, K, K1: tl.constexpr, K2: tl.constexp
     return y
 
 
+@triton.jit
+def _fused_experts_kernel(
+    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, w2_ptr, ws2_ptr, out_ptr,
+    H, I, IS, n_group, per_group, scaling,
+    stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_2e, stride_2n, stride_s2n, stride_ot,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
+    RENORM: tl.constexpr, RANK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr,
+    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
+):
+    """Gate/up AND down of one expert's BLOCK_N intermediate rows in one program (``FUSED_EXPERTS``): SiLU(gate) *
+    up for the rows, times the routing weight, then those rows' columns of the down projection, summed into the
+    fp32 output row with atomics (zeroed by the router kernel). No launch boundary between gate/up and down:
+    each program streams its down columns right after its own gate/up rows, while others are still on theirs."""
+    if PDL:  # everything here depends on the router's logits (and the zeroed output row)
+        gdc_launch_dependents()
+        gdc_wait()
+    t = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
+    blocks_per_expert = tl.cdiv(I, BLOCK_N)
+    r = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_TK)
+    if p < TOP_K * blocks_per_expert:
+        slot = p // blocks_per_expert
+        n = (p % blocks_per_expert) * BLOCK_N + r
+        nmask = n < I
+        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group,
+                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
+        e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
+        w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
+        w_up = w_gate + I * stride_wn
+        d_cols = w2_ptr + e * stride_2e + n[None, :]          # [1, BLOCK_N]: this block's down columns
+        d_stride = stride_2n
+    else:
+        slot = p * 0 + TOP_K                                   # the shared expert: weight 1, no routing
+        ivec = tl.zeros([BLOCK_TK], dtype=tl.int32)
+        n = (p - TOP_K * blocks_per_expert) * BLOCK_N + r
+        nmask = n < IS
+        w_gate = ws13_ptr + n[:, None].to(tl.int64) * stride_sn
+        w_up = w_gate + IS * stride_sn
+        d_cols = ws2_ptr + n[None, :]
+        d_stride = stride_s2n
+    # The first down tile does not depend on the activations: in flight during the gate/up loop.
+    h = tl.arange(0, BLOCK_H)
+    wd = tl.load(d_cols + h[:, None].to(tl.int64) * d_stride, mask=(h < H)[:, None] & nmask[None, :], other=0.0,
+                 eviction_policy=W_EVICT)
+    act = _gate_up_act(x_ptr + t * stride_xt, w_gate, w_up, nmask, H, x_ptr, 0.0, False, BLOCK_N, BLOCK_K, PREFETCH,
+                       ROW_SUMS, W_EVICT)
+    wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
+                          TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
+    wt = tl.where(slot < TOP_K, tl.sum(tl.where(kk == slot, wvec, 0.0), 0), 1.0)
+    # The activations rounded as the two-kernel path stores them (model dtype), then weighted.
+    a = tl.where(nmask, act.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0) * wt
+    out_row = out_ptr + t * stride_ot
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + h
+        hn = hh + BLOCK_H
+        wd_next = tl.load(d_cols + hn[:, None].to(tl.int64) * d_stride, mask=(hn < H)[:, None] & nmask[None, :],
+                          other=0.0, eviction_policy=W_EVICT)
+        y = tl.sum(wd.to(tl.float32) * a[None, :], 1)
+        tl.atomic_add(out_row + hh, y, mask=hh < H, sem="relaxed")
+        wd = wd_next
+
+
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
                       shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
@@ -599,13 +683,35 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     P, eps = (ss_in.shape[-1], norm.eps) if norm is not None else (0, 0.0)
     cfg = ROUTER
     k1, k2 = lin.whole_split(H)
-    _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
-        x, gate_weight, logits, nw, ss_in, H, E, P, eps,
-        x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0),
+    router_programs = triton.cdiv(E, cfg["BLOCK_E"])
+    # One launch for gate/up and down (fp32 sums by atomics, zeroed by the router) unless the residual add is
+    # folded into the down kernel's epilogue.
+    fused = FUSED_EXPERTS and norm is None and not fold_residual(residual, x, T, H)
+    out32 = torch.empty(T, H, dtype=torch.float32, device=dev) if fused else logits   # unused pointer otherwise
+    _router_kernel[(T, router_programs)](
+        x, gate_weight, logits, nw, ss_in, out32, H, E, P, eps,
+        x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0), out32.stride(0),
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
         WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args,
+        ZERO_CHUNK=next_power_of_2(triton.cdiv(H, router_programs)) if fused else 0,
     )
+    if fused:
+        cfg = FUSED_EXPERTS_SHAPE
+        bn = cfg["BLOCK_N"]
+        ws13 = shared_w13 if has_shared else w13
+        ws2 = shared_w2 if has_shared else w2[0]
+        bias = correction_bias if correction_bias is not None else logits
+        _fused_experts_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
+            x, logits, bias, w13, ws13, w2, ws2, out32, H, I, IS, n_group, E // n_group, float(scaling),
+            x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), w2.stride(0),
+            w2.stride(1), ws2.stride(0), out32.stride(0),
+            **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
+            BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_H=cfg["BLOCK_H"], PREFETCH=True, ROW_SUMS=True,
+            W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
+        )
+        # The model hands the sums on to the next add_rms_norm, which rounds them to the stream's dtype.
+        return out32.to(x.dtype) if residual is None else ResidualSum(out32, residual)
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     whole_bn = _down_whole_block_n(k, I, IS)
     k1d, k2d = lin.whole_split(I)
