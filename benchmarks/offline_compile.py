@@ -135,11 +135,15 @@ def record_attention() -> list:
     from highspeed.ops.rope import build_cos_sin_cache
     from highspeed.ops.triton import attention as att
 
+    from highspeed.ops.triton import mla_proj
+
     launches: list = []
-    saved = att._paged_attn_kernel, att._combine_kernel, att._num_sms
+    saved = att._paged_attn_kernel, att._combine_kernel, att._num_sms, mla_proj._latent_to_v_kernel
     att._paged_attn_kernel = Recorder(saved[0], launches)
     att._combine_kernel = Recorder(saved[1], launches)
     att._num_sms = lambda device: 132   # an H200's SMs: the split plan of the real launch
+    mla_proj._latent_to_v_kernel = Recorder(saved[3], launches)
+    merge_in_v, att.MERGE_IN_LATENT_TO_V = att.MERGE_IN_LATENT_TO_V, True
     try:
         dt = torch.bfloat16
         ctx = AttentionContext(query_lens=[1], seq_lens=[200], query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
@@ -154,8 +158,12 @@ def record_attention() -> list:
                                  False, cache, cache.clone(), ctx, 0.1, torch.ones(128, dtype=dt),
                                  torch.ones(128, dtype=dt), 1e-6)
         att.mla_attention(torch.zeros(1, 20, 576, dtype=dt), torch.zeros(30, 16, 576, dtype=dt), ctx, 0.1, 512)
+        # GLM-4.7-Flash's W_UV (20 heads x 256 x 512) merging the splits itself.
+        att.mla_attention_v(torch.zeros(1, 20, 576, dtype=dt), torch.zeros(30, 16, 576, dtype=dt), ctx, 0.1, 512,
+                            None, torch.zeros(20, 256, 512, dtype=dt), torch.zeros(1, 20, 256, dtype=dt))
     finally:
-        att._paged_attn_kernel, att._combine_kernel, att._num_sms = saved
+        att._paged_attn_kernel, att._combine_kernel, att._num_sms, mla_proj._latent_to_v_kernel = saved
+        att.MERGE_IN_LATENT_TO_V = merge_in_v
     return launches
 
 

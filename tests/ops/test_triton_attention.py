@@ -568,3 +568,45 @@ def test_decode_path_only_for_one_query_per_sequence(decode_attn, reference):
     out = attn.mla_attention(qm, cache, ctx, 48**-0.5, 32, ti)
     assert rel_err(out, reference(ref_mla_attention, qm, cache, ctx, 48**-0.5, 32, ti)) < TOL[torch.float32]
     assert spy.decode == [False, False, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slens,max_len", [([40], 200), ([23, 70], 128), ([100, 3], 256)])
+def test_mla_attention_v_merges_in_latent_to_v(h200_grid, triton_module, reference, monkeypatch, dtype, slens,
+                                               max_len):
+    """``mla_attention_v`` at decode with split keys: the W_UV kernel merges the splits of its head itself (no
+    ``_combine_kernel`` launch), one token and a pair, against attention then W_UV in the reference."""
+    from highspeed.ops.attention import mla_attention_v as ref_mla_attention_v
+
+    attn = h200_grid
+    mla = triton_module("mla_proj")
+    monkeypatch.setattr(attn, "FUSED_MERGE_MAX_ELEMS", 0)
+    H, L, R, V, bs = 4, 64, 16, 24, 16
+    nb = sum((s + bs - 1) // bs for s in slens) + 2
+    ctx = make_ctx([1] * len(slens), slens, bs, nb)
+    q = torch.randn(len(slens), H, L + R, device=DEVICE).to(dtype)
+    cache = torch.randn(nb, bs, L + R, device=DEVICE).to(dtype)
+    w_uv = (torch.randn(H, V, L, device=DEVICE) / L**0.5).to(dtype)
+    scale = (L + R) ** -0.5
+    ref = reference(ref_mla_attention_v, q, cache, ctx, scale, L, None, w_uv,
+                    torch.empty(len(slens), H, V, device=DEVICE, dtype=dtype))
+    gctx = _graph_ctx(ctx, max_len)
+    for merge_in_v in (False, True):
+        monkeypatch.setattr(attn, "MERGE_IN_LATENT_TO_V", merge_in_v)
+        combines = []
+        real = attn._combine_kernel
+
+        class Spy:
+            def __getitem__(self, grid):
+                combines.append(grid)
+                return real[grid]
+
+        monkeypatch.setattr(attn, "_combine_kernel", Spy())
+        res = attn._mla_launch(q, cache, gctx, scale, L, None)
+        assert isinstance(res, attn.Partials) and res.num_splits > 1     # the case under test: split keys
+        combines.clear()
+        out = attn.mla_attention_v(q, cache, gctx, scale, L, None, w_uv,
+                                   torch.empty(len(slens), H, V, device=DEVICE, dtype=dtype))
+        assert bool(combines) != merge_in_v
+        assert rel_err(out, ref) < TOL[dtype], (merge_in_v, rel_err(out, ref))
+    assert mla.uses_kernel(res.out, w_uv, out)
