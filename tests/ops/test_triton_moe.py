@@ -26,14 +26,9 @@ ROUTING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("rank", [False, True])
 @pytest.mark.parametrize("T,E,k,scoring,renorm,bias,n_group,topk_group,scale", ROUTING_CASES)
-def test_select_experts(triton_module, reference, monkeypatch, rank, T, E, k, scoring, renorm, bias, n_group,
-                        topk_group, scale):
-    """Both top-k forms (``RANK``: one comparison matrix; else one max per pick), up to the rank form's limit."""
+def test_select_experts(triton_module, reference, T, E, k, scoring, renorm, bias, n_group, topk_group, scale):
     moe = triton_module("moe")
-    monkeypatch.setattr(moe, "ROUTE_RANK", rank)
-    monkeypatch.setattr(moe, "ROUTE_RANK_MAX_EXPERTS", 256)
     logits = torch.randn(T, E, device=DEVICE) * 3
     b = torch.randn(E, device=DEVICE) * 0.5 if bias else None
     args = (logits, k, scoring, renorm, b, n_group, topk_group, scale)
@@ -53,14 +48,12 @@ def test_select_experts_groups_really_restrict(triton_module):
     assert ((ids >= 8) & (ids < 16)).all()
 
 
-@pytest.mark.parametrize("rank", [False, True])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-def test_select_experts_ties_and_signs(triton_module, reference, monkeypatch, rank, scoring):
+def test_select_experts_ties_and_signs(triton_module, reference, scoring):
     """Equal scores (saturated sigmoids, repeated logits) go to the lowest index -- torch.topk leaves the order of
     ties unspecified, so against the reference only the chosen scores must agree -- and negative biased scores
     order correctly (the kernel compares packed integer keys, not floats)."""
     moe = triton_module("moe")
-    monkeypatch.setattr(moe, "ROUTE_RANK", rank)
     logits = torch.tensor([[0.5, 30.0, -2.0, 30.0, 0.5, 40.0, -7.0, 0.5]], device=DEVICE)
     bias = torch.tensor([-3.0, -1.0, 0.0, -1.0, -3.0, -2.5, 0.0, -3.0], device=DEVICE) if scoring == "sigmoid" else None
     score = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
@@ -167,6 +160,7 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     """The decode path (router + routing + experts + shared expert in three launches) against the reference."""
     moe = triton_module("moe")
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
+    monkeypatch.setattr(moe, "PARTIAL_PICKS", prefetch)     # gate/up: all k picks, or only up to its slot
     monkeypatch.setattr(moe.lin, "WHOLE_ROWS", prefetch)    # the router: whole-row preload, or the tile loop
     # Both launch-shape families: the wide-expert ones with prefetch, the narrow ones without.
     monkeypatch.setattr(moe, "NARROW_I", -1 if prefetch else 10**9)
@@ -193,7 +187,7 @@ def test_fused_moe_decode_down_whole(triton_module, reference, monkeypatch, elem
     moe = triton_module("moe")
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
     monkeypatch.setattr(moe, "DOWN_WHOLE", True)
-    monkeypatch.setattr(moe, "ROUTE_RANK", elems == 256)    # the rank top-k in gate/up and in the down kernel
+    monkeypatch.setattr(moe, "PARTIAL_PICKS", elems == 256)   # gate/up picks only up to its slot
     monkeypatch.setattr(moe, "FUSED_DOWN_WHOLE", dict(ELEMS=elems, num_warps=4))
     per_col = moe.next_power_of_2(k) * sum(moe.lin.whole_split(I)) + (sum(moe.lin.whole_split(shared)) if shared else 0)
     assert moe._down_whole_block_n(k, I, shared) == (1 << ((min(16, elems // per_col)).bit_length() - 1))

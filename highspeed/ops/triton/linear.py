@@ -185,6 +185,8 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
            residual: torch.Tensor | None = None) -> torch.Tensor | ResidualSum:
     """Same contract as ``highspeed.ops.linear.linear``."""
     norm = x if isinstance(x, DeferredNorm) else None
+    if norm is not None and norm.x.dtype != weight.dtype:
+        x, norm = materialize(norm), None   # fp32 sums (the one-launch MoE): its norm launch gives the model dtype
     xin = unnormed(x)
     K = xin.shape[-1]
     N = weight.shape[0]

@@ -43,10 +43,9 @@ GROUPED_LARGE_MIN_ROWS_PER_EXPERT: int = 64
 # Routing
 # ----------------------------------------------------------------------------------------------------------------
 
-# Top-k by rank (``_topk_by_rank``: one [E, E] comparison, two reductions) instead of k dependent max-reductions,
-# up to ROUTE_RANK_MAX_EXPERTS experts (the comparison grows as E^2). HIGHSPEED_ROUTE_RANK=1 (A/B).
-ROUTE_RANK: bool = os.environ.get("HIGHSPEED_ROUTE_RANK", "0") == "1"
-ROUTE_RANK_MAX_EXPERTS: int = 128
+# Gate/up programs make only the routing picks up to their own slot (slot s needs the s-th best expert): the
+# slot-0 programs start streaming after one pick instead of k. HIGHSPEED_PARTIAL_PICKS=1 (A/B).
+PARTIAL_PICKS: bool = os.environ.get("HIGHSPEED_PARTIAL_PICKS", "0") == "1"
 
 
 @triton.jit
@@ -68,10 +67,10 @@ def _softmax_stats(logits, valid):
 
 @triton.jit
 def _route_ids(
-    logits_ptr, bias_ptr, n_group, per_group,
+    logits_ptr, bias_ptr, n_group, per_group, picks,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RANK: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
 ):
     """The chosen experts of one token, from its contiguous fp32 logits row: [BLOCK_K] ids, best first (equal
     scores: lowest index). This sits on the critical path of every expert program of the fused decode MoE, so it
@@ -109,39 +108,24 @@ def _route_ids(
         sel = tl.where(keep[:, None], sel, float("-inf"))
 
     # Scores as int32 that order like the fp32 values (flip the magnitude bits of negatives); among equal scores
-    # the lowest index wins, like torch.topk on distinct values.
+    # the lowest index wins, like torch.topk on distinct values. (Tried, run 12: top-k by rank -- one [E, E]
+    # comparison and two reductions instead of k dependent maxima -- Qwen3-30B-A3B graph replay 2.957 vs 2.452 ms.)
     big = BLOCK_G * BLOCK_PG
     bits = sel.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     kk = tl.arange(0, BLOCK_K)
-    if RANK:
-        ivec = _topk_by_rank(tl.reshape(ordered, [BLOCK_G * BLOCK_PG]), tl.reshape(valid, [BLOCK_G * BLOCK_PG]),
-                             tl.reshape(flat, [BLOCK_G * BLOCK_PG]), TOP_K, BLOCK_K)
-    else:
-        # Packed key: the ordered score in the high 32 bits, (big - index) in the low ones; one max per pick.
-        key = ordered.to(tl.int64) * 4294967296 + (big - flat).to(tl.int64)
-        key = tl.where(valid, key, -9223372036854775807)
-        ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
-        for i in tl.static_range(TOP_K):
+    # Packed key: the ordered score in the high 32 bits, (big - index) in the low ones; one max per pick. Only the
+    # first ``picks`` are made (the rest of ivec stays 0): a program that needs the s-th expert stops there.
+    key = ordered.to(tl.int64) * 4294967296 + (big - flat).to(tl.int64)
+    key = tl.where(valid, key, -9223372036854775807)
+    ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for i in tl.static_range(TOP_K):
+        if i < picks:
             best = tl.max(tl.max(key, 1), 0)
             fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
             ivec = tl.where(kk == i, fi, ivec)
             key = tl.where(flat == fi, -9223372036854775807, key)
     return ivec
-
-
-@triton.jit
-def _topk_by_rank(score, valid, idx, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The TOP_K best of ``score`` ([N] int32 order keys; ``idx`` their expert ids), best first, as [BLOCK_K] ids
-    (0 past TOP_K): each entry's rank is the number of entries that beat it, counted in one [N, N] comparison and
-    one reduction, then the ids are placed by rank in a second -- two reductions on the gate/up critical path
-    instead of TOP_K dependent max-reductions."""
-    beats = valid[None, :] & ((~valid[:, None]) | (score[None, :] > score[:, None])
-                              | ((score[None, :] == score[:, None]) & (idx[None, :] < idx[:, None])))
-    rank = tl.sum(beats.to(tl.int32), 1)
-    kk = tl.arange(0, BLOCK_K)
-    hit = (rank[None, :] == kk[:, None]) & valid[None, :] & (kk < TOP_K)[:, None]
-    return tl.sum(tl.where(hit, idx[None, :], 0), 1)
 
 
 @triton.jit
@@ -174,11 +158,10 @@ def _select_experts_kernel(
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    RANK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    ivec = _route_ids(logits_ptr + row * stride_lt, bias_ptr, n_group, per_group,
-                      TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
+    ivec = _route_ids(logits_ptr + row * stride_lt, bias_ptr, n_group, per_group, TOP_K,
+                      TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
     wvec = _route_weights(logits_ptr + row * stride_lt, ivec, n_group, per_group, scaling,
                           TOP_K, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
     kk = tl.arange(0, BLOCK_K)
@@ -202,7 +185,7 @@ def _routing_meta(E: int, top_k: int, scoring: str, renormalize: bool, correctio
         TOP_K=top_k, TOPK_GROUP=topk_group if use_groups else 1, BLOCK_K=next_power_of_2(top_k),
         BLOCK_G=block_g, BLOCK_PG=block_pg,
         SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, USE_GROUPS=use_groups,
-        RENORM=bool(renormalize), RANK=ROUTE_RANK and block_g * block_pg <= ROUTE_RANK_MAX_EXPERTS,
+        RENORM=bool(renormalize),
     )
 
 
@@ -407,7 +390,8 @@ def _fused_gate_up_kernel(
     NORM: tl.constexpr, BLOCK_P: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
+    PARTIAL_PICKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    ROW_SUMS: tl.constexpr,
     L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, STORE_ROUTING: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -427,8 +411,10 @@ def _fused_gate_up_kernel(
         slot = p // blocks_per_expert
         n = (p % blocks_per_expert) * BLOCK_N + r
         nmask = n < I
-        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group,
-                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
+        # Picks up to this program's slot (program 0 stores the whole routing for the down kernel).
+        picks = tl.where(STORE_ROUTING and p == 0, TOP_K, slot + 1) if PARTIAL_PICKS else TOP_K
+        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
+                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
@@ -537,7 +523,7 @@ def _fused_down_whole_kernel(
     stride_at, stride_lt, stride_we, stride_wn, stride_sn, stride_ot, stride_rt, stride_st,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, SLOTS: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
-    RENORM: tl.constexpr, RANK: tl.constexpr, HAS_SHARED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    RENORM: tl.constexpr, HAS_SHARED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr, KS1: tl.constexpr, KS2: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -553,8 +539,8 @@ def _fused_down_whole_kernel(
     s = tl.arange(0, SLOTS)
     c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = c < H
-    ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group,
-                      TOP_K, TOPK_GROUP, SLOTS, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
+    ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, TOP_K,
+                      TOP_K, TOPK_GROUP, SLOTS, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
     w_rows = (w2_ptr + ivec.to(tl.int64)[:, None, None] * stride_we
               + c.to(tl.int64)[None, :, None] * stride_wn)                       # [SLOTS, BLOCK_N, 1]
     rmask = ((s < TOP_K)[:, None] & cmask[None, :])[:, :, None]
@@ -604,7 +590,7 @@ def _fused_experts_kernel(
     stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_2e, stride_2n, stride_s2n, stride_ot,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
-    RENORM: tl.constexpr, RANK: tl.constexpr,
+    RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr,
     ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -624,8 +610,8 @@ def _fused_experts_kernel(
         slot = p // blocks_per_expert
         n = (p % blocks_per_expert) * BLOCK_N + r
         nmask = n < I
-        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group,
-                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
+        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, TOP_K,
+                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
@@ -735,7 +721,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
         ROW_SUMS=cfg.get("ROW_SUMS", True), PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), STORE_ROUTING=not whole_bn,
-        **prefetch, **launch,
+        PARTIAL_PICKS=PARTIAL_PICKS, **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     add = fold_residual(residual, x, T, H)
@@ -750,7 +736,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
             res.stride(0), ss_o.stride(0),
             TOP_K=k, TOPK_GROUP=meta["TOPK_GROUP"], SLOTS=meta["BLOCK_K"], BLOCK_G=meta["BLOCK_G"],
             BLOCK_PG=meta["BLOCK_PG"], SIGMOID=meta["SIGMOID"], HAS_BIAS=meta["HAS_BIAS"],
-            USE_GROUPS=meta["USE_GROUPS"], RENORM=meta["RENORM"], RANK=meta["RANK"], HAS_SHARED=has_shared, ADD_RESIDUAL=add,
+            USE_GROUPS=meta["USE_GROUPS"], RENORM=meta["RENORM"], HAS_SHARED=has_shared, ADD_RESIDUAL=add,
             BLOCK_N=whole_bn, K1=k1d, K2=k2d, KS1=ks1, KS2=ks2, num_warps=FUSED_DOWN_WHOLE["num_warps"], **launch,
         )
         return _moe_result(out, residual, add, ss_out)
