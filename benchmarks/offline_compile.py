@@ -105,13 +105,6 @@ def record_decode_layer(shape: str) -> list:
         ws2 = torch.empty(H, S, dtype=dt) if S else None
         gate = torch.randn(E, H)
         moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
-        for switch in ("DOWN_WHOLE", "FUSED_EXPERTS"):   # the down kernel preloading; gate/up + down in one
-            saved_switch = getattr(moe, switch)
-            setattr(moe, switch, True)
-            try:
-                moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
-            finally:
-                setattr(moe, switch, saved_switch)
         lin.linear(torch.randn(1, o_in, dtype=dt), torch.empty(H, o_in, dtype=dt))
         fold, norm_ops.FOLD_NORM = norm_ops.FOLD_NORM, True     # the norm-fold variants (HIGHSPEED_FOLD_NORM=1)
         try:
@@ -135,15 +128,11 @@ def record_attention() -> list:
     from highspeed.ops.rope import build_cos_sin_cache
     from highspeed.ops.triton import attention as att
 
-    from highspeed.ops.triton import mla_proj
-
     launches: list = []
-    saved = att._paged_attn_kernel, att._combine_kernel, att._num_sms, mla_proj._latent_to_v_kernel
+    saved = att._paged_attn_kernel, att._combine_kernel, att._num_sms
     att._paged_attn_kernel = Recorder(saved[0], launches)
     att._combine_kernel = Recorder(saved[1], launches)
     att._num_sms = lambda device: 132   # an H200's SMs: the split plan of the real launch
-    mla_proj._latent_to_v_kernel = Recorder(saved[3], launches)
-    merge_in_v, att.MERGE_IN_LATENT_TO_V = att.MERGE_IN_LATENT_TO_V, True
     try:
         dt = torch.bfloat16
         ctx = AttentionContext(query_lens=[1], seq_lens=[200], query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
@@ -158,12 +147,8 @@ def record_attention() -> list:
                                  False, cache, cache.clone(), ctx, 0.1, torch.ones(128, dtype=dt),
                                  torch.ones(128, dtype=dt), 1e-6)
         att.mla_attention(torch.zeros(1, 20, 576, dtype=dt), torch.zeros(30, 16, 576, dtype=dt), ctx, 0.1, 512)
-        # GLM-4.7-Flash's W_UV (20 heads x 256 x 512) merging the splits itself.
-        att.mla_attention_v(torch.zeros(1, 20, 576, dtype=dt), torch.zeros(30, 16, 576, dtype=dt), ctx, 0.1, 512,
-                            None, torch.zeros(20, 256, 512, dtype=dt), torch.zeros(1, 20, 256, dtype=dt))
     finally:
-        att._paged_attn_kernel, att._combine_kernel, att._num_sms, mla_proj._latent_to_v_kernel = saved
-        att.MERGE_IN_LATENT_TO_V = merge_in_v
+        att._paged_attn_kernel, att._combine_kernel, att._num_sms = saved
     return launches
 
 

@@ -107,27 +107,6 @@ def rope_paged_attention(
     return paged_attention(q_rot, k_cache, v_cache, ctx, scale)
 
 
-def mla_attention_v(
-    q: torch.Tensor,
-    latent_cache: torch.Tensor,
-    ctx: AttentionContext,
-    scale: float,
-    kv_lora_rank: int,
-    topk_indices: torch.Tensor | None,
-    w_uv: torch.Tensor,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """``latent_to_v(mla_attention(q, ...), w_uv, out)``: absorbed MLA attention expanded through W_UV into
-    ``out[T, H, V]`` (written in place, also returned). One op, so that at decode the W_UV product can merge the
-    attention's key splits itself instead of after a merge launch."""
-    kernel = triton_kernel("attention", "mla_attention_v", q)
-    if kernel is not None:
-        return kernel(q, latent_cache, ctx, scale, kv_lora_rank, topk_indices, w_uv, out)
-    from highspeed.ops.mla_proj import latent_to_v
-
-    return latent_to_v(mla_attention(q, latent_cache, ctx, scale, kv_lora_rank, topk_indices), w_uv, out)
-
-
 def topk_mask(topk_indices: torch.Tensor, seq_len: int) -> torch.Tensor:
     """``[Tq, seq_len]`` bool with True at the selected positions (entries of -1 select nothing)."""
     # Unused slots (-1) go to an extra column that is dropped, so they never overwrite a real selection.

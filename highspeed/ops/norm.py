@@ -24,12 +24,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``. An ``x`` of another dtype
-    (the fused MoE's fp32 sums) is rounded to the residual's first, as if its producer had stored it so."""
+    """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``."""
     kernel = triton_kernel("norm", "add_rms_norm", x)
     if kernel is not None:
         return kernel(x, residual, weight, eps)
-    s = x.to(residual.dtype) + residual
+    s = x + residual
     return rms_norm(s, weight, eps), s
 
 
@@ -55,7 +54,7 @@ class ResidualSum:
     sumsq: torch.Tensor | None = None
 
     def value(self) -> torch.Tensor:
-        return self.x if self.residual is None else self.x.to(self.residual.dtype) + self.residual
+        return self.x if self.residual is None else self.x + self.residual
 
 
 class DeferredNorm:

@@ -82,28 +82,3 @@ def test_tuned_launch_shapes(monkeypatch):
     monkeypatch.setenv("HIGHSPEED_TUNE_X_TEST", "BLOCKK=128")
     with pytest.raises(ValueError, match="BLOCKK"):
         tuned("X_TEST", base)
-
-
-def test_norm_of_fp32_sums_still_takes_the_gemv(triton_module, reference, monkeypatch):
-    """A DeferredNorm over fp32 sums with a bf16 residual (the one-launch MoE's output): the norm runs first (in
-    the model dtype) and the projection still takes the GEMV kernel, not the cuBLAS fallback."""
-    from highspeed.ops.norm import DeferredNorm, add_rms_norm
-
-    lin = triton_module("linear")
-    launches = []
-    real = lin._gemv_row_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(lin, "_gemv_row_kernel", Spy())
-    x = torch.randn(1, 64, device=DEVICE)
-    r = torch.randn(1, 64, device=DEVICE).to(torch.bfloat16)
-    nw = torch.randn(64, device=DEVICE).to(torch.bfloat16)
-    w = torch.randn(32, 64, device=DEVICE).to(torch.bfloat16)
-    y = lin.linear(DeferredNorm(x, nw, 1e-6, residual=r), w)
-    assert launches and y.dtype == torch.bfloat16
-    normed, _ = reference(add_rms_norm, x, r, nw, 1e-6)
-    assert rel_err(y, reference(torch.nn.functional.linear, normed, w)) < 2e-2

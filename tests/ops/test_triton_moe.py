@@ -158,9 +158,11 @@ FUSED_CASES = [
 def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype, T, E, H, I, k, scoring, renorm,
                           bias, n_group, topk_group, scale, shared):
     """The decode path (router + routing + experts + shared expert in three launches) against the reference."""
+    from highspeed.ops.moe import fused_moe as ref_fused_moe
+
     moe = triton_module("moe")
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
-    monkeypatch.setattr(moe, "PARTIAL_PICKS", prefetch)     # gate/up: all k picks, or only up to its slot
+    monkeypatch.setattr(moe, "PARTIAL_PICKS", prefetch)     # gate/up: picks up to its own slot, or all k
     monkeypatch.setattr(moe.lin, "WHOLE_ROWS", prefetch)    # the router: whole-row preload, or the tile loop
     # Both launch-shape families: the wide-expert ones with prefetch, the narrow ones without.
     monkeypatch.setattr(moe, "NARROW_I", -1 if prefetch else 10**9)
@@ -174,64 +176,6 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     else:
         for name in ("FUSED_GATE_UP", "FUSED_GATE_UP_NARROW", "FUSED_DOWN", "FUSED_DOWN_WIDE"):
             monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH": prefetch, "ROW_SUMS": rs})
-    _check_fused_moe(moe, reference, dtype, T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared)
-
-
-@pytest.mark.parametrize("elems", [256, 4096])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
-def test_fused_moe_decode_down_whole(triton_module, reference, monkeypatch, elems, dtype, T, E, H, I, k, scoring,
-                                     renorm, bias, n_group, topk_group, scale, shared):
-    """The decode path with the down kernel that re-derives the routing from the logits and loads its weights
-    before the PDL wait (``DOWN_WHOLE``): one and several output columns per program."""
-    moe = triton_module("moe")
-    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
-    monkeypatch.setattr(moe, "DOWN_WHOLE", True)
-    monkeypatch.setattr(moe, "PARTIAL_PICKS", elems == 256)   # gate/up picks only up to its slot
-    monkeypatch.setattr(moe, "FUSED_DOWN_WHOLE", dict(ELEMS=elems, num_warps=4))
-    per_col = moe.next_power_of_2(k) * sum(moe.lin.whole_split(I)) + (sum(moe.lin.whole_split(shared)) if shared else 0)
-    assert moe._down_whole_block_n(k, I, shared) == (1 << ((min(16, elems // per_col)).bit_length() - 1))
-    _check_fused_moe(moe, reference, dtype, T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
-def test_fused_moe_decode_one_launch_experts(triton_module, reference, monkeypatch, dtype, T, E, H, I, k, scoring,
-                                             renorm, bias, n_group, topk_group, scale, shared):
-    """Gate/up and down in one kernel (``FUSED_EXPERTS``): fp32 sums by atomics into a row the router zeroes."""
-    moe = triton_module("moe")
-    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
-    monkeypatch.setattr(moe, "FUSED_EXPERTS", True)
-    monkeypatch.setattr(moe, "FUSED_EXPERTS_SHAPE", dict(BLOCK_N=4, BLOCK_K=16, BLOCK_H=8, num_warps=4))
-    _check_fused_moe(moe, reference, dtype, T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared)
-
-
-def test_fused_experts_hand_on_fp32_sums(triton_module, reference, monkeypatch):
-    """With a residual, the one-launch experts return their fp32 sums in a ResidualSum; its value (and the
-    add_rms_norm that consumes it in a model) rounds them to the stream's dtype before the add."""
-    from highspeed.ops.moe import fused_moe as ref_fused_moe
-    from highspeed.ops.norm import ResidualSum
-
-    moe = triton_module("moe")
-    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", 1)
-    monkeypatch.setattr(moe, "FUSED_EXPERTS", True)
-    monkeypatch.setattr(moe, "FUSED_EXPERTS_SHAPE", dict(BLOCK_N=4, BLOCK_K=16, BLOCK_H=8, num_warps=4))
-    E, H, I, k = 8, 32, 16, 2
-    x = torch.randn(1, H, device=DEVICE).to(torch.bfloat16)
-    res = torch.randn(1, H, device=DEVICE).to(torch.bfloat16)
-    gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4
-    w13, w2 = _expert_weights(E, H, I, torch.bfloat16)
-    out = moe.fused_moe(x, gate, w13, w2, k, "softmax", True, residual=res)
-    assert isinstance(out, ResidualSum) and out.x.dtype == torch.float32 and out.residual is res
-    ref = reference(ref_fused_moe, x, gate, w13, w2, k, "softmax", True)
-    assert out.value().dtype == torch.bfloat16
-    assert rel_err(out.value(), ref + res) < TOL[torch.bfloat16]
-
-
-def _check_fused_moe(moe, reference, dtype, T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale,
-                     shared):
-    from highspeed.ops.moe import fused_moe as ref_fused_moe
-
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
     w13, w2 = _expert_weights(E, H, I, dtype)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -72,9 +71,6 @@ FUSED_MERGE_MAX_ELEMS = 0
 # round trips before its first dot instead of four to seven (~0.6-1 us each on the H200). Off
 # (HIGHSPEED_ATTN_DECODE_FAST=0): the general path, as before (an A/B switch).
 DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
-# Absorbed MLA at decode: the W_UV product's programs merge the attention splits of their head themselves
-# (``mla_attention_v``), one launch fewer per layer. HIGHSPEED_MLA_MERGE_IN_V=1 (A/B).
-MERGE_IN_LATENT_TO_V: bool = os.environ.get("HIGHSPEED_MLA_MERGE_IN_V", "0") == "1"
 _COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
 
 
@@ -522,35 +518,27 @@ def _combine_kernel(
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
     D_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[t, h, chunk] = the splits' partials merged (``merge_splits``)."""
+    """out[t, h, chunk] = the splits' partials weighted by exp2(lse); splits with lse = -inf (past the sequence's
+    end, or nothing visible) are skipped and their partials never read."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     pid = tl.program_id(0)
     t = (pid // num_heads).to(tl.int64)
     h = (pid % num_heads).to(tl.int64)
-    dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    o = merge_splits(part_ptr + t * stride_pt + h * stride_ph, lse_ptr + t * stride_lt + h * stride_lh,
-                     num_splits, stride_ps, dv, dv < D_V, BLOCK_S)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < D_V)
-
-
-@triton.jit
-def merge_splits(part_row, lse_row, num_splits, stride_ps, cols, cmask, BLOCK_S: tl.constexpr):
-    """fp32 merged output columns ``cols`` of one (token, head) from its splits' partials (``part_row`` +
-    split * stride_ps + col) weighted by exp2(lse); splits with lse = -inf (past the sequence's end, or nothing
-    visible) are skipped and their partials never read."""
     sp = tl.arange(0, BLOCK_S)
-    lse = tl.load(lse_row + sp, mask=sp < num_splits, other=float("-inf"))
+    dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    lse = tl.load(lse_ptr + t * stride_lt + h * stride_lh + sp, mask=sp < num_splits, other=float("-inf"))
     live = lse > float("-inf")
     mx = tl.max(lse, 0)
     w = tl.where(live, tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
     # Loaded without waiting for lse (one round trip, not two); dead splits' memory is unwritten, so drop it.
-    parts = tl.load(part_row + sp[:, None] * stride_ps + cols[None, :],
-                    mask=(sp[:, None] < num_splits) & cmask[None, :], other=0.0)
+    parts = tl.load(part_ptr + t * stride_pt + h * stride_ph + sp[:, None] * stride_ps + dv[None, :],
+                    mask=(sp[:, None] < num_splits) & (dv[None, :] < D_V), other=0.0)
     parts = tl.where(live[:, None], parts, 0.0)
     den = tl.sum(w, 0)
-    return tl.sum(parts * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < D_V)
 
 
 def _merge_fits(splits: int, row_elems: int) -> bool:
@@ -586,43 +574,12 @@ def _split_plan(max_keys: int, block_n: int, base_programs: int, decode: bool, r
     return splits, block_n, per
 
 
-@dataclass
-class Partials:
-    """A split attention launch whose merge is still to do: ``out`` [T, H, Dv] (unwritten), and each split's
-    normalised output ``part`` [T, H, splits, Dv] fp32 with its log2-sum-exp ``lse`` [T, H, splits]. The merge is
-    ``_combine_kernel`` (``merge``), or a consumer that reads the partials itself (``mla_attention_v``)."""
-    out: torch.Tensor
-    part: torch.Tensor
-    lse: torch.Tensor
-    num_splits: int
-
-    def merge(self) -> torch.Tensor:
-        T, Hq, d_v = self.out.shape
-        part, lse, out = self.part, self.lse, self.out
-        cdv = min(128, next_power_of_2(d_v))
-        _combine_kernel[(T * Hq, triton.cdiv(d_v, cdv))](
-            part, lse, out, Hq, self.num_splits,
-            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            D_V=d_v, BLOCK_S=next_power_of_2(self.num_splits), BLOCK_DV=cdv, num_warps=4, **pdl(out),
-        )
-        return out
-
-
-def _attend(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The attention output: ``_attend_launch``, then the merge of its splits if it left one to do."""
-    res = _attend_launch(q, *args, **kwargs)
-    return res.merge() if isinstance(res, Partials) else res
-
-
-def _attend_launch(
+def _attend(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
     *, num_kv_heads: int, d_a: int, d_b: int, d_v: int, v_is_k: bool, cfg: dict,
     topk_indices: torch.Tensor | None,
     kv_strides: tuple[int, int, int], v_strides: tuple[int, int, int], rope: dict | None = None,
-) -> torch.Tensor | Partials:
-    """The attention kernel's launch: its output, or ``Partials`` when the key range was split and the merge
-    is left to do."""
+) -> torch.Tensor:
     if ctx.block_tables is None:
         raise ValueError("Triton paged attention needs ctx.block_tables (a context with a KV cache)")
     T, Hq, _ = q.shape
@@ -708,7 +665,13 @@ def _attend_launch(
         **launch,
     )
     if split and not fused:
-        return Partials(out, part, lse, num_splits)
+        cdv = min(128, next_power_of_2(d_v))
+        _combine_kernel[(T * Hq, triton.cdiv(d_v, cdv))](
+            part, lse, out, Hq, num_splits,
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, num_warps=4, **pdl(q),
+        )
     return out
 
 
@@ -773,12 +736,6 @@ def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionCon
                   kv_lora_rank: int, topk_indices: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA: q [T, H, L + R] against keys [c | k_pe] and values c of latent_cache
     [num_blocks, block_size, L + R] -> [T, H, L]; ``topk_indices`` [T, k] (DSA) restricts the keys."""
-    res = _mla_launch(q, latent_cache, ctx, scale, kv_lora_rank, topk_indices)
-    return res.merge() if isinstance(res, Partials) else res
-
-
-def _mla_launch(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionContext, scale: float,
-                kv_lora_rank: int, topk_indices: torch.Tensor | None) -> torch.Tensor | Partials:
     T, H, D = q.shape
     L = kv_lora_rank
     R = D - L
@@ -789,27 +746,13 @@ def _mla_launch(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionConte
     if topk_indices is not None and topk_indices.stride(-1) != 1:
         topk_indices = topk_indices.contiguous()
     kv_strides = (latent_cache.stride(0), latent_cache.stride(1), 0)
-    return _attend_launch(
+    return _attend(
         q, latent_cache, latent_cache, ctx, scale,
         num_kv_heads=1, d_a=L, d_b=R, d_v=L, v_is_k=True,
         # 512-wide latents: smaller key tiles and more warps, to hold [rows, 512] accumulators in registers.
         cfg=_mla_config(L, ctx), topk_indices=topk_indices,
         kv_strides=kv_strides, v_strides=kv_strides,
     )
-
-
-def mla_attention_v(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionContext, scale: float,
-                    kv_lora_rank: int, topk_indices: torch.Tensor | None, w_uv: torch.Tensor,
-                    out: torch.Tensor) -> torch.Tensor:
-    """Same contract as ``highspeed.ops.attention.mla_attention_v``. When the key range is split and the
-    W_UV product runs in Triton (decode), its programs merge the splits of their head as they load the latent:
-    no merge launch between the two."""
-    from highspeed.ops.triton import mla_proj
-
-    res = _mla_launch(q, latent_cache, ctx, scale, kv_lora_rank, topk_indices)
-    if isinstance(res, Partials) and MERGE_IN_LATENT_TO_V and mla_proj.uses_kernel(res.out, w_uv, out):
-        return mla_proj.latent_to_v(res, w_uv, out)
-    return mla_proj.latent_to_v(res.merge() if isinstance(res, Partials) else res, w_uv, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl, tuned
-from highspeed.ops.triton.attention import Partials, merge_splits
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 
 # More tokens: torch.bmm (cuBLAS), since each further token pair would re-read the weight. HIGHSPEED_MLA_PROJ_MAX_T=0
 # turns the kernels off (an A/B switch).
@@ -42,8 +41,6 @@ ABSORB_MAX_ELEMS: int = 4 * 2**20
 LATENT_TO_V_KNOBS = (4096, 512)
 LATENT_TO_V_LARGE_KNOBS = (2048, 264)   # W_UV of at least LARGE_ELEMS elements
 LARGE_ELEMS: int = 4 * 2**20
-# latent_to_v merging the attention's splits itself (``attention.mla_attention_v``, HIGHSPEED_MLA_MERGE_IN_V=1).
-MERGE_SHAPE = tuned("LATENT_TO_V_MERGE", dict(BLOCK_V=32, BLOCK_L=128))
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -124,15 +121,11 @@ def _absorb_q_kernel(
 
 @triton.jit
 def _latent_to_v_kernel(
-    x_ptr, w_ptr, o_ptr, part_ptr, lse_ptr, T, V, L, num_splits,
-    stride_xt, stride_xh, stride_wh, stride_wv, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps,
-    stride_lt, stride_lh,
-    TWO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr,
+    x_ptr, w_ptr, o_ptr, T, V, L,
+    stride_xt, stride_xh, stride_wh, stride_wv, stride_ot, stride_oh,
+    TWO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[t, h, v] = sum_l x[t, h, l] * w[h, v, l]; grid (V blocks, H, token pairs). MERGE: x is not written
-    yet; it is the merge of the split attention's partials (``attention.merge_splits``), rounded to x's dtype as
-    the merge launch would have stored it."""
+    """out[t, h, v] = sum_l x[t, h, l] * w[h, v, l]; grid (V blocks, H, token pairs)."""
     if PDL:
         gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -154,21 +147,10 @@ def _latent_to_v_kernel(
         k_next = k + BLOCK_L
         w_next = tl.load(w_rows + k_next[None, :], mask=rmask[:, None] & (k_next < L)[None, :], other=0.0)
         wf = w.to(tl.float32)
-        if MERGE:
-            p0 = part_ptr + t0 * stride_pt + head * stride_ph
-            l0_row = lse_ptr + t0 * stride_lt + head * stride_lh
-            xv0 = merge_splits(p0, l0_row, num_splits, stride_ps, k, kmask, BLOCK_S)
-            xv0 = xv0.to(x_ptr.dtype.element_ty).to(tl.float32)
-        else:
-            xv0 = tl.load(x0 + k, mask=kmask, other=0.0).to(tl.float32)
+        xv0 = tl.load(x0 + k, mask=kmask, other=0.0).to(tl.float32)
         acc0 += tl.sum(wf * xv0[None, :], 1)
         if TWO:
-            if MERGE:
-                xv1 = merge_splits(p0 + stride_pt, l0_row + stride_lt, num_splits * n1, stride_ps, k, k < L * n1,
-                                   BLOCK_S)
-                xv1 = xv1.to(x_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                xv1 = tl.load(x0 + stride_xt + k, mask=k < L * n1, other=0.0).to(tl.float32)
+            xv1 = tl.load(x0 + stride_xt + k, mask=k < L * n1, other=0.0).to(tl.float32)
             acc1 += tl.sum(wf * xv1[None, :], 1)
         w = w_next
     o0 = o_ptr + t0 * stride_ot + head * stride_oh + rows
@@ -201,34 +183,16 @@ def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> tor
     return out
 
 
-def uses_kernel(latent: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether ``latent_to_v`` of these tensors runs the Triton kernel (else cuBLAS)."""
-    return _use_kernel(latent, w_uv, out, out.shape[-1], latent.shape[-1])
-
-
-def latent_to_v(latent: torch.Tensor | Partials, w_uv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Same contract as ``highspeed.ops.mla_proj.latent_to_v``; ``latent`` may also be the unmerged ``Partials``
-    of a split attention (``attention.mla_attention_v``), merged by the kernel's programs as they load it."""
-    parts = latent if isinstance(latent, Partials) else None
-    x = parts.out if parts is not None else latent
-    if not uses_kernel(x, w_uv, out):
-        x = parts.merge() if parts is not None else x
-        torch.bmm(x.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+def latent_to_v(latent: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``highspeed.ops.mla_proj.latent_to_v``."""
+    if not _use_kernel(latent, w_uv, out, out.shape[-1], latent.shape[-1]):
+        torch.bmm(latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
         return out
-    (T, H, L), V = x.shape, out.shape[-1]
+    (T, H, L), V = latent.shape, out.shape[-1]
     block_v, block_l = latent_to_v_config(H, V, L)
-    if parts is not None:
-        # Each program re-reads its head's partials (splits x L fp32) one column tile at a time: few programs per
-        # head (wide row blocks) keep that L2 traffic near the merge launch's single read.
-        block_v, block_l = min(MERGE_SHAPE["BLOCK_V"], next_power_of_2(V)), min(MERGE_SHAPE["BLOCK_L"], block_l)
-    p, lse = (parts.part, parts.lse) if parts is not None else (x, x)    # unused pointers without a merge
-    p_strides = (p.stride(0), p.stride(1), p.stride(2)) if parts is not None else (0, 0, 0)
-    l_strides = (lse.stride(0), lse.stride(1)) if parts is not None else (0, 0)
     _latent_to_v_kernel[(triton.cdiv(V, block_v), H, triton.cdiv(T, 2))](
-        x, w_uv, out, p, lse, T, V, L, parts.num_splits if parts is not None else 1,
-        x.stride(0), x.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-        *p_strides, *l_strides,
-        TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, MERGE=parts is not None,
-        BLOCK_S=next_power_of_2(parts.num_splits) if parts is not None else 1, num_warps=NUM_WARPS, **pdl(x),
+        latent, w_uv, out, T, V, L,
+        latent.stride(0), latent.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
+        TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, num_warps=NUM_WARPS, **pdl(latent),
     )
     return out

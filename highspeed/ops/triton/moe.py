@@ -43,11 +43,6 @@ GROUPED_LARGE_MIN_ROWS_PER_EXPERT: int = 64
 # Routing
 # ----------------------------------------------------------------------------------------------------------------
 
-# Gate/up programs make only the routing picks up to their own slot (slot s needs the s-th best expert): the
-# slot-0 programs start streaming after one pick instead of k. HIGHSPEED_PARTIAL_PICKS=1 (A/B).
-PARTIAL_PICKS: bool = os.environ.get("HIGHSPEED_PARTIAL_PICKS", "0") == "1"
-
-
 @triton.jit
 def _expert_axis(n_group, per_group, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr):
     """The expert axis viewed as [group, expert-in-group] (so group selection needs no reshape): (g, j, valid,
@@ -75,7 +70,8 @@ def _route_ids(
     """The chosen experts of one token, from its contiguous fp32 logits row: [BLOCK_K] ids, best first (equal
     scores: lowest index). This sits on the critical path of every expert program of the fused decode MoE, so it
     is written for latency: each of the k picks is ONE max-reduction over a packed (order-preserving score bits,
-    lowest index) int64 key, and the weights are left to ``_route_weights`` (one program needs them)."""
+    lowest index) int64 key, only the first ``picks`` are made (the rest of the ids stay 0: a program that needs
+    the s-th expert stops there), and the weights are left to ``_route_weights`` (one program needs them)."""
     g, j, valid, flat = _expert_axis(n_group, per_group, BLOCK_G, BLOCK_PG)
     logits = tl.load(logits_ptr + flat, mask=valid, other=float("-inf")).to(tl.float32)
     if HAS_BIAS or USE_GROUPS:
@@ -107,17 +103,14 @@ def _route_ids(
             gscore = tl.where(g == gi, float("-inf"), gscore)
         sel = tl.where(keep[:, None], sel, float("-inf"))
 
-    # Scores as int32 that order like the fp32 values (flip the magnitude bits of negatives); among equal scores
-    # the lowest index wins, like torch.topk on distinct values. (Tried, run 12: top-k by rank -- one [E, E]
-    # comparison and two reductions instead of k dependent maxima -- Qwen3-30B-A3B graph replay 2.957 vs 2.452 ms.)
+    # Packed key: high 32 bits order like the fp32 score (flip the magnitude bits of negatives), low 32 bits are
+    # (big - index) so that among equal scores the lowest index wins, like torch.topk on distinct values.
     big = BLOCK_G * BLOCK_PG
     bits = sel.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    kk = tl.arange(0, BLOCK_K)
-    # Packed key: the ordered score in the high 32 bits, (big - index) in the low ones; one max per pick. Only the
-    # first ``picks`` are made (the rest of ivec stays 0): a program that needs the s-th expert stops there.
     key = ordered.to(tl.int64) * 4294967296 + (big - flat).to(tl.int64)
     key = tl.where(valid, key, -9223372036854775807)
+    kk = tl.arange(0, BLOCK_K)
     ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
     for i in tl.static_range(TOP_K):
         if i < picks:
@@ -180,10 +173,9 @@ def _routing_meta(E: int, top_k: int, scoring: str, renormalize: bool, correctio
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k={top_k} must be in [1, {E}]")
     use_groups = n_group > 1
-    block_g, block_pg = next_power_of_2(n_group), next_power_of_2(E // n_group)
     return dict(
         TOP_K=top_k, TOPK_GROUP=topk_group if use_groups else 1, BLOCK_K=next_power_of_2(top_k),
-        BLOCK_G=block_g, BLOCK_PG=block_pg,
+        BLOCK_G=next_power_of_2(n_group), BLOCK_PG=next_power_of_2(E // n_group),
         SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, USE_GROUPS=use_groups,
         RENORM=bool(renormalize),
     )
@@ -231,6 +223,11 @@ def select_experts(
 #      and with ``residual`` the residual stream, storing its sums of squares for the next layer's norm.
 # ----------------------------------------------------------------------------------------------------------------
 
+# Gate/up programs make the routing picks only up to their own slot: the slot-0 programs start streaming after one
+# max-reduction instead of k. H200 run 15 (batch-1 graph replay, in the decode chain): Qwen3-30B-A3B 2.453 ->
+# 2.397 ms (gate/up 16.75 -> 16.19 us per layer in the chain timeline, down 12.91 -> 12.42), GLM-4.7-Flash (4
+# routed experts) 3.276 -> 3.265 ms. HIGHSPEED_PARTIAL_PICKS=0: every program makes all k.
+PARTIAL_PICKS: bool = os.environ.get("HIGHSPEED_PARTIAL_PICKS", "1") != "0"
 # H200 (benchmarks/kernels.py ``fused_moe``, results/kernels-h200-run5-fused-moe-linear.json, CUDA-graph times):
 # fused vs unfused at T=1 Qwen3-30B-A3B 33.5 vs 45.0 us, GLM-4.7-Flash 35.9 vs 56.7, GLM-5 201 vs 217; T=2 56 vs
 # 68, 62 vs 91, 365 vs 385; T=4 a tie, 104 vs 119, 685 vs 616 (GLM-5 re-reads its 75 MB experts per token).
@@ -246,16 +243,6 @@ FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=256, num_warps=4, PREFE
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
 # program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
 # FUSED_DOWN, GLM-5 179 vs 193 us; at Qwen3's 768 the plain loop won (27.7 vs 29.0 us).
-# Down weights loaded before the PDL wait (``_fused_down_whole_kernel``): [SLOTS, BLOCK_N, I] routed rows (plus the
-# shared expert's [BLOCK_N, IS]) per program, BLOCK_N the largest power of two within ELEMS elements; experts too
-# wide for one column keep the loop kernels. HIGHSPEED_DOWN_WHOLE=1 (A/B).
-FUSED_DOWN_WHOLE = tuned("FUSED_DOWN_WHOLE", dict(ELEMS=16384, num_warps=8))
-DOWN_WHOLE: bool = os.environ.get("HIGHSPEED_DOWN_WHOLE", "0") == "1"
-# Gate/up and down in one launch (``_fused_experts_kernel``): BLOCK_N intermediate rows of one expert per program,
-# its down columns summed into an fp32 row with atomics, BLOCK_H output columns per step. HIGHSPEED_FUSED_EXPERTS=1.
-FUSED_EXPERTS: bool = os.environ.get("HIGHSPEED_FUSED_EXPERTS", "0") == "1"
-# BLOCK_K=128 keeps it at 91 registers (sm_90, offline; 166 with 256-wide gate/up tiles): five programs per SM.
-FUSED_EXPERTS_SHAPE = tuned("FUSED_EXPERTS", dict(BLOCK_N=16, BLOCK_K=128, BLOCK_H=256, num_warps=4))
 FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
@@ -304,15 +291,13 @@ def _acc_rows(acc, ROW_SUMS: tl.constexpr):
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, zero_ptr, H, E, P, eps,
-                   stride_xt, stride_we, stride_ot, stride_st, stride_zt,
+def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
+                   stride_xt, stride_we, stride_ot, stride_st,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
                    WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr,
-                   BLOCK_P: tl.constexpr, ZERO_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss.
-    # ZERO_CHUNK > 0: each program also zeroes its chunk of the fp32 row at zero_ptr that the fused experts kernel
-    # (next) sums into with atomics.
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -325,7 +310,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, zero_ptr, H, E, P, eps
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, H - 1)
         prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
     if WHOLE:   # the whole rows (as in the GEMV, ops/triton/linear.py): after the wait, one read of x
-        w1, w2 = whole_rows_load(w_rows, emask[:, None], H, K1, K2)
+        w1, w2 = whole_rows_load(w_rows, emask, H, K1, K2)
     else:
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
@@ -337,49 +322,6 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, zero_ptr, H, E, P, eps
     else:
         y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
     tl.store(out_ptr + t * stride_ot + e, y, mask=emask)
-    if ZERO_CHUNK > 0:
-        z = tl.program_id(1) * ZERO_CHUNK + tl.arange(0, ZERO_CHUNK)
-        tl.store(zero_ptr + t * stride_zt + z, tl.zeros([ZERO_CHUNK], dtype=tl.float32), mask=z < H)
-
-
-@triton.jit
-def _gate_up_act(x_row, w_gate, w_up, nmask, H, nw_ptr, rstd, NORM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr):
-    """SiLU(gate) * up (fp32, [BLOCK_N]) of the weight rows at ``w_gate`` / ``w_up`` ([BLOCK_N, 1] pointers) and
-    the row at ``x_row`` -- with NORM, its RMSNorm (weights ``nw_ptr``, ``rstd``) applied as it loads -- over H
-    in BLOCK_K tiles (PREFETCH: the next tiles in flight while the current ones are used)."""
-    acc_g = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
-    acc_u = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
-    if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
-        k = tl.arange(0, BLOCK_K)
-        m2 = nmask[:, None] & (k < H)[None, :]
-        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < H
-        if NORM:
-            xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0), tl.load(nw_ptr + k, mask=kmask, other=0.0),
-                             rstd, x_row.dtype.element_ty)
-        else:
-            xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
-        if PREFETCH:
-            kn = k + BLOCK_K
-            mn = nmask[:, None] & (kn < H)[None, :]
-            wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
-            wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
-        else:
-            m2 = nmask[:, None] & kmask[None, :]
-            wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-            wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-        acc_g = _acc_add(acc_g, wg, xv[None, :], ROW_SUMS)
-        acc_u = _acc_add(acc_u, wu, xv[None, :], ROW_SUMS)
-        if PREFETCH:
-            wg = wg_next
-            wu = wu_next
-    gate = _acc_rows(acc_g, ROW_SUMS)
-    up = _acc_rows(acc_u, ROW_SUMS)
-    return gate * tl.sigmoid(gate) * up
 
 
 @triton.jit
@@ -390,16 +332,13 @@ def _fused_gate_up_kernel(
     NORM: tl.constexpr, BLOCK_P: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    PARTIAL_PICKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    ROW_SUMS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
     L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
-    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, STORE_ROUTING: tl.constexpr, PDL: tl.constexpr,
+    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
-        gdc_wait()
-        # Only after the wait: the down kernel reads the router's logits before ITS wait (DOWN_WHOLE), so it must
-        # not start before the router has finished.
         gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
     if NORM:   # x is the residual stream: its rms from the producer's partial sums, loaded with the logits
@@ -411,8 +350,9 @@ def _fused_gate_up_kernel(
         slot = p // blocks_per_expert
         n = (p % blocks_per_expert) * BLOCK_N + r
         nmask = n < I
-        # Picks up to this program's slot (program 0 stores the whole routing for the down kernel).
-        picks = tl.where(STORE_ROUTING and p == 0, TOP_K, slot + 1) if PARTIAL_PICKS else TOP_K
+        # Picks up to this program's own slot (slot s needs the s-th best expert; program 0 all of them: it
+        # stores the routing for the down kernel).
+        picks = tl.where(p == 0, TOP_K, slot + 1) if PARTIAL_PICKS else TOP_K
         ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
                           TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
@@ -435,11 +375,42 @@ def _fused_gate_up_kernel(
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
             prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :])
     x_row = x_ptr + t * stride_xt
-    rstd = sumsq_rstd(parts, H, eps) if NORM else 0.0
-    act = _gate_up_act(x_row, w_gate, w_up, nmask, H, nw_ptr, rstd, NORM, BLOCK_N, BLOCK_K, PREFETCH, ROW_SUMS,
-                       W_EVICT)
+    if NORM:
+        rstd = sumsq_rstd(parts, H, eps)
+    acc_g = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
+    acc_u = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
+    if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
+        k = tl.arange(0, BLOCK_K)
+        m2 = nmask[:, None] & (k < H)[None, :]
+        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        if NORM:
+            xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0), tl.load(nw_ptr + k, mask=kmask, other=0.0),
+                             rstd, x_ptr.dtype.element_ty)
+        else:
+            xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            kn = k + BLOCK_K
+            mn = nmask[:, None] & (kn < H)[None, :]
+            wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+            wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+        else:
+            m2 = nmask[:, None] & kmask[None, :]
+            wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+            wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        acc_g = _acc_add(acc_g, wg, xv[None, :], ROW_SUMS)
+        acc_u = _acc_add(acc_u, wu, xv[None, :], ROW_SUMS)
+        if PREFETCH:
+            wg = wg_next
+            wu = wu_next
+    gate = _acc_rows(acc_g, ROW_SUMS)
+    up = _acc_rows(acc_u, ROW_SUMS)
+    act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
-    if STORE_ROUTING and p == 0:   # the routing for the down kernel; off every other program's critical path
+    if p == 0:   # the routing for the down kernel; its weights are off every other program's critical path
         wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
                               TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
         tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
@@ -516,138 +487,6 @@ def _fused_down_kernel(
         tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
-def _fused_down_whole_kernel(
-    act_ptr, w2_ptr, ws2_ptr, logits_ptr, bias_ptr, out_ptr, res_ptr, ss_ptr,
-    H, I, IS, n_group, per_group, scaling,
-    stride_at, stride_lt, stride_we, stride_wn, stride_sn, stride_ot, stride_rt, stride_st,
-    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, SLOTS: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
-    RENORM: tl.constexpr, HAS_SHARED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    K1: tl.constexpr, K2: tl.constexpr, KS1: tl.constexpr, KS2: tl.constexpr, PDL: tl.constexpr,
-):
-    """The down kernel with its weights loaded BEFORE the PDL wait (``DOWN_WHOLE``). The routing is not read from
-    gate/up: each program re-derives it from the router's logits, which the kernel two launches back wrote --
-    gate/up calls ``gdc_launch_dependents`` only after its own wait, so this grid starts after the router has
-    finished. Then every weight of the program ([SLOTS, BLOCK_N, I] routed rows, [BLOCK_N, IS] shared ones) is in
-    flight while gate/up still runs, and after the wait a program reads the activations and reduces."""
-    if PDL:
-        gdc_launch_dependents()
-    t = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
-    s = tl.arange(0, SLOTS)
-    c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = c < H
-    ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, TOP_K,
-                      TOP_K, TOPK_GROUP, SLOTS, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
-    w_rows = (w2_ptr + ivec.to(tl.int64)[:, None, None] * stride_we
-              + c.to(tl.int64)[None, :, None] * stride_wn)                       # [SLOTS, BLOCK_N, 1]
-    rmask = ((s < TOP_K)[:, None] & cmask[None, :])[:, :, None]
-    w1, w2 = whole_rows_load(w_rows, rmask, I, K1, K2)
-    if HAS_SHARED:
-        s1, s2 = whole_rows_load(ws2_ptr + c.to(tl.int64)[:, None] * stride_sn, cmask[:, None], IS, KS1, KS2)
-    wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
-                          TOP_K, SLOTS, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
-    if PDL:
-        gdc_wait()
-    if ADD_RESIDUAL:
-        r = tl.load(res_ptr + t * stride_rt + c, mask=cmask, other=0.0)
-    a_rows = act_ptr + t * stride_at + s[:, None] * I                             # [SLOTS, 1]
-    y = _whole_slots_dot(w1, w2, a_rows, s < TOP_K, I, K1, K2)                    # [SLOTS, BLOCK_N]
-    out = tl.sum(y * wvec[:, None], 0)
-    if HAS_SHARED:
-        a_shared = act_ptr + t * stride_at + TOP_K * I
-        out += whole_rows_dot(s1, s2, a_shared, IS, KS1, KS2, a_shared, a_shared, 0, 0.0, False, 1)
-    if ADD_RESIDUAL:   # the residual stream, and its sums of squares for the next layer's norm
-        out, part = residual_epilogue(out, r, cmask, out_ptr.dtype.element_ty)
-        tl.store(out_ptr + t * stride_ot + c, out, mask=cmask)
-        tl.store(ss_ptr + t * stride_st + nb, part)
-    else:
-        tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _whole_slots_dot(w1, w2, a_rows, smask, K, K1: tl.constexpr, K2: tl.constexpr):
-    """[SLOTS, BLOCK_N] fp32 dot products of preloaded [SLOTS, BLOCK_N, K] weight tiles (columns [0, K1) in w1,
-    [K1, K1 + K2) in w2) with each slot's activation row at ``a_rows`` ([SLOTS, 1] pointers): one load per slot,
-    broadcast over the block's output columns."""
-    k1 = tl.arange(0, K1)
-    a1 = tl.load(a_rows + k1[None, :], mask=smask[:, None] & (k1 < K)[None, :], other=0.0)
-    if K2 > 0:
-        k2 = K1 + tl.arange(0, K2)
-        a2 = tl.load(a_rows + k2[None, :], mask=smask[:, None] & (k2 < K)[None, :], other=0.0)
-    y = tl.sum(w1.to(tl.float32) * a1.to(tl.float32)[:, None, :], 2)
-    if K2 > 0:
-        y += tl.sum(w2.to(tl.float32) * a2.to(tl.float32)[:, None, :], 2)
-    return y
-
-
-@triton.jit
-def _fused_experts_kernel(
-    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, w2_ptr, ws2_ptr, out_ptr,
-    H, I, IS, n_group, per_group, scaling,
-    stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_2e, stride_2n, stride_s2n, stride_ot,
-    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
-    RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr,
-    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
-):
-    """Gate/up AND down of one expert's BLOCK_N intermediate rows in one program (``FUSED_EXPERTS``): SiLU(gate) *
-    up for the rows, times the routing weight, then those rows' columns of the down projection, summed into the
-    fp32 output row with atomics (zeroed by the router kernel). No launch boundary between gate/up and down:
-    each program streams its down columns right after its own gate/up rows, while others are still on theirs."""
-    if PDL:  # everything here depends on the router's logits (and the zeroed output row)
-        gdc_launch_dependents()
-        gdc_wait()
-    t = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
-    blocks_per_expert = tl.cdiv(I, BLOCK_N)
-    r = tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_TK)
-    if p < TOP_K * blocks_per_expert:
-        slot = p // blocks_per_expert
-        n = (p % blocks_per_expert) * BLOCK_N + r
-        nmask = n < I
-        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, TOP_K,
-                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
-        e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
-        w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
-        w_up = w_gate + I * stride_wn
-        d_cols = w2_ptr + e * stride_2e + n[None, :]          # [1, BLOCK_N]: this block's down columns
-        d_stride = stride_2n
-    else:
-        slot = p * 0 + TOP_K                                   # the shared expert: weight 1, no routing
-        ivec = tl.zeros([BLOCK_TK], dtype=tl.int32)
-        n = (p - TOP_K * blocks_per_expert) * BLOCK_N + r
-        nmask = n < IS
-        w_gate = ws13_ptr + n[:, None].to(tl.int64) * stride_sn
-        w_up = w_gate + IS * stride_sn
-        d_cols = ws2_ptr + n[None, :]
-        d_stride = stride_s2n
-    # The first down tile does not depend on the activations: in flight during the gate/up loop.
-    h = tl.arange(0, BLOCK_H)
-    wd = tl.load(d_cols + h[:, None].to(tl.int64) * d_stride, mask=(h < H)[:, None] & nmask[None, :], other=0.0,
-                 eviction_policy=W_EVICT)
-    act = _gate_up_act(x_ptr + t * stride_xt, w_gate, w_up, nmask, H, x_ptr, 0.0, False, BLOCK_N, BLOCK_K, PREFETCH,
-                       ROW_SUMS, W_EVICT)
-    wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
-                          TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
-    wt = tl.where(slot < TOP_K, tl.sum(tl.where(kk == slot, wvec, 0.0), 0), 1.0)
-    # The activations rounded as the two-kernel path stores them (model dtype), then weighted.
-    a = tl.where(nmask, act.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0) * wt
-    out_row = out_ptr + t * stride_ot
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + h
-        hn = hh + BLOCK_H
-        wd_next = tl.load(d_cols + hn[:, None].to(tl.int64) * d_stride, mask=(hn < H)[:, None] & nmask[None, :],
-                          other=0.0, eviction_policy=W_EVICT)
-        y = tl.sum(wd.to(tl.float32) * a[None, :], 1)
-        tl.atomic_add(out_row + hh, y, mask=hh < H, sem="relaxed")
-        wd = wd_next
-
-
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
                       shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
@@ -669,39 +508,14 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     P, eps = (ss_in.shape[-1], norm.eps) if norm is not None else (0, 0.0)
     cfg = ROUTER
     k1, k2 = lin.whole_split(H)
-    router_programs = triton.cdiv(E, cfg["BLOCK_E"])
-    # One launch for gate/up and down (fp32 sums by atomics, zeroed by the router) unless the residual add is
-    # folded into the down kernel's epilogue.
-    fused = FUSED_EXPERTS and norm is None and not fold_residual(residual, x, T, H)
-    out32 = torch.empty(T, H, dtype=torch.float32, device=dev) if fused else logits   # unused pointer otherwise
-    _router_kernel[(T, router_programs)](
-        x, gate_weight, logits, nw, ss_in, out32, H, E, P, eps,
-        x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0), out32.stride(0),
+    _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
+        x, gate_weight, logits, nw, ss_in, H, E, P, eps,
+        x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0),
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
         WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args,
-        ZERO_CHUNK=next_power_of_2(triton.cdiv(H, router_programs)) if fused else 0,
     )
-    if fused:
-        cfg = FUSED_EXPERTS_SHAPE
-        bn = cfg["BLOCK_N"]
-        ws13 = shared_w13 if has_shared else w13
-        ws2 = shared_w2 if has_shared else w2[0]
-        bias = correction_bias if correction_bias is not None else logits
-        _fused_experts_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
-            x, logits, bias, w13, ws13, w2, ws2, out32, H, I, IS, n_group, E // n_group, float(scaling),
-            x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), w2.stride(0),
-            w2.stride(1), ws2.stride(0), out32.stride(0),
-            **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
-            BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_H=cfg["BLOCK_H"], PREFETCH=True, ROW_SUMS=True,
-            W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
-        )
-        # The model hands the sums on to the next add_rms_norm, which rounds them to the stream's dtype.
-        return out32.to(x.dtype) if residual is None else ResidualSum(out32, residual)
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
-    whole_bn = _down_whole_block_n(k, I, IS)
-    k1d, k2d = lin.whole_split(I)
-    ks1, ks2 = lin.whole_split(IS) if IS else (1, 0)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
     cfg = FUSED_GATE_UP_NARROW if I <= NARROW_I else FUSED_GATE_UP
@@ -720,28 +534,13 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
         ROW_SUMS=cfg.get("ROW_SUMS", True), PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
-        PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), STORE_ROUTING=not whole_bn,
-        PARTIAL_PICKS=PARTIAL_PICKS, **prefetch, **launch,
+        PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
+        **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
-    add = fold_residual(residual, x, T, H)
-    if whole_bn:
-        programs = triton.cdiv(H, whole_bn)
-        ss_out = torch.empty(T, programs, dtype=torch.float32, device=dev) if add else None
-        res = residual if add else out
-        ss_o = ss_out if ss_out is not None else logits
-        _fused_down_whole_kernel[(T, programs)](
-            act, w2, ws2, logits, bias, out, res, ss_o, H, I, IS, n_group, E // n_group, float(scaling),
-            act.stride(0), logits.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0),
-            res.stride(0), ss_o.stride(0),
-            TOP_K=k, TOPK_GROUP=meta["TOPK_GROUP"], SLOTS=meta["BLOCK_K"], BLOCK_G=meta["BLOCK_G"],
-            BLOCK_PG=meta["BLOCK_PG"], SIGMOID=meta["SIGMOID"], HAS_BIAS=meta["HAS_BIAS"],
-            USE_GROUPS=meta["USE_GROUPS"], RENORM=meta["RENORM"], HAS_SHARED=has_shared, ADD_RESIDUAL=add,
-            BLOCK_N=whole_bn, K1=k1d, K2=k2d, KS1=ks1, KS2=ks2, num_warps=FUSED_DOWN_WHOLE["num_warps"], **launch,
-        )
-        return _moe_result(out, residual, add, ss_out)
     cfg = FUSED_DOWN if I <= NARROW_I else FUSED_DOWN_WIDE
     programs = triton.cdiv(H, cfg["BLOCK_N"])
+    add = fold_residual(residual, x, T, H)
     ss_out = torch.empty(T, programs, dtype=torch.float32, device=dev) if add else None
     res = residual if add else out
     ss_o = ss_out if ss_out is not None else logits
@@ -752,23 +551,9 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
         ROW_SUMS=cfg.get("ROW_SUMS", True), W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
     )
-    return _moe_result(out, residual, add, ss_out)
-
-
-def _moe_result(out: torch.Tensor, residual: torch.Tensor | None, add: bool, ss_out: torch.Tensor | None
-                ) -> torch.Tensor | ResidualSum:
     if residual is None:
         return out
     return ResidualSum(out, None, ss_out) if add else ResidualSum(out, residual)
-
-
-def _down_whole_block_n(k: int, I: int, IS: int) -> int:
-    """Output columns per program of ``_fused_down_whole_kernel`` (0: the experts are too wide, use the loop)."""
-    if not DOWN_WHOLE:
-        return 0
-    per_col = next_power_of_2(k) * sum(lin.whole_split(I)) + (sum(lin.whole_split(IS)) if IS else 0)
-    cols = min(16, FUSED_DOWN_WHOLE["ELEMS"] // per_col)
-    return 0 if cols < 1 else 1 << (cols.bit_length() - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -35,13 +35,12 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        # Round the sum to the model dtype first: the residual stream is stored in that dtype. An x of another
-        # dtype (the fused MoE's fp32 sums) is rounded to it before the add, as its producer would have stored it.
-        x = (x.to(res_ptr.dtype.element_ty).to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        # Round the sum to the model dtype first: the residual stream is stored in that dtype.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
-    normed = (xf * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -53,14 +52,13 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    dtype = residual.dtype if residual is not None else x.dtype   # the residual stream's, when x is fp32 sums
-    y = torch.empty(shape, dtype=dtype, device=x.device)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
     y2 = y.view(-1, N)
     if residual is not None:
         r2 = residual.reshape(-1, N)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
-        s = torch.empty(shape, dtype=dtype, device=x.device)
+        s = torch.empty(shape, dtype=x.dtype, device=x.device)
         s2 = s.view(-1, N)
     else:
         r2, s, s2 = x2, None, y2  # unused pointers
