@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl, tuned
 
 # More tokens: torch.bmm (cuBLAS), since each further token pair would re-read the weight. HIGHSPEED_MLA_PROJ_MAX_T=0
 # turns the kernels off (an A/B switch).
@@ -38,7 +38,10 @@ NUM_WARPS: int = 4
 #               vs 6.6 / 6.6 in cuBLAS (7.0 / 6.8 at (4096, 512)).
 ABSORB_KNOBS = (8192, 264)
 ABSORB_MAX_ELEMS: int = 4 * 2**20
-LATENT_TO_V_KNOBS = (4096, 512)
+# HIGHSPEED_TUNE_LATENT_TO_V="TILE=8192,MIN_PROGRAMS=256" for A/Bs in the decode chain: GLM-4.7-Flash's 640 W_UV
+# programs are not all resident beside the MLA attention, which delays o_proj's early launch (run 16 timeline).
+_LATENT_TO_V = tuned("LATENT_TO_V", dict(TILE=4096, MIN_PROGRAMS=512))
+LATENT_TO_V_KNOBS = (_LATENT_TO_V["TILE"], _LATENT_TO_V["MIN_PROGRAMS"])
 LATENT_TO_V_LARGE_KNOBS = (2048, 264)   # W_UV of at least LARGE_ELEMS elements
 LARGE_ELEMS: int = 4 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
