@@ -9,7 +9,9 @@
 #         Qwen3-30B-A3B and GLM-4.7-Flash as they are and once per switch in $AB_ENV (space-separated, e.g.
 #         AB_ENV="HIGHSPEED_L2_PREFETCH=0 HIGHSPEED_PDL=0"; AB_ENV_QWEN / AB_ENV_GLM for one model only, e.g.
 #         AB_ENV_QWEN="HIGHSPEED_TUNE_FUSED_DOWN=BLOCK_K=128"; several variables in one switch joined by '+',
-#         e.g. "HIGHSPEED_DOWN_WHOLE=1+HIGHSPEED_ROUTE_RANK=1").
+#         e.g. "HIGHSPEED_PARTIAL_PICKS=0+HIGHSPEED_TUNE_FUSED_DOWN=ROW_SUMS=0"). Every run also writes its chain
+#         timeline (bench latency --timeline-out) to benchmarks/results/timelines/; AB_PROFILE=0 skips the PDL-off
+#         profile runs.
 # Records go to benchmarks/results/ (named with TAG, e.g. h200-run5) and come back as $OUT/results.tgz.
 set -u
 MODE=${1:-all}
