@@ -71,9 +71,12 @@ if [ "$MODE" = rest ] || [ "$MODE" = all ]; then
   bench latency-glm-4.5-air-20l-b1 --preset glm-4.5-air --num-layers 20 --random-weights --batch-size 1 --input-len 128 --output-len 128
   bench latency-deepseek-v2-lite-b1 --preset deepseek-v2-lite --random-weights --batch-size 1 --input-len 128 --output-len 128
   bench latency-glm-5-5l-b1 --preset glm-5 --num-layers 5 --random-weights --batch-size 1 --input-len 128 --output-len 64
+  mkdir -p benchmarks/results/timelines
   for b in 8 32; do
-    bench latency-qwen3-30b-a3b-b$b --preset qwen3-30b-a3b --random-weights --batch-size $b --input-len 128 --output-len 128
-    bench latency-glm-4.7-flash-b$b --preset glm-4.7-flash --random-weights --batch-size $b --input-len 128 --output-len 128
+    for p in qwen3-30b-a3b glm-4.7-flash; do   # with the timeline: graph replay against real steps
+      bench latency-$p-b$b --preset $p --random-weights --batch-size $b --input-len 128 --output-len 128 \
+        --timeline-out "benchmarks/results/timelines/timeline-$p-b$b-$TAG.txt"
+    done
   done
   if [ "${REST_KERNELS:-1}" = 1 ]; then   # REST_KERNELS=0: the latency runs only
     timeout 280 python3 benchmarks/kernels.py "benchmarks/results/kernels-$TAG.json" --only fused_moe,attention,rope,dsa \

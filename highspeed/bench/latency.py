@@ -217,7 +217,9 @@ def run(args: argparse.Namespace) -> int:
     ttft, steps, _ = generate(prompts(args.batch_size, args.input_len), args.output_len)
     device_ms = _graph_replay_ms(engine, args.batch_size)
     if args.timeline_out and device_ms:
-        _write_timeline(engine, args.batch_size, args.timeline_out, device_ms)
+        graphs = engine.runner.graphs
+        _write_timeline(engine, graphs.graphs[graphs.size_for(args.batch_size)],
+                        prompts(args.batch_size, args.input_len), args.timeline_out, device_ms)
     if args.profile_out and device.type == "cuda":
         _profile_decode(engine, prompts(args.batch_size, args.input_len), args.profile_out)
     step_s = statistics.median(steps)
@@ -304,21 +306,35 @@ def _graph_replay_ms(engine: Any, batch: int) -> float | None:
     return round(start.elapsed_time(end) / 20, 4)
 
 
-def _write_timeline(engine: Any, batch: int, path: str, replay_ms: float) -> None:
-    """The chain-cost table of the decode graph for this batch (``highspeed.bench.timeline``), and one layer's
-    kernels listed in launch order from the middle of a replay."""
-    from highspeed.bench.timeline import format_table, graph_timeline, layer_listing
+def _write_timeline(engine: Any, graph: Any, batch: list[list[int]], path: str, replay_ms: float,
+                    steps: int = 5) -> None:
+    """The chain-cost table of the decode graph for this batch (``highspeed.bench.timeline``), one layer's
+    kernels listed in launch order from the middle of a replay, and the same table for real decode steps of the
+    batch (the graph and everything the engine runs around it; device idle time shows the host's share)."""
+    from highspeed.bench import timeline
+    from highspeed.sampling import SamplingParams
 
-    graphs = engine.runner.graphs
     replays = 5
-    kernels, rows = graph_timeline(graphs.graphs[graphs.size_for(batch)], replays)
+    kernels, rows = timeline.graph_timeline(graph, replays)
     per_replay = len(kernels) // replays
     with open(path, "w", encoding="utf-8") as f:
         if not kernels:
             f.write("the profiler recorded no kernels of the graph replays\n")
             return
-        f.write(format_table(rows, replay_ms) + "\n\n")
-        f.write(layer_listing(kernels, 2 * per_replay + per_replay // 2, 40) + "\n")
+        f.write(timeline.format_table(rows, replay_ms) + "\n\n")
+        f.write(timeline.layer_listing(kernels, 2 * per_replay + per_replay // 2, 40) + "\n\n")
+        for i, p in enumerate(batch):
+            engine.add_request(f"timeline-{i}", p, SamplingParams(max_tokens=steps + 8, temperature=0.0,
+                                                                  ignore_eos=True))
+        sched = engine.scheduler
+        while sched.waiting or any(s.in_prefill for s in sched.running):
+            engine.step()
+        engine.step()   # one decode step in flight, as in the serving loop
+        f.write(f"real decode steps, batch {len(batch)}:\n")
+        real = timeline.device_activity(engine.step, steps)
+        f.write(timeline.format_table(timeline.chain_costs(real, steps), unit="step") + "\n")
+        while engine.has_unfinished_requests():
+            engine.step()
 
 
 def _profile_decode(engine: Any, batch: list[list[int]], path: str, steps: int = 8) -> None:

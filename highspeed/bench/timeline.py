@@ -7,7 +7,9 @@ how far it moves the chain's end: ``end_i - max(end_j, j < i)`` in launch order.
 step's device time, so the table says where a step's time goes with the overlap counted as it happens.
 
 ``bench latency --timeline-out PATH`` records a few graph replays with the CUDA profiler (CUPTI reports each
-kernel of a graph) and writes the table.
+kernel of a graph) and writes the table; then the same for a few real decode steps (the graph plus everything
+the engine runs around it, copies included), where a positive gap before an operation is device idle time --
+the step spent waiting for the host.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import json
 import os
 import tempfile
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,7 +26,7 @@ def chain_costs(kernels: list[tuple[str, float, float]], replays: int) -> list[d
     """Per kernel name, from (name, start_us, duration_us) records of ``replays`` back-to-back replays: calls per
     replay, mean duration, mean end increment per call and per replay (us), and the mean gap from the previous
     kernel's end to this one's start (negative: it started early, under PDL). Sorted by cost per replay."""
-    stats: dict[str, dict[str, float]] = defaultdict(lambda: dict(calls=0, dur=0.0, inc=0.0, lead=0.0))
+    stats: dict[str, dict[str, float]] = defaultdict(lambda: dict(calls=0, dur=0.0, inc=0.0, lead=0.0, idle=0.0))
     last_end = None
     prev_end = None
     for name, start, dur in sorted(kernels, key=lambda k: k[1]):
@@ -33,48 +35,60 @@ def chain_costs(kernels: list[tuple[str, float, float]], replays: int) -> list[d
         s["calls"] += 1
         s["dur"] += dur
         s["inc"] += 0.0 if last_end is None else max(0.0, end - last_end)
+        s["idle"] += 0.0 if last_end is None else max(0.0, start - last_end)   # nothing ran before it started
         s["lead"] += 0.0 if prev_end is None else start - prev_end
         last_end = end if last_end is None else max(last_end, end)
         prev_end = end
     rows = [dict(kernel=name, calls_per_replay=s["calls"] / replays, mean_us=s["dur"] / s["calls"],
                  inc_us=s["inc"] / s["calls"], inc_us_per_replay=s["inc"] / replays,
-                 start_after_prev_end_us=s["lead"] / s["calls"])
+                 idle_us_per_replay=s["idle"] / replays, start_after_prev_end_us=s["lead"] / s["calls"])
             for name, s in stats.items()]
     return sorted(rows, key=lambda r: -r["inc_us_per_replay"])
 
 
-def format_table(rows: list[dict[str, Any]], replay_ms: float | None = None) -> str:
+def format_table(rows: list[dict[str, Any]], replay_ms: float | None = None, unit: str = "replay") -> str:
     total = sum(r["inc_us_per_replay"] for r in rows)
-    head = f"per replay: {total:.1f} us of end increments" + (f" (replay timed alone {replay_ms * 1e3:.1f} us)"
-                                                               if replay_ms else "")
-    lines = [head, f"{'kernel':<48} {'calls':>6} {'mean us':>8} {'inc us':>7} {'inc/replay':>10} {'start-prev end':>14}"]
+    idle = sum(r["idle_us_per_replay"] for r in rows)
+    head = (f"per {unit}: {total:.1f} us of end increments, {idle:.1f} us of it with the device idle"
+            + (f" (replay timed alone {replay_ms * 1e3:.1f} us)" if replay_ms else ""))
+    lines = [head, f"{'kernel':<48} {'calls':>6} {'mean us':>8} {'inc us':>7} {'inc/' + unit:>10} "
+                   f"{'start-prev end':>14}"]
     for r in rows:
         lines.append(f"{r['kernel'][:48]:<48} {r['calls_per_replay']:>6.1f} {r['mean_us']:>8.2f} {r['inc_us']:>7.2f} "
                      f"{r['inc_us_per_replay']:>10.1f} {r['start_after_prev_end_us']:>14.2f}")
     return "\n".join(lines)
 
 
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
 def _kernels_from_trace(path: str) -> list[tuple[str, float, float]]:
+    """(name, start us, duration us) of every device operation (kernels, copies, memsets) in a chrome trace."""
     with open(path, encoding="utf-8") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     return [(e["name"], float(e["ts"]), float(e.get("dur", 0.0))) for e in events
-            if e.get("cat") == "kernel" and e.get("ph") == "X"]
+            if e.get("cat") in DEVICE_CATEGORIES and e.get("ph") == "X"]
 
 
-def graph_timeline(graph: Any, replays: int = 5) -> tuple[list[tuple[str, float, float]], list[dict[str, Any]]]:
-    """Replay ``graph`` (a torch.cuda.CUDAGraph, already warm) under the profiler; (kernel records, chain costs)."""
+def device_activity(fn: Callable[[], Any], repeats: int) -> list[tuple[str, float, float]]:
+    """Run ``fn`` ``repeats`` times under the CUDA profiler; the device operations it caused."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
+        for _ in range(repeats):
+            fn()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
-        kernels = _kernels_from_trace(path)
+        return _kernels_from_trace(path)
+
+
+def graph_timeline(graph: Any, replays: int = 5) -> tuple[list[tuple[str, float, float]], list[dict[str, Any]]]:
+    """Replay ``graph`` (a torch.cuda.CUDAGraph, already warm) under the profiler; (kernel records, chain costs)."""
+    kernels = device_activity(graph.replay, replays)
     return kernels, chain_costs(kernels, replays)
 
 
