@@ -160,7 +160,6 @@ def build_engine(args: argparse.Namespace, hf: dict[str, Any], dtype: torch.dtyp
 def run(args: argparse.Namespace) -> int:
     from highspeed.engine.engine import resolve_device, resolve_dtype
     from highspeed.config import HFConfig
-    from highspeed.sampling import SamplingParams
 
     if not args.preset and not args.model:
         raise SystemExit("give --preset NAME or --model PATH")
@@ -185,9 +184,7 @@ def run(args: argparse.Namespace) -> int:
         return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
     def generate(batch: list[list[int]], out_len: int) -> tuple[float, list[float], int]:
-        params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-        for i, p in enumerate(batch):
-            engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params)
+        _add_greedy(engine, batch, f"b{time.monotonic_ns()}", out_len)
         # Step time = the interval between consecutive step() returns, as a serving loop sees it. No device
         # synchronize per step: the engine enqueues step N+1 before reading step N's tokens, and a synchronize here
         # would serialise the host's preparation with the device's work (records up to run 5 did that, so their
@@ -261,21 +258,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _distinct_experts_decode(engine: Any, probe: list[list[int]]) -> int:
-    """Prefill the probe prompts, then count distinct experts over one eager decode step of the whole batch."""
+def _add_greedy(engine: Any, batch: list[list[int]], prefix: str, max_tokens: int) -> list[str]:
+    """Add the prompts as greedy requests that ignore EOS; their ids."""
     from highspeed.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)   # alive through a chunked prefill
-    ids = [f"probe-{i}" for i in range(len(probe))]
-    for rid, p in zip(ids, probe):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [f"{prefix}-{i}" for i in range(len(batch))]
+    for rid, p in zip(ids, batch):
         engine.add_request(rid, p, params)
+    return ids
+
+
+def _finish_prefill(engine: Any) -> None:
+    """Step the engine until no request waits or is still in its (chunked) prefill: the next step decodes."""
+    sched = engine.scheduler
+    while sched.waiting or any(s.in_prefill for s in sched.running):
+        engine.step()
+
+
+def _distinct_experts_decode(engine: Any, probe: list[list[int]]) -> int:
+    """Prefill the probe prompts, then count distinct experts over one eager decode step of the whole batch."""
+    ids = _add_greedy(engine, probe, "probe", 8)   # 8 tokens: alive through a chunked prefill
     graphs, engine.runner.graphs = engine.runner.graphs, None
     overlap, engine.overlap = engine.overlap, False
     try:
-        sched = engine.scheduler
-        while sched.waiting or any(s.in_prefill for s in sched.running):
-            engine.step()
-        assert len(sched.running) == len(probe), "the probe batch did not fit in one decode step"
+        _finish_prefill(engine)
+        assert len(engine.scheduler.running) == len(probe), "the probe batch did not fit in one decode step"
         count = count_distinct_experts(engine.model, engine.step)
     finally:
         for rid in ids:
@@ -312,7 +320,6 @@ def _write_timeline(engine: Any, graph: Any, batch: list[list[int]], path: str, 
     kernels listed in launch order from the middle of a replay, and the same table for real decode steps of the
     batch (the graph and everything the engine runs around it; device idle time shows the host's share)."""
     from highspeed.bench import timeline
-    from highspeed.sampling import SamplingParams
 
     replays = 5
     kernels, rows = timeline.graph_timeline(graph, replays)
@@ -323,12 +330,8 @@ def _write_timeline(engine: Any, graph: Any, batch: list[list[int]], path: str, 
             return
         f.write(timeline.format_table(rows, replay_ms) + "\n\n")
         f.write(timeline.layer_listing(kernels, 2 * per_replay + per_replay // 2, 40) + "\n\n")
-        for i, p in enumerate(batch):
-            engine.add_request(f"timeline-{i}", p, SamplingParams(max_tokens=steps + 8, temperature=0.0,
-                                                                  ignore_eos=True))
-        sched = engine.scheduler
-        while sched.waiting or any(s.in_prefill for s in sched.running):
-            engine.step()
+        _add_greedy(engine, batch, "timeline", steps + 8)
+        _finish_prefill(engine)
         engine.step()   # one decode step in flight, as in the serving loop
         f.write(f"real decode steps, batch {len(batch)}:\n")
         real = timeline.device_activity(engine.step, steps)
@@ -342,15 +345,10 @@ def _profile_decode(engine: Any, batch: list[list[int]], path: str, steps: int =
     step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from highspeed.sampling import SamplingParams
-
-    for i, p in enumerate(batch):
-        engine.add_request(f"prof-{i}", p, SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True))
+    _add_greedy(engine, batch, "prof", steps + 4)
     graphs, engine.runner.graphs = engine.runner.graphs, None
     try:
-        sched = engine.scheduler
-        while sched.waiting or any(s.in_prefill for s in sched.running):
-            engine.step()
+        _finish_prefill(engine)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):

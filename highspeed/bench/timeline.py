@@ -17,9 +17,22 @@ import json
 import os
 import tempfile
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+
+
+def _increments(kernels: list[tuple[str, float, float]], last_end: float | None = None
+                ) -> Iterator[tuple[str, float, float, float, float]]:
+    """(name, start, duration, end increment, idle before it) in start order: how far each operation moves the
+    chain's end past every earlier one (``last_end``: the end before the first), and how long nothing ran before
+    it started."""
+    for name, start, dur in sorted(kernels, key=lambda k: k[1]):
+        end = start + dur
+        inc = 0.0 if last_end is None else max(0.0, end - last_end)
+        idle = 0.0 if last_end is None else max(0.0, start - last_end)
+        last_end = end if last_end is None else max(last_end, end)
+        yield name, start, dur, inc, idle
 
 
 def chain_costs(kernels: list[tuple[str, float, float]], replays: int) -> list[dict[str, Any]]:
@@ -27,18 +40,15 @@ def chain_costs(kernels: list[tuple[str, float, float]], replays: int) -> list[d
     replay, mean duration, mean end increment per call and per replay (us), and the mean gap from the previous
     kernel's end to this one's start (negative: it started early, under PDL). Sorted by cost per replay."""
     stats: dict[str, dict[str, float]] = defaultdict(lambda: dict(calls=0, dur=0.0, inc=0.0, lead=0.0, idle=0.0))
-    last_end = None
     prev_end = None
-    for name, start, dur in sorted(kernels, key=lambda k: k[1]):
-        end = start + dur
+    for name, start, dur, inc, idle in _increments(kernels):
         s = stats[name]
         s["calls"] += 1
         s["dur"] += dur
-        s["inc"] += 0.0 if last_end is None else max(0.0, end - last_end)
-        s["idle"] += 0.0 if last_end is None else max(0.0, start - last_end)   # nothing ran before it started
+        s["inc"] += inc
+        s["idle"] += idle
         s["lead"] += 0.0 if prev_end is None else start - prev_end
-        last_end = end if last_end is None else max(last_end, end)
-        prev_end = end
+        prev_end = start + dur
     rows = [dict(kernel=name, calls_per_replay=s["calls"] / replays, mean_us=s["dur"] / s["calls"],
                  inc_us=s["inc"] / s["calls"], inc_us_per_replay=s["inc"] / replays,
                  idle_us_per_replay=s["idle"] / replays, start_after_prev_end_us=s["lead"] / s["calls"])
@@ -99,9 +109,6 @@ def layer_listing(kernels: list[tuple[str, float, float]], first: int, count: in
     out = [f"{'#':>4} {'kernel':<40} {'start us':>9} {'dur us':>7} {'end inc us':>10}"]
     last_end = max((s + d for _, s, d in ks[:first]), default=None)
     t0 = ks[first][1] if first < len(ks) else 0.0
-    for i, (name, start, dur) in enumerate(ks[first:first + count]):
-        end = start + dur
-        inc = 0.0 if last_end is None else max(0.0, end - last_end)
-        last_end = end if last_end is None else max(last_end, end)
+    for i, (name, start, dur, inc, _) in enumerate(_increments(ks[first:first + count], last_end)):
         out.append(f"{first + i:>4} {name[:40]:<40} {start - t0:>9.2f} {dur:>7.2f} {inc:>10.2f}")
     return "\n".join(out)
