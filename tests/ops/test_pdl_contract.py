@@ -64,3 +64,48 @@ def test_pdl_launches_target_pdl_kernels():
                     if kw.arg is None):
                 target = ast.unparse(node.func).split("[")[0]
                 assert target in with_pdl, f"{path.name}: {target} is launched with **pdl() but takes no PDL"
+
+
+# What decode attention may read before its wait with EARLY_KV: the step's context, written before the forward's
+# first kernel (host copies into the graph's inputs, highspeed/engine/runner.py), and the KV cache through
+# _kv_tile (earlier tokens' rows; the new token's row is replaced after the wait). Never q or the new k / v.
+EARLY_KV_POINTERS = {"seq_lens_ptr", "bt_row", "pos_ptr", "slot_ptr"}
+EARLY_KV_HELPERS = {"_kv_tile": {"k_ptr"}, "_rope_cos_sin": {"cs_ptr"}}
+
+
+def test_attention_early_kv_reads_only_context_and_cache_before_wait():
+    kernel = next(k for _, k in PDL_KERNELS if k.name == "_paged_attn_kernel")
+    top = ast.unparse(kernel.body[0])
+    assert "if not EARLY_KV" in top and "gdc_wait()" in top   # the wait at the top is skipped only with EARLY_KV
+    decode = next(n for n in kernel.body if isinstance(n, ast.If) and ast.unparse(n.test) == "DECODE")
+    early = None
+    before: list[ast.stmt] = []
+    for stmt in decode.body:
+        if isinstance(stmt, ast.If) and ast.unparse(stmt.test) == "EARLY_KV":
+            early = stmt
+            break
+        before.append(stmt)
+    assert early is not None
+    for stmt in early.body:
+        if "gdc_wait()" in ast.unparse(stmt):
+            break
+        before.append(stmt)
+    else:
+        raise AssertionError("the EARLY_KV branch never waits")
+    seen = set()
+    for stmt in before:
+        src = ast.unparse(stmt)
+        assert "tl.store(" not in src and "atomic" not in src and "return" not in src, src
+        for call in [n for n in ast.walk(stmt) if isinstance(n, ast.Call)]:
+            name = ast.unparse(call.func)
+            if name == "tl.load":
+                base = ast.unparse(call.args[0]).split("+")[0].strip()
+                assert base in EARLY_KV_POINTERS, f"EARLY_KV loads {base!r} before gdc_wait()"
+                seen.add(base)
+            elif name in EARLY_KV_HELPERS:
+                base = ast.unparse(call.args[0]).split("+")[0].strip()
+                assert base in EARLY_KV_HELPERS[name], f"EARLY_KV calls {name} on {base!r} before gdc_wait()"
+                seen.add(name)
+            else:
+                assert not name.startswith("_") or name in ("_rope_lanes",), f"EARLY_KV calls {name} before the wait"
+    assert {"seq_lens_ptr", "bt_row", "_kv_tile"} <= seen
