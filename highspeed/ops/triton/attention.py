@@ -71,11 +71,6 @@ FUSED_MERGE_MAX_ELEMS = 0
 # round trips before its first dot instead of four to seven (~0.6-1 us each on the H200). Off
 # (HIGHSPEED_ATTN_DECODE_FAST=0): the general path, as before (an A/B switch).
 DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
-# GQA decode launches read the step's context and the first K/V tile of earlier tokens before the PDL wait (the
-# kernel's EARLY_KV), leaving one round trip (q) after it. Off (HIGHSPEED_ATTN_EARLY_KV=0): the A/B baseline.
-# Not MLA: with its 512-wide latent tile held across the wait the 8-warp kernel needs 255 registers and spills
-# (sm_90, Triton 3.6, offline; 145 without).
-EARLY_KV: bool = os.environ.get("HIGHSPEED_ATTN_EARLY_KV", "1") != "0"
 _COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
 
 
@@ -232,15 +227,12 @@ def _paged_attn_kernel(
     MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr, EARLY_KV: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr,
 ):
-    # EARLY_KV (DECODE only): the step's context (lengths, block tables, positions, slots) and the cache rows of
-    # earlier tokens are read BEFORE the PDL wait, since no kernel of the forward writes them (see EARLY_KV below).
     if PDL:
+        # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels.
         gdc_launch_dependents()
-        if not EARLY_KV:
-            # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels.
-            gdc_wait()
+        gdc_wait()
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     pid2 = tl.program_id(2)
@@ -248,7 +240,6 @@ def _paged_attn_kernel(
     hb = (pid2 // num_splits) % num_head_blocks
     kv_head = pid2 // (num_splits * num_head_blocks)
 
-    tl.static_assert(DECODE or not EARLY_KV)   # only the DECODE path waits later
     if DECODE:
         # One query per sequence: the host launches this only when max_q == 1 and T == num_seqs, so
         # query_start_loc is arange(S + 1); the token is `seq`, q_len is 1, and every program has its query.
@@ -258,8 +249,7 @@ def _paged_attn_kernel(
         # then cos/sin (after the position) and the first K and V tile (after seq_len and the table) together.
         # Two round trips before the first dot, where the general path below chains four (GQA, MLA) to six or
         # seven (ROPE_NEW): query_start, seq_len, [position, cos/sin, slot,] table, K/V (sm_90 SASS, compiled
-        # offline). With EARLY_KV the first K/V tile, cos/sin and the table come before the wait, and after it
-        # only q (and the new token's k/v) remain: one round trip.
+        # offline).
         tl.static_assert(not USE_TOPK)              # a top-k program's key positions are themselves loads
         tl.static_assert(not (ROPE_NEW and V_IS_K))  # the new token's value replaces a V tile, not part of K
         q_start = seq
@@ -285,42 +275,7 @@ def _paged_attn_kernel(
         db = tl.arange(0, BLOCK_DB)
         dv = tl.arange(0, BLOCK_DV)
         q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
-        if EARLY_KV:
-            # Before the wait: the step's context is written before the forward's first kernel (host copies into
-            # the graph's inputs, runner.py), and the cache rows of the tokens before this one by earlier steps.
-            # The new token's row (p_new) is this step's: it is replaced below by the value computed after the
-            # wait (ROPE_NEW) or by its row loaded after the wait (written by the previous kernel).
-            p_new = seq_len - 1
-            hi_first = tl.minimum(seq_len, lo + keys_per_split)
-            hi_first = tl.where(split == num_splits - 1, seq_len, hi_first)
-            ka0, kb0, v0 = _kv_tile(k_ptr, v_ptr, blk_first, n_first, n_first < hi_first, kv_head, block_size,
-                                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, da, db, dv,
-                                    D_A, D_B, D_V, V_IS_K)
-            n_second = n_first + BLOCK_N
-            blk_second = tl.load(bt_row + n_second // block_size, mask=n_second < hi_first, other=0).to(tl.int64)
-            if ROPE_NEW:
-                t0 = seq.to(tl.int64)
-                rope_pos = tl.load(pos_ptr + t0)
-                slot = tl.load(slot_ptr + t0).to(tl.int64)
-                cos, sin = _rope_cos_sin(cs_ptr + rope_pos.to(tl.int64) * stride_cs, da, HALF, INTERLEAVED)
-            else:
-                blk_new = tl.load(bt_row + p_new // block_size).to(tl.int64)
-            if PDL:
-                gdc_wait()
-            if ROPE_NEW:
-                qx, qxp, qw, qwp = _rope_loads(q_rows, row_ok[:, None], da, qw_ptr, D_A, HALF, INTERLEAVED, Q_NORM)
-                kx, kxp, kw, kwp = _rope_loads(kn_ptr + t0 * stride_knt + kv_head * stride_knh,
-                                               tl.full([1, 1], 1, tl.int1), da, kw_ptr, D_A, HALF, INTERLEAVED,
-                                               K_NORM)
-                v_new = tl.load(vn_ptr + t0 * stride_vnt + kv_head * stride_vnh + dv[None, :],
-                                mask=(dv < D_V)[None, :], other=0.0).to(v_ptr.dtype.element_ty)
-            else:
-                qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
-                one = tl.full([1], 0, tl.int32) + p_new
-                ka_n, kb_n, v_n = _kv_tile(k_ptr, v_ptr, tl.full([1], 0, tl.int64) + blk_new, one, one >= 0,
-                                           kv_head, block_size, stride_kb, stride_ks, stride_kh, stride_vb,
-                                           stride_vs, stride_vh, da, db, dv, D_A, D_B, D_V, V_IS_K)
-        elif ROPE_NEW:
+        if ROPE_NEW:
             # The loads of rope._rope_tile for q and the new key, without the rotation, which needs cos/sin.
             t0 = seq.to(tl.int64)
             rope_pos = tl.load(pos_ptr + t0)
@@ -358,35 +313,13 @@ def _paged_attn_kernel(
             p_new = seq_len - 1
             qa = tl.zeros([BLOCK_M, BLOCK_DA], dtype=q_ptr.dtype.element_ty)   # rotated at the first tile
             k_new = tl.zeros([1, BLOCK_DA], dtype=k_ptr.dtype.element_ty)
-        lo_loop = lo
-        if EARLY_KV:
-            # The first tile, loaded before the wait, with the new token's row put in.
-            n_ok = n_first < hi
-            is_new = (n_first == p_new)[:, None]
-            if ROPE_NEW:
-                qa = _rope_apply(qx, qxp, qw, qwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, Q_NORM,
-                                 q_ptr.dtype.element_ty, q_ptr.dtype.element_ty)
-                k_new = _rope_apply(kx, kxp, kw, kwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, K_NORM,
-                                    kn_ptr.dtype.element_ty, kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
-                ka = tl.where(is_new, k_new, ka0)
-                v = tl.where(is_new, v_new, v0)
-                kb = kb0
-            else:
-                ka = tl.where(is_new, ka_n, ka0)
-                kb = tl.where(is_new, kb_n, kb0)
-                v = tl.where(is_new, v_n, v0)
-            visible = row_ok[:, None] & n_ok[None, :] & (n_first[None, :] <= q_pos[:, None])
-            m_i, l_i, acc = _attend_tile(qa, qb, ka, kb, v, visible, qk_scale, m_i, l_i, acc, D_B, DOT_F32)
-            lo_loop = lo + BLOCK_N
-            blk = blk_second
-        else:
-            blk = blk_first
         # One loop for every tile, so that Triton's software pipeliner still overlaps the tiles of long splits. It
         # issues the first tile's K and V just before the loop, after everything above; hence the block-table
         # entries run one tile ahead (the first tile's came with the first loads, each next tile's are loaded while
         # this tile's K/V are in flight), and q's rotation, which waits for cos/sin, is done inside the loop at the
         # first tile, while that tile's K/V are in flight (before the loop it would hold them back a round trip).
-        for n0 in range(lo_loop, hi, BLOCK_N):
+        blk = blk_first
+        for n0 in range(lo, hi, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_ok = n < hi
             ka, kb, v = _kv_tile(k_ptr, v_ptr, blk, n, n_ok, kv_head, block_size, stride_kb, stride_ks, stride_kh,
@@ -394,13 +327,11 @@ def _paged_attn_kernel(
             n_next = n + BLOCK_N
             blk = tl.load(bt_row + n_next // block_size, mask=n_next < hi, other=0).to(tl.int64)
             if ROPE_NEW:
-                if not EARLY_KV:
-                    if n0 == lo:
-                        qa = _rope_apply(qx, qxp, qw, qwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, Q_NORM,
-                                         q_ptr.dtype.element_ty, q_ptr.dtype.element_ty)
-                        k_new = _rope_apply(kx, kxp, kw, kwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, K_NORM,
-                                            kn_ptr.dtype.element_ty,
-                                            kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
+                if n0 == lo:
+                    qa = _rope_apply(qx, qxp, qw, qwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, Q_NORM,
+                                     q_ptr.dtype.element_ty, q_ptr.dtype.element_ty)
+                    k_new = _rope_apply(kx, kxp, kw, kwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, K_NORM,
+                                        kn_ptr.dtype.element_ty, kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
                 is_new = (n == p_new)[:, None]   # its cache row is written below, after the loop
                 ka = tl.where(is_new, k_new, ka)
                 v = tl.where(is_new, v_new, v)
@@ -730,7 +661,7 @@ def _attend(
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
-        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, EARLY_KV=fast and EARLY_KV and not v_is_k, **r_consts,
+        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, **r_consts,
         **launch,
     )
     if split and not fused:
