@@ -157,7 +157,7 @@ def ahead_args(ahead: tuple[torch.Tensor, ...], programs: int, mode: str, unused
 
 
 @triton.jit
-def prefetch_l2(ptrs, EVICT_LAST: tl.constexpr):
+def prefetch_l2(ptrs, EVICT_LAST: tl.constexpr = False):
     """Ask L2 for the 128-byte lines holding ``ptrs`` (a tensor of addresses, one per line wanted) and go on: no
     registers are held and nothing waits for the data. The caller clamps every address into its tensor. With
     EVICT_LAST the lines get the evict-last priority (kept over evict-first and normal lines)."""

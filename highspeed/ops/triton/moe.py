@@ -308,9 +308,9 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
     # else the first tile, each iteration then loading the next tile before using the current one).
     if L2_PREFETCH:
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, H - 1)
-        prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :], False)
+        prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
     if WHOLE:   # the whole rows (as in the GEMV, ops/triton/linear.py): after the wait, one read of x
-        w1, w2 = whole_rows_load(w_rows, emask, H, K1, K2, W_EVICT)
+        w1, w2 = whole_rows_load(w_rows, emask, H, K1, K2)
     else:
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
@@ -362,7 +362,7 @@ def _fused_gate_up_kernel(
         if PF_DOWN:  # this program's share of the expert's down rows, for the next kernel
             h = tl.minimum((p % blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, I - 1)
-            prefetch_l2(w2_ptr + e * stride_2e + h[:, None].to(tl.int64) * stride_2n + cols[None, :], False)
+            prefetch_l2(w2_ptr + e * stride_2e + h[:, None].to(tl.int64) * stride_2n + cols[None, :])
     else:
         ivec = tl.zeros([BLOCK_TK], dtype=tl.int32)   # the shared expert's rows need no routing
         n = (p - TOP_K * blocks_per_expert) * BLOCK_N + r
@@ -373,7 +373,7 @@ def _fused_gate_up_kernel(
         if PF_DOWN:
             h = tl.minimum((p - TOP_K * blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
-            prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :], False)
+            prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :])
     x_row = x_ptr + t * stride_xt
     if NORM:
         rstd = sumsq_rstd(parts, H, eps)
