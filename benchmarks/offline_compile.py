@@ -55,14 +55,7 @@ def compile_launch(kernel, args: tuple, kw: dict) -> dict:
     """Compile one recorded launch for sm_90 as the JIT would specialise it (ints equal to 1 become constants,
     16-divisible pointers and ints get the divisibility hint); returns registers, spills and shared memory."""
     sig, consts, attrs = {}, {}, {}
-    # Keyword arguments the kernel does not declare constexpr (e.g. prefetch_ahead's pointers) are runtime ones.
-    runtime = {p.name for p in kernel.params if not p.is_constexpr}
-    named = dict(zip(kernel.arg_names, args)) | {n: v for n, v in kw.items() if n in runtime}
-    kw = {n: v for n, v in kw.items() if n not in runtime}
-    for i, name in enumerate(kernel.arg_names):
-        if name not in named:
-            continue
-        a = named[name]
+    for i, (name, a) in enumerate(zip(kernel.arg_names, args)):
         sig[name] = _type(a)
         if isinstance(a, int) and not isinstance(a, bool) and a == 1:
             sig[name], consts[name] = "constexpr", 1
@@ -113,12 +106,6 @@ def record_decode_layer(shape: str) -> list:
         gate = torch.randn(E, H)
         moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
         lin.linear(torch.randn(1, o_in, dtype=dt), torch.empty(H, o_in, dtype=dt))
-        mode, lin.ahead_mode = lin.ahead_mode, (lambda w: "last")   # HIGHSPEED_PREFETCH_AHEAD: the next qkv
-        try:
-            lin.linear(torch.randn(1, o_in, dtype=dt), torch.empty(H, o_in, dtype=dt), None, None,
-                       (torch.empty(qkv or 1344, H, dtype=dt),))
-        finally:
-            lin.ahead_mode = mode
         fold, norm_ops.FOLD_NORM = norm_ops.FOLD_NORM, True     # the norm-fold variants (HIGHSPEED_FOLD_NORM=1)
         try:
             folded = DeferredNorm(ResidualSum(x, None, torch.ones(1, 8)), nw, 1e-6)

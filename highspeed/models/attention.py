@@ -70,10 +70,6 @@ class Attention(nn.Module):
     def weight_sources(self) -> Sources:
         return self.qkv_proj.sources_from_parent("qkv_proj")
 
-    def entry_weights(self) -> list[nn.Parameter]:
-        """The weights this module reads first at decode (``CausalLM.link_prefetch``)."""
-        return [self.qkv_proj.weight]
-
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
 
@@ -197,12 +193,6 @@ class MLAttention(nn.Module):
 
     def weight_sources(self) -> Sources:
         return self.fused_qkv_a_proj.sources_from_parent("fused_qkv_a_proj") if self.q_lora_rank is not None else {}
-
-    def entry_weights(self) -> list[nn.Parameter]:
-        """The weights this module reads first at decode, before attention (``CausalLM.link_prefetch``)."""
-        first = ([self.fused_qkv_a_proj.weight, self.q_b_proj.weight] if self.q_lora_rank is not None
-                 else [self.q_proj.weight, self.kv_a_proj_with_mqa.weight])
-        return first + [self.kv_b_proj.weight]
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         spec = {"latent": (self.kv_lora_rank + self.rope_dim,)}

@@ -61,17 +61,6 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp: MtpLayer | None = None
 
-    def link_prefetch(self) -> None:
-        """Give each layer's o_proj the next layer's first projection weights as its ``ahead`` list: its batch-1
-        GEMV may ask L2 for them while attention leaves HBM idle (``HIGHSPEED_PREFETCH_AHEAD``; ``ops.linear``).
-        References to the parameters, so moving the model keeps them right."""
-        layers = list(self.model.layers)
-        for layer, nxt in zip(layers, layers[1:]):
-            o_proj = getattr(layer.self_attn, "o_proj", None)
-            entry = getattr(nxt.self_attn, "entry_weights", None)
-            if isinstance(o_proj, Linear) and entry is not None:
-                o_proj.ahead = tuple(entry())
-
     # ----- forward -----
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flattened tokens of all sequences of the step -> hidden states after the final norm ``[T, hidden]``."""

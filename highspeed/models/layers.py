@@ -26,13 +26,11 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
-        # Weights a later kernel reads, which this projection may ask L2 for (``CausalLM.link_prefetch``).
-        self.ahead: tuple[nn.Parameter, ...] = ()
 
     def forward(self, x: torch.Tensor | DeferredNorm, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | ResidualSum:
         """``x @ W^T (+ b)``; with ``residual``, a ``ResidualSum`` of it and the product (see ``ops.linear``)."""
-        return linear(x, self.weight, self.bias, residual, self.ahead)
+        return linear(x, self.weight, self.bias, residual)
 
 
 class MergedLinear(Linear):

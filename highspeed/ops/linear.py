@@ -12,14 +12,12 @@ from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 
 
 def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, ahead: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | ResidualSum:
+           residual: torch.Tensor | None = None) -> torch.Tensor | ResidualSum:
     """``x[..., K] @ weight[N, K]^T + bias[N]`` in x's dtype (fp32 accumulation). ``x`` may be a ``DeferredNorm``:
     then the input is its output, and its ``residual_out`` is set. With ``residual`` (the residual stream, shaped
-    like the output) the result is a ``ResidualSum`` of it and the product, the sum rounded to x's dtype once.
-    ``ahead``: up to three weights a later kernel reads, which the batch-1 GEMV may ask L2 for while it waits
-    (``HIGHSPEED_PREFETCH_AHEAD``); a hint only, the result does not depend on it."""
+    like the output) the result is a ``ResidualSum`` of it and the product, the sum rounded to x's dtype once."""
     kernel = triton_kernel("linear", "linear", unnormed(x))
     if kernel is not None:
-        return kernel(x, weight, bias, residual, ahead)
+        return kernel(x, weight, bias, residual)
     y = F.linear(materialize(x), weight, bias)
     return y if residual is None else ResidualSum(y, residual)

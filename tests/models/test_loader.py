@@ -173,21 +173,3 @@ def test_random_weights_and_training_gradients(arch, tmp_path):
     no_grad = [n for n, p in model.named_parameters()
                if p.requires_grad and p.grad is None and "indexer" not in n and not n.startswith("mtp.")]
     assert not no_grad, no_grad
-
-
-@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe_lite", "deepseek_v3_no_q_lora", "glm_moe_dsa"])
-def test_o_proj_prefetch_links_next_layer(arch, tmp_path):
-    """Each layer's o_proj carries the NEXT layer's first attention weights (CausalLM.link_prefetch; the GEMV
-    may ask L2 for them), the last layer's carries none, and they are the model's own parameters."""
-    model, _ = load_model(make_tiny_checkpoint(arch, tmp_path), progress=False)
-    layers = list(model.model.layers)
-    params = {id(p) for p in model.parameters()}
-    assert len(layers) >= 2 and layers[-1].self_attn.o_proj.ahead == ()
-    for layer, nxt in zip(layers, layers[1:]):
-        ahead = layer.self_attn.o_proj.ahead
-        assert ahead and [id(t) for t in ahead] == [id(t) for t in nxt.self_attn.entry_weights()]
-        assert all(id(t) in params for t in ahead) and 1 <= len(ahead) <= 3
-    first = layers[1].self_attn
-    names = {id(p): n for n, p in first.named_parameters()}
-    assert names[id(layers[0].self_attn.o_proj.ahead[0])] in (
-        "qkv_proj.weight", "fused_qkv_a_proj.weight", "q_proj.weight")

@@ -82,36 +82,3 @@ def test_tuned_launch_shapes(monkeypatch):
     monkeypatch.setenv("HIGHSPEED_TUNE_X_TEST", "BLOCKK=128")
     with pytest.raises(ValueError, match="BLOCKK"):
         tuned("X_TEST", base)
-
-
-@pytest.mark.parametrize("numel,programs", [(1, 1), (64, 3), (5120 * 2048, 1024), (1344 * 2048 + 7, 2048)])
-def test_ahead_args_cover_every_line(numel, programs):
-    """prefetch_ahead's shares (lines [p * AB, (p + 1) * AB) for program p, clamped) cover every 128-byte line of
-    each tensor; a tensor not given asks for nothing, and off it asks for nothing at all."""
-    pytest.importorskip("triton")
-    from highspeed.ops.triton import ahead_args
-
-    t, unused = torch.empty(numel, dtype=torch.bfloat16), torch.empty(1)
-    a = ahead_args((t,), programs, "last", unused)
-    lines = -(-numel * 2 // 128)
-    assert a["A0"] is t and a["NA0"] == lines and programs * a["AB0"] >= lines > (programs * a["AB0"]) // 2 - programs
-    assert a["AB0"] & (a["AB0"] - 1) == 0 and a["AB1"] == a["AB2"] == 0 and a["A1"] is unused and a["AHEAD_LAST"]
-    off = ahead_args((t,), programs, "", unused)
-    assert off["AB0"] == off["AB1"] == off["AB2"] == 0 and off["A0"] is unused
-    with pytest.raises(ValueError):
-        ahead_args((t, t, t, t), programs, "last", unused)
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="the L2 prefetch is inline PTX: CUDA only")
-@pytest.mark.parametrize("mode", ["last", "normal"])
-def test_gemv_with_ahead_prefetch(triton_module, monkeypatch, mode):
-    """Asking L2 for other tensors while the GEMV runs changes nothing in its result (bitwise)."""
-    lin = triton_module("linear")
-    x = torch.randn(1, 4096, device=DEVICE, dtype=torch.bfloat16)
-    w = (torch.randn(2048, 4096, device=DEVICE) / 64).to(torch.bfloat16)
-    ahead = (torch.randn(5120, 2048, device=DEVICE, dtype=torch.bfloat16), torch.randn(77, device=DEVICE))
-    monkeypatch.setenv("HIGHSPEED_PREFETCH_AHEAD", "0")
-    y0 = lin.linear(x, w)
-    monkeypatch.setenv("HIGHSPEED_PREFETCH_AHEAD", mode)
-    assert lin.ahead_mode(w) == mode
-    assert torch.equal(lin.linear(x, w, None, None, ahead), y0)

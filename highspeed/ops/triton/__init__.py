@@ -99,93 +99,13 @@ def l2_prefetch(x: torch.Tensor) -> dict:
     is off unless ``HIGHSPEED_L2_PREFETCH=1``, and never under the interpreter (inline PTX)."""
     on = (x.is_cuda and not interpreting()
           and os.environ.get("HIGHSPEED_L2_PREFETCH", "0").strip().lower() not in ("0", "false", "no", ""))
-    # Weights streamed once are loaded evict-first, so they do not push out lines prefetched for later kernels.
-    evict = "evict_first" if on or ahead_mode(x) else ""
-    return {"L2_PREFETCH": on, "LINE": max(1, 128 // x.element_size()), "W_EVICT": evict}
-
-
-def ahead_mode(x: torch.Tensor) -> str:
-    """``HIGHSPEED_PREFETCH_AHEAD``: "" (off, the default), "last" or "normal" -- the L2 priority with which a
-    layer's o_proj asks for the next layer's first projection weights (``prefetch_ahead``). On CUDA only."""
-    mode = os.environ.get("HIGHSPEED_PREFETCH_AHEAD", "").strip().lower()
-    if mode in ("", "0", "false", "no") or not x.is_cuda or interpreting():
-        return ""
-    if mode not in ("last", "normal", "1"):
-        raise ValueError(f"HIGHSPEED_PREFETCH_AHEAD={mode!r}: expected 0, last or normal")
-    _reserve_persisting_l2()
-    return "normal" if mode == "normal" else "last"
-
-
-_persisting_done = False
-
-
-def _reserve_persisting_l2() -> None:
-    """``HIGHSPEED_L2_PERSIST_MB``: set aside that much L2 for evict-last (persisting) lines in this process's
-    CUDA context (``cuCtxSetLimit(CU_LIMIT_PERSISTING_L2_CACHE_SIZE)``; the driver caps it, and it ends with the
-    process). Once per process; nothing when unset."""
-    global _persisting_done
-    if _persisting_done:
-        return
-    _persisting_done = True
-    mb = int(os.environ.get("HIGHSPEED_L2_PERSIST_MB", "0") or 0)
-    if mb <= 0:
-        return
-    import ctypes
-
-    torch.cuda.init()
-    lib = ctypes.CDLL("libcuda.so.1")
-    rc = lib.cuCtxSetLimit(ctypes.c_int(0x06), ctypes.c_size_t(mb * 2**20))
-    got = ctypes.c_size_t(0)
-    lib.cuCtxGetLimit(ctypes.byref(got), ctypes.c_int(0x06))
-    print(f"highspeed: persisting L2 set-aside {mb} MB asked, rc {rc}, now {got.value / 2**20:.1f} MB", flush=True)
-
-
-def ahead_args(ahead: tuple[torch.Tensor, ...], programs: int, mode: str, unused: torch.Tensor) -> dict:
-    """Kernel arguments for ``prefetch_ahead`` over up to three tensors, split evenly over ``programs``: pointers
-    ``A0..A2`` (``unused`` where there is none), their 128-byte line counts ``NA0..NA2`` and per-program blocks
-    ``AB0..AB2`` (0: none). Off (``mode`` "") it asks for nothing."""
-    if len(ahead) > 3:
-        raise ValueError("prefetch_ahead takes at most three tensors")
-    out: dict = {"AHEAD_LAST": mode == "last"}
-    for j in range(3):
-        t = ahead[j] if mode and j < len(ahead) else None
-        lines = triton.cdiv(t.numel() * t.element_size(), 128) if t is not None else 0
-        out[f"A{j}"] = t if t is not None else unused
-        out[f"NA{j}"] = max(lines, 1)
-        out[f"AB{j}"] = next_power_of_2(triton.cdiv(lines, programs)) if lines else 0
-    return out
+    # Weights streamed once are loaded evict-first, so they do not push out lines prefetched for the next kernel.
+    return {"L2_PREFETCH": on, "LINE": max(1, 128 // x.element_size()), "W_EVICT": "evict_first" if on else ""}
 
 
 @triton.jit
-def prefetch_l2(ptrs, EVICT_LAST: tl.constexpr = False):
+def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte lines holding ``ptrs`` (a tensor of addresses, one per line wanted) and go on: no
-    registers are held and nothing waits for the data. The caller clamps every address into its tensor. With
-    EVICT_LAST the lines get the evict-last priority (kept over evict-first and normal lines)."""
-    if EVICT_LAST:
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_share(base, nlines, BLOCK: tl.constexpr, EVICT_LAST: tl.constexpr):
-    """This program's share -- lines [pid * BLOCK, (pid + 1) * BLOCK) -- of the ``nlines`` 128-byte lines of the
-    tensor at ``base``, asked of L2 (``prefetch_l2``); addresses past the end are clamped to the last line."""
-    line = 1024 // base.dtype.element_ty.primitive_bitwidth   # elements per 128-byte line
-    idx = tl.minimum(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), nlines - 1)
-    prefetch_l2(base + idx.to(tl.int64) * line, EVICT_LAST)
-
-
-@triton.jit
-def prefetch_ahead(A0, NA0, AB0: tl.constexpr, A1, NA1, AB1: tl.constexpr, A2, NA2, AB2: tl.constexpr,
-                   EVICT_LAST: tl.constexpr):
-    """Ask L2 for this program's share of up to three tensors that a LATER kernel reads (``ahead_args``): the
-    next layer's first projections, requested while this layer's latency-bound attention leaves HBM idle."""
-    if AB0 > 0:
-        prefetch_share(A0, NA0, AB0, EVICT_LAST)
-    if AB1 > 0:
-        prefetch_share(A1, NA1, AB1, EVICT_LAST)
-    if AB2 > 0:
-        prefetch_share(A2, NA2, AB2, EVICT_LAST)
+    registers are held and nothing waits for the data. The caller clamps every address into its tensor."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

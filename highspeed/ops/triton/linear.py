@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
-from highspeed.ops.triton import (ahead_args, ahead_mode, gdc_launch_dependents, gdc_wait, l2_prefetch,
-                                  next_power_of_2, pdl, prefetch_ahead, prefetch_l2, tuned)
+from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2,
+                                  tuned)
 from highspeed.ops.triton.norm import (fold_residual, foldable_norm, norm_values, residual_epilogue, sumsq_load,
                                        sumsq_rstd)
 
@@ -62,16 +62,15 @@ def whole_block_n(K: int) -> int:
 
 
 @triton.jit
-def whole_rows_load(w_rows, rmask, K, K1: tl.constexpr, K2: tl.constexpr, W_EVICT: tl.constexpr = ""):
+def whole_rows_load(w_rows, rmask, K, K1: tl.constexpr, K2: tl.constexpr):
     """Whole weight rows at ``w_rows`` ([rows, 1] row pointers, rows masked by ``rmask``): columns [0, K1) and
     [K1, K1 + K2) as two tiles (the second is the first again, unused, when K2 == 0). Weights only, so a kernel
     may call it before its PDL wait (tests/ops/test_pdl_contract.py checks the pointer)."""
     k1 = tl.arange(0, K1)
-    w1 = tl.load(w_rows + k1[None, :], mask=rmask[:, None] & (k1 < K)[None, :], other=0.0, eviction_policy=W_EVICT)
+    w1 = tl.load(w_rows + k1[None, :], mask=rmask[:, None] & (k1 < K)[None, :], other=0.0)
     if K2 > 0:
         k2 = K1 + tl.arange(0, K2)
-        w2 = tl.load(w_rows + k2[None, :], mask=rmask[:, None] & (k2 < K)[None, :], other=0.0,
-                     eviction_policy=W_EVICT)
+        w2 = tl.load(w_rows + k2[None, :], mask=rmask[:, None] & (k2 < K)[None, :], other=0.0)
     else:
         w2 = w1
     return w1, w2
@@ -142,9 +141,7 @@ def _gemv_row_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
     WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_P: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-    A0, NA0, AB0: tl.constexpr, A1, NA1, AB1: tl.constexpr, A2, NA2, AB2: tl.constexpr, AHEAD_LAST: tl.constexpr,
-    PDL: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     # NORM (WHOLE only): x is the residual stream, normalised here (see ops/triton/norm.py). ADD_RESIDUAL: y is
     # added to the residual rows at res_ptr, and each program stores the sum of squares of its sums.
@@ -159,14 +156,12 @@ def _gemv_row_kernel(
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, K - 1)
         prefetch_l2(w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
     if WHOLE:      # every weight of this program, in flight before the wait
-        w1, w2 = whole_rows_load(w_rows, nmask, K, K1, K2, W_EVICT)
+        w1, w2 = whole_rows_load(w_rows, nmask, K, K1, K2)
     elif PREFETCH:   # the first weight tile does not depend on the previous kernel: in flight before the wait
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
     else:
         w = 0.0   # no first tile: tile_rows_dot loads every tile itself
-    # Weights of a later kernel (the next layer's first projections), asked of L2 after this program's own.
-    prefetch_ahead(A0, NA0, AB0, A1, NA1, AB1, A2, NA2, AB2, AHEAD_LAST)
     if PDL:
         gdc_wait()
     if ADD_RESIDUAL:
@@ -186,7 +181,7 @@ def _gemv_row_kernel(
 
 
 def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, ahead: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | ResidualSum:
+           residual: torch.Tensor | None = None) -> torch.Tensor | ResidualSum:
     """Same contract as ``highspeed.ops.linear.linear``."""
     norm = x if isinstance(x, DeferredNorm) else None
     xin = unnormed(x)
@@ -222,8 +217,7 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
         WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None,
         BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None else 1,
-        ADD_RESIDUAL=add, **ahead_args(ahead, programs, ahead_mode(weight), weight),
-        num_warps=cfg["num_warps"], **pdl(x2),
+        ADD_RESIDUAL=add, num_warps=cfg["num_warps"], **pdl(x2),
     )
     y = y.view(*xin.shape[:-1], N)
     if residual is None:
