@@ -7,6 +7,10 @@ model shape while its kernels are replaced by recorders; the recorded launches a
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` with PDL on. Honours the HIGHSPEED_TUNE_* overrides.
 
     python3 benchmarks/offline_compile.py [qwen3-30b-a3b|glm-4.7-flash ...]
+
+Run it also with the GPU image's Triton (3.6: ``python3 -m venv --system-site-packages /tmp/t36 &&
+/tmp/t36/bin/pip install triton==3.6.0``): newer Triton accepts code 3.6 rejects (run 18 lost a device call to
+a defaulted constexpr parameter of a jit helper), and 3.6's register counts are the GPU's.
 """
 from __future__ import annotations
 
@@ -55,7 +59,14 @@ def compile_launch(kernel, args: tuple, kw: dict) -> dict:
     """Compile one recorded launch for sm_90 as the JIT would specialise it (ints equal to 1 become constants,
     16-divisible pointers and ints get the divisibility hint); returns registers, spills and shared memory."""
     sig, consts, attrs = {}, {}, {}
-    for i, (name, a) in enumerate(zip(kernel.arg_names, args)):
+    # Keyword arguments the kernel does not declare constexpr are runtime ones (pointers, ints), as in the JIT.
+    runtime = {p.name for p in kernel.params if not p.is_constexpr}
+    named = dict(zip(kernel.arg_names, args)) | {n: v for n, v in kw.items() if n in runtime}
+    kw = {n: v for n, v in kw.items() if n not in runtime}
+    for i, name in enumerate(kernel.arg_names):
+        if name not in named:
+            continue
+        a = named[name]
         sig[name] = _type(a)
         if isinstance(a, int) and not isinstance(a, bool) and a == 1:
             sig[name], consts[name] = "constexpr", 1
