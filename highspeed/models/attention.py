@@ -14,11 +14,11 @@ from torch import nn
 
 from highspeed.context import AttentionContext, get_context
 from highspeed.models.layers import LayerNorm, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Sources
-from highspeed.ops import (dsa_topk_indices, mla_attention, rope, rope_and_write_kv, rope_paged_attention,
+from highspeed.ops import (dsa_topk_indices, mla_attention, rope, rope_paged_attention,
                             write_kv)
 from highspeed.ops.attention import causal_mask, dense_attention, topk_mask
 from highspeed.ops.dsa import indexer_topk
-from highspeed.ops.mla_proj import absorb_q, latent_to_v
+from highspeed.ops.mla_proj import absorb_q_rope_write, latent_to_v
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, residual_of
 
 
@@ -229,11 +229,11 @@ class MLAttention(nn.Module):
             w_kv = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, lat)
             w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
             q_abs = q.new_empty(t, h, lat + self.rope_dim)
-            absorb_q(q_nope, w_uk, q_abs[..., :lat])
             norm = self.kv_a_layernorm
-            rope_and_write_kv(q_pe, k_pe, c, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
-                              cache[..., lat:], cache[..., :lat], ctx.slot_mapping,
-                              v_norm_weight=norm.weight, eps=norm.eps, q_out=q_abs[..., lat:])
+            absorb_q_rope_write(q_nope, w_uk, q_abs[..., :lat], q=q_pe, k=k_pe, v=c, positions=positions,
+                                cos_sin=rot.cos_sin, rotary_dim=rot.rotary_dim, interleaved=rot.interleaved,
+                                k_cache=cache[..., lat:], v_cache=cache[..., :lat], slot_mapping=ctx.slot_mapping,
+                                v_norm_weight=norm.weight, eps=norm.eps, q_out=q_abs[..., lat:])
         else:
             c = self.kv_a_layernorm(c)
             q_pe, k_pe = rot(q_pe, positions), rot(k_pe, positions)

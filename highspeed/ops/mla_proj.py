@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from highspeed.ops.dispatch import triton_kernel
+from highspeed.ops.rope import rope_and_write_kv
 
 
 def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -22,6 +23,18 @@ def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> tor
     # bmm's out= has no autograd: fine, the paged path that calls this is inference only.
     torch.bmm(q_nope.transpose(0, 1), w_uk, out=out.transpose(0, 1))
     return out
+
+
+def absorb_q_rope_write(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor, **rope_kw) -> None:
+    """``absorb_q(q_nope, w_uk, out)`` and ``rope_and_write_kv(**rope_kw)`` (highspeed.ops.rope): the two steps
+    between q_b_proj and MLA attention at decode, which read only q_b_proj's and kv_a's outputs. On CUDA one launch
+    does both (one link less in the decode chain)."""
+    kernel = triton_kernel("mla_proj", "absorb_q_rope_write", q_nope)
+    if kernel is not None:
+        kernel(q_nope, w_uk, out, **rope_kw)
+        return
+    absorb_q(q_nope, w_uk, out)
+    rope_and_write_kv(**rope_kw)
 
 
 def latent_to_v(latent: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

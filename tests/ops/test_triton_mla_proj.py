@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from highspeed.ops import mla_proj as ref_ops
+from highspeed.ops.rope import build_cos_sin_cache
 from tests.ops.conftest import DEVICE, HAS_CUDA, TOL, rel_err
 
 ROPE = 8   # q's and q_abs's extra rope dims: the kernels see them only as strides
@@ -91,3 +92,61 @@ def test_mla_proj_configs_fill_the_gpu(triton_module, H, D, L, V):
     assert H * -(-L // block_l) >= 264 and block_d * block_l <= mod.knobs("absorb_q", H * D * L)[0]
     block_v, block_l = mod.latent_to_v_config(H, V, L)
     assert H * -(-V // block_v) >= 264 and block_v * block_l <= mod.knobs("latent_to_v", H * V * L)[0]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("T,H,D,L,R", [(1, 20, 24, 32, 16), (2, 7, 33, 40, 8), (1, 3, 16, 16, 16)])
+def test_absorb_q_rope_write(mla, triton_module, monkeypatch, fused, T, H, D, L, R):
+    """The one-launch absorb + RoPE/latent-cache write equals the two ops run apart (bit for bit: the same
+    arithmetic in each program), incl. a padded token (slot -1) when T = 2."""
+    rope = triton_module("rope")
+    monkeypatch.setattr(mla, "FUSE_ABSORB_ROPE", fused)
+    dtype = torch.bfloat16
+    q = torch.randn(T, H, D + R, device=DEVICE).to(dtype)
+    q_nope, q_pe = q[..., :D], q[..., D:]
+    w_uk = (torch.randn(H, D, L, device=DEVICE) * D**-0.5).to(dtype)
+    kv = (3 * torch.randn(T, L + R, device=DEVICE)).to(dtype)
+    c, k_pe = kv.split([L, R], dim=-1)
+    w = (1 + 0.5 * torch.randn(L, device=DEVICE)).to(dtype)
+    cs = build_cos_sin_cache(R, 64, 10000.0, device=DEVICE)
+    pos = torch.randint(0, 64, (T,), device=DEVICE)
+    slots = torch.tensor([6, -1][:T], device=DEVICE)
+    outs = []
+    for one_launch in (True, False):
+        latent = torch.zeros(3, 4, L + R, device=DEVICE, dtype=dtype)
+        q_abs = torch.full((T, H, L + R), float("nan"), device=DEVICE, dtype=dtype)
+        kw = dict(q=q_pe, k=k_pe, v=c, positions=pos, cos_sin=cs, rotary_dim=R, interleaved=True,
+                  k_cache=latent[..., L:], v_cache=latent[..., :L], slot_mapping=slots, v_norm_weight=w, eps=1e-6,
+                  q_out=q_abs[..., L:])
+        if one_launch:
+            mla.absorb_q_rope_write(q_nope, w_uk, q_abs[..., :L], **kw)
+        else:
+            mla.absorb_q(q_nope, w_uk, q_abs[..., :L])
+            rope.rope_and_write_kv(**kw)
+        outs.append((q_abs, latent))
+    assert not outs[0][0].isnan().any() and outs[0][1].abs().sum() > 0
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_absorb_q_rope_write_reference(reference):
+    """The reference op is absorb_q then rope_and_write_kv."""
+    from highspeed.ops.rope import rope_and_write_kv
+
+    T, H, D, L, R = 2, 3, 8, 16, 8
+    q_nope, w_uk = torch.randn(T, H, D, device=DEVICE), torch.randn(H, D, L, device=DEVICE)
+    q_pe, k_pe, c = torch.randn(T, H, R, device=DEVICE), torch.randn(T, R, device=DEVICE), torch.randn(T, L, device=DEVICE)
+    cs = build_cos_sin_cache(R, 16, 10000.0, device=DEVICE)
+    pos, slots = torch.tensor([1, 3], device=DEVICE), torch.tensor([0, 5], device=DEVICE)
+    got, want = [], []
+    for out_list, fused in ((got, True), (want, False)):
+        latent = torch.zeros(2, 4, L + R, device=DEVICE)
+        q_abs = torch.zeros(T, H, L + R, device=DEVICE)
+        kw = dict(q=q_pe, k=k_pe, v=c, positions=pos, cos_sin=cs, rotary_dim=R, interleaved=False,
+                  k_cache=latent[..., L:], v_cache=latent[..., :L], slot_mapping=slots, q_out=q_abs[..., L:])
+        if fused:
+            reference(ref_ops.absorb_q_rope_write, q_nope, w_uk, q_abs[..., :L], **kw)
+        else:
+            reference(ref_ops.absorb_q, q_nope, w_uk, q_abs[..., :L])
+            reference(rope_and_write_kv, **kw)
+        out_list += [q_abs, latent]
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and got[1].abs().sum() > 0

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl, tuned
+from highspeed.ops.triton.rope import rope_write_program, rope_and_write_kv, rope_write_launch
 
 # More tokens: torch.bmm (cuBLAS), since each further token pair would re-read the weight. HIGHSPEED_MLA_PROJ_MAX_T=0
 # turns the kernels off (an A/B switch).
@@ -37,6 +38,10 @@ NUM_WARPS: int = 4
 #   latent_to_v GLM-4.7-Flash 2.3 at (4096, 512) vs 4.2 in cuBLAS; DeepSeek-V3 / GLM-5 5.8 / 5.7 at (2048, 264)
 #               vs 6.6 / 6.6 in cuBLAS (7.0 / 6.8 at (4096, 512)).
 ABSORB_KNOBS = (8192, 264)
+# absorb_q and the RoPE + latent-cache write (rope_and_write_kv) in one launch (absorb_q_rope_write): the two
+# depend only on q_b_proj / kv_a, not on each other, so one chain link of the decode step goes.
+# HIGHSPEED_FUSE_ABSORB_ROPE=0: two launches (the A/B baseline).
+FUSE_ABSORB_ROPE: bool = os.environ.get("HIGHSPEED_FUSE_ABSORB_ROPE", "1") != "0"
 ABSORB_MAX_ELEMS: int = 4 * 2**20
 # HIGHSPEED_TUNE_LATENT_TO_V="TILE=8192,MIN_PROGRAMS=256" for A/Bs in the decode chain: GLM-4.7-Flash's 640 W_UV
 # programs are not all resident beside the MLA attention, which delays o_proj's early launch (run 16 timeline).
@@ -87,14 +92,30 @@ def _absorb_q_kernel(
         gdc_launch_dependents()
     cols = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     head = tl.program_id(1).to(tl.int64)
-    t0 = tl.program_id(2).to(tl.int64) * 2
-    cmask = cols < L
-    w_rows = w_ptr + head * stride_wh + cols[None, :]
-    d_first = tl.arange(0, BLOCK_D)
     # The weight never depends on the previous kernel: its first tile is in flight before the wait.
-    w = tl.load(w_rows + d_first[:, None] * stride_wd, mask=(d_first < D)[:, None] & cmask[None, :], other=0.0)
+    w_rows, w = _absorb_first_tile(w_ptr, head, cols, D, L, stride_wh, stride_wd, BLOCK_D)
     if PDL:
         gdc_wait()
+    _absorb_rest(q_ptr, o_ptr, w_rows, w, head, tl.program_id(2).to(tl.int64) * 2, cols, T, D, L,
+                 stride_qt, stride_qh, stride_wd, stride_ot, stride_oh, TWO, BLOCK_D, BLOCK_L)
+
+
+@triton.jit
+def _absorb_first_tile(w_ptr, head, cols, D, L, stride_wh, stride_wd, BLOCK_D: tl.constexpr):
+    """Row pointers of head's W_UK columns ``cols``, and its first [BLOCK_D, BLOCK_L] tile (weights only: a
+    kernel may call this before its PDL wait)."""
+    w_rows = w_ptr + head * stride_wh + cols[None, :]
+    d_first = tl.arange(0, BLOCK_D)
+    w = tl.load(w_rows + d_first[:, None] * stride_wd, mask=(d_first < D)[:, None] & (cols < L)[None, :], other=0.0)
+    return w_rows, w
+
+
+@triton.jit
+def _absorb_rest(q_ptr, o_ptr, w_rows, w, head, t0, cols, T, D, L,
+                 stride_qt, stride_qh, stride_wd, stride_ot, stride_oh, TWO: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_L: tl.constexpr):
+    """After the wait: the reduction over D for tokens t0 (and t0 + 1 with TWO), w the first tile, and the store."""
+    cmask = cols < L
     q0 = q_ptr + t0 * stride_qt + head * stride_qh
     # 1 if the pair has a second token, else 0 (T odd, last pair); masks scale their bounds by it (an integer, not
     # a bool: Triton's interpreter rejects a bool scalar & a bool block as a mask).
@@ -120,6 +141,47 @@ def _absorb_q_kernel(
     tl.store(o0, acc0.to(o_ptr.dtype.element_ty), mask=cmask)
     if TWO:
         tl.store(o0 + stride_ot, acc1.to(o_ptr.dtype.element_ty), mask=cols < L * n1)
+
+
+@triton.jit
+def _absorb_rope_kernel(
+    qn_ptr, wuk_ptr, qabs_ptr, T, D, L, n_absorb, n_lblocks, n_heads, n_rope_hb,
+    stride_qnt, stride_qnh, stride_wuh, stride_wud, stride_qat, stride_qah,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
+    qw_ptr, kw_ptr, vw_ptr, eps,
+    num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
+    TWO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_V: tl.constexpr, INTERLEAVED: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr,
+):
+    """``absorb_q`` (programs [0, n_absorb): L block, head, token pair) and ``rope_and_write_kv`` (the rest: token,
+    head block) in one launch; both read only q_b_proj's and kv_a's outputs, so neither waits for the other."""
+    if PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    if pid < n_absorb:
+        cols = (pid % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+        head = ((pid // n_lblocks) % n_heads).to(tl.int64)
+        w_rows, w = _absorb_first_tile(wuk_ptr, head, cols, D, L, stride_wuh, stride_wud, BLOCK_D)
+        if PDL:
+            gdc_wait()
+        _absorb_rest(qn_ptr, qabs_ptr, w_rows, w, head, (pid // (n_lblocks * n_heads)).to(tl.int64) * 2, cols,
+                     T, D, L, stride_qnt, stride_qnh, stride_wud, stride_qat, stride_qah, TWO, BLOCK_D, BLOCK_L)
+    else:
+        if PDL:
+            gdc_wait()
+        r = pid - n_absorb
+        rope_write_program(
+            (r // n_rope_hb).to(tl.int64), r % n_rope_hb,
+            q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
+            qw_ptr, kw_ptr, vw_ptr, eps, num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh, stride_kot,
+            stride_koh, stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
+            HEADS, HALF, BLOCK_HALF, BLOCK_PASS, BLOCK_V, INTERLEAVED, Q_NORM, K_NORM, V_NORM)
 
 
 @triton.jit
@@ -170,10 +232,14 @@ def _use_kernel(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, rows: int, 
             and x.stride(-1) == 1 and w.stride(-1) == 1 and out.stride(-1) == 1)
 
 
+def _absorb_kernel_fits(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> bool:
+    return _use_kernel(q_nope, w_uk, out, q_nope.shape[-1], out.shape[-1]) and (
+        TILE is not None or w_uk.shape[0] * w_uk.shape[1] * w_uk.shape[2] <= ABSORB_MAX_ELEMS)
+
+
 def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Same contract as ``highspeed.ops.mla_proj.absorb_q``."""
-    if not _use_kernel(q_nope, w_uk, out, q_nope.shape[-1], out.shape[-1]) or (
-            TILE is None and w_uk.shape[0] * w_uk.shape[1] * w_uk.shape[2] > ABSORB_MAX_ELEMS):
+    if not _absorb_kernel_fits(q_nope, w_uk, out):
         torch.bmm(q_nope.transpose(0, 1), w_uk, out=out.transpose(0, 1))
         return out
     (T, H, D), L = q_nope.shape, out.shape[-1]
@@ -199,3 +265,26 @@ def latent_to_v(latent: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> 
         TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, num_warps=NUM_WARPS, **pdl(latent),
     )
     return out
+
+
+def absorb_q_rope_write(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor, **rope_kw) -> None:
+    """Same contract as ``highspeed.ops.mla_proj.absorb_q_rope_write``: one launch when the absorb kernel takes
+    the shape (FUSE_ABSORB_ROPE), else the two launches."""
+    if not (FUSE_ABSORB_ROPE and _absorb_kernel_fits(q_nope, w_uk, out)):
+        absorb_q(q_nope, w_uk, out)
+        rope_and_write_kv(**rope_kw)
+        return
+    grid, r_args, r_consts, _, _ = rope_write_launch(**rope_kw)
+    if grid[0] == 0:
+        absorb_q(q_nope, w_uk, out)
+        return
+    (T, H, D), L = q_nope.shape, out.shape[-1]
+    block_d, block_l = absorb_config(H, D, L)
+    n_l = triton.cdiv(L, block_l)
+    n_absorb = n_l * H * triton.cdiv(T, 2)
+    consts = dict(r_consts, num_warps=NUM_WARPS)   # the absorb programs' warps; rope's work fits either way
+    _absorb_rope_kernel[(n_absorb + grid[0] * grid[1],)](
+        q_nope, w_uk, out, T, D, L, n_absorb, n_l, H, grid[1],
+        q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0), out.stride(1),
+        *r_args, TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, **consts, **pdl(q_nope),
+    )

@@ -194,8 +194,30 @@ def _rope_write_kernel(
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
+    rope_write_program(
+        tl.program_id(0).to(tl.int64), tl.program_id(1),
+        q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
+        qw_ptr, kw_ptr, vw_ptr, eps, num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh, stride_kot,
+        stride_koh, stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
+        HEADS, HALF, BLOCK_HALF, BLOCK_PASS, BLOCK_V, INTERLEAVED, Q_NORM, K_NORM, V_NORM)
+
+
+@triton.jit
+def rope_write_program(
+    t, hb,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
+    qw_ptr, kw_ptr, vw_ptr, eps,
+    num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
+    HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_V: tl.constexpr, INTERLEAVED: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+):
+    """Token t's head block hb (q blocks first, then k blocks) of ``rope_and_write_kv``, after the PDL wait; also
+    the rope programs of mla_proj's fused ``absorb_q_rope_write`` launch."""
     cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
     if hb < num_q_blocks:
         h = (hb * HEADS + tl.arange(0, HEADS))[:, None]
@@ -260,6 +282,22 @@ def rope_and_write_kv(
     (Hk,) D], possibly last-dim slices of one tensor (MLA). Slots < 0 are skipped. ``q_out`` (q's shape, may be
     a strided view with unit last stride) receives q' instead of a new tensor.
     """
+    grid, args, consts, q_out, k_out = rope_write_launch(
+        q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache, slot_mapping, q_norm_weight,
+        k_norm_weight, v_norm_weight, eps, q_out)
+    if grid[0] > 0:
+        _rope_write_kernel[grid](*args, **consts, **pdl(args[0]))
+    return q_out, k_out
+
+
+def rope_write_launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+    v_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, q_out: torch.Tensor | None = None,
+) -> tuple[tuple[int, int], tuple, dict, torch.Tensor, torch.Tensor]:
+    """``rope_and_write_kv``'s launch, not made: (grid (T, head blocks), the kernel's runtime arguments, its
+    constexprs and num_warps, q_out, k_out). Shared with mla_proj's fused launch."""
     T = q.shape[0]
     q3 = q.reshape(T, -1, q.shape[-1])
     k3 = k.reshape(T, -1, k.shape[-1])
@@ -273,7 +311,7 @@ def rope_and_write_kv(
         raise ValueError(f"q_out must match q {tuple(q.shape)} {q.dtype} with unit last stride")
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T == 0:
-        return q_out, k_out
+        return (0, 0), (), {}, q_out, k_out
     q3 = q3 if q3.stride(-1) == 1 else q3.contiguous()
     k3 = k3 if k3.stride(-1) == 1 else k3.contiguous()
     v3 = v3 if v3.stride(-1) == 1 else v3.contiguous()
@@ -287,21 +325,21 @@ def rope_and_write_kv(
     vw = _norm_weight(v_norm_weight, Dv, "v_norm_weight")
     heads = _heads_per_prog(max(Hq, Hk), max(q3.shape[2], Dk, Dv))
     nqb = triton.cdiv(Hq, heads)
-    _rope_write_kernel[(T, nqb + triton.cdiv(Hk, heads))](
-        q3, k3, v3, qo, ko, kc, vc, positions, cos_sin, slot_mapping,
-        q3 if qw is None else qw, q3 if kw is None else kw, q3 if vw is None else vw, float(eps),
-        Hq, Hk, nqb, q3.shape[2], Dk, Dv,
-        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
-        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), cos_sin.stride(0),
+    args = (q3, k3, v3, qo, ko, kc, vc, positions, cos_sin, slot_mapping,
+            q3 if qw is None else qw, q3 if kw is None else kw, q3 if vw is None else vw, float(eps),
+            Hq, Hk, nqb, q3.shape[2], Dk, Dv,
+            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
+            kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), cos_sin.stride(0))
+    consts = dict(
         HEADS=heads, HALF=half, BLOCK_HALF=next_power_of_2(max(half, 1)),
         BLOCK_PASS=max(16, min(256, next_power_of_2(max(max(q3.shape[2], Dk) - rotary_dim, 1)))),
         # A normed v row must fit one block (its statistics need the whole row): MLA's 512-wide latent does.
         BLOCK_V=max(16, next_power_of_2(Dv) if vw is not None else min(1024, next_power_of_2(Dv))),
         INTERLEAVED=bool(interleaved), Q_NORM=qw is not None, K_NORM=kw is not None, V_NORM=vw is not None,
-        num_warps=4 if heads * max(q3.shape[2], Dv) >= 1024 else 1, **pdl(q3),
+        num_warps=4 if heads * max(q3.shape[2], Dv) >= 1024 else 1,
     )
-    return q_out, k_out
+    return (T, nqb + triton.cdiv(Hk, heads)), args, consts, q_out, k_out
 
 
 def rope_and_write_kv_reference(
