@@ -117,13 +117,6 @@ def record_decode_layer(shape: str) -> list:
         gate = torch.randn(E, H)
         moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
         lin.linear(torch.randn(1, o_in, dtype=dt), torch.empty(H, o_in, dtype=dt))
-        rn, moe.ROUTER_NORM = moe.ROUTER_NORM, True          # the router doing the norm (HIGHSPEED_ROUTER_NORM=1)
-        try:
-            pending = DeferredNorm(x, nw, 1e-6, r)
-            moe.fused_moe(pending, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2,
-                          residual=pending.residual_buffer())
-        finally:
-            moe.ROUTER_NORM = rn
         fold, norm_ops.FOLD_NORM = norm_ops.FOLD_NORM, True     # the norm-fold variants (HIGHSPEED_FOLD_NORM=1)
         try:
             folded = DeferredNorm(ResidualSum(x, None, torch.ones(1, 8)), nw, 1e-6)

@@ -22,16 +22,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, sum_out: torch.Tensor | None = None
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``; the sum is written into
-    ``sum_out`` when given (x's shape and dtype)."""
+    """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``."""
     kernel = triton_kernel("norm", "add_rms_norm", x)
     if kernel is not None:
-        return kernel(x, residual, weight, eps, sum_out)
+        return kernel(x, residual, weight, eps)
     s = x + residual
-    if sum_out is not None:
-        s = sum_out.copy_(s)
     return rms_norm(s, weight, eps), s
 
 
@@ -80,9 +77,6 @@ class DeferredNorm:
         self.x, self.weight, self.eps, self.residual = x, weight, eps, residual
         self._residual_out = x if residual is None else None
         self._out: torch.Tensor | None = None
-        # The residual stream's buffer was handed out (``residual_buffer``) before the norm was computed: whoever
-        # computes it writes the sum there.
-        self._pending = False
 
     @property
     def residual_out(self) -> torch.Tensor:
@@ -101,28 +95,8 @@ class DeferredNorm:
             if self.residual is None:
                 self._out = rms_norm(self.x, self.weight, self.eps)
             else:
-                self._out, self._residual_out = add_rms_norm(
-                    self.x, self.residual, self.weight, self.eps, self._residual_out if self._pending else None)
-                self._pending = False
+                self._out, self._residual_out = add_rms_norm(self.x, self.residual, self.weight, self.eps)
         return self._out
-
-    def residual_buffer(self) -> torch.Tensor:
-        """The residual stream (``x + residual``) as a tensor a later kernel may read: the computed one, or, while
-        the norm is not computed yet, the buffer it will be written into (by ``run`` or by the consumer's first
-        kernel, ``claim``), so a block can hand it to its last kernel before its first one has run."""
-        if self._residual_out is None:
-            self._residual_out = torch.empty_like(self.x)
-            self._pending = True
-        return self._residual_out
-
-    def claim(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a consumer whose first kernel computes the residual add and the norm itself: (the norm's output
-        buffer, the residual stream's buffer), both to be written by that kernel; the norm counts as computed."""
-        if self._out is not None or self.residual is None:
-            raise RuntimeError("claim() is for a residual-add norm not computed yet")
-        res = self.residual_buffer()
-        self._out, self._pending = torch.empty_like(self.x), False
-        return self._out, res
 
 
 def materialize(x: torch.Tensor | DeferredNorm) -> torch.Tensor:
@@ -136,9 +110,10 @@ def unnormed(x: torch.Tensor | DeferredNorm) -> torch.Tensor:
 
 
 def residual_of(x: DeferredNorm) -> torch.Tensor:
-    """The residual stream a block's output is added to: its input norm's ``residual_out``, or, if the norm has
-    not run yet, the buffer it will write it to (``DeferredNorm.residual_buffer``): the block's first op computes
-    the norm, its last reads the stream."""
+    """The residual stream a block's output is added to: its input norm's ``residual_out`` (the norm runs first
+    if its residual add is still pending)."""
     if not isinstance(x, DeferredNorm):
         raise TypeError("the residual stream of a block comes from its input norm (a DeferredNorm)")
-    return x.residual_buffer()
+    if x._residual_out is None:
+        x.run()
+    return x.residual_out

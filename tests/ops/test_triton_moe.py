@@ -192,46 +192,6 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     assert rel_err(other, ref) > 10 * TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared",
-                         [c for c in FUSED_CASES if c[2] & (c[2] - 1) == 0]   # H a power of two
-                         + [(2, 20, 64, 24, 4, "sigmoid", True, True, 4, 2, 2.5, 24)])
-def test_fused_moe_router_norm(triton_module, reference, monkeypatch, dtype, T, E, H, I, k, scoring, renorm, bias,
-                               n_group, topk_group, scale, shared):
-    """ROUTER_NORM: the post-attention norm (residual add + RMSNorm) computed by the router kernel. The block's
-    output, the residual stream the down kernel adds (handed out before the norm ran) and the normalised row all
-    equal the unfused ops (add_rms_norm, then the MoE)."""
-    from highspeed.ops.moe import fused_moe as ref_fused_moe
-    from highspeed.ops.norm import DeferredNorm, ResidualSum, add_rms_norm, residual_of
-
-    moe = triton_module("moe")
-    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
-    monkeypatch.setattr(moe, "ROUTER_NORM", True)
-    if not HAS_CUDA:   # the router's whole-row tile is H wide; several router programs share the stores
-        monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
-    h = (torch.randn(T, H, device=DEVICE) * 2).to(dtype)
-    r = torch.randn(T, H, device=DEVICE).to(dtype)
-    nw = (1 + 0.5 * torch.randn(H, device=DEVICE)).to(dtype)
-    gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4
-    w13, w2 = _expert_weights(E, H, I, dtype)
-    b = torch.randn(E, device=DEVICE) * 0.5 if bias else None
-    ws13 = (torch.randn(2 * shared, H, device=DEVICE) / H**0.5).to(dtype) if shared else None
-    ws2 = (torch.randn(H, shared, device=DEVICE) / shared**0.5).to(dtype) if shared else None
-    rest = (gate, w13, w2, k, scoring, renorm, b, n_group, topk_group, scale, ws13, ws2)
-    norm = DeferredNorm(h, nw, 1e-6, r)
-    stream = residual_of(norm)                 # handed out before anything ran, as SparseMoE.forward does
-    assert moe.router_norm(norm, H)
-    out = moe.fused_moe(norm, *rest, residual=stream)
-    assert isinstance(out, ResidualSum) and out.residual is stream
-    normed_ref, s_ref = reference(add_rms_norm, h, r, nw, 1e-6)
-    # Bit for bit on GPUs; the interpreter truncates fp32 -> bf16 where torch rounds (see test_norm_fold.py).
-    tol = TOL[dtype] if HAS_CUDA or dtype == torch.float32 else 3e-2
-    assert torch.equal(stream, s_ref) if tol == TOL[dtype] else rel_err(stream, s_ref) < tol
-    assert rel_err(norm.run(), normed_ref) < tol, rel_err(norm.run(), normed_ref)
-    ref = reference(ref_fused_moe, normed_ref, *rest)
-    assert rel_err(out.x, ref) < tol, rel_err(out.x, ref)
-
-
 def test_fused_moe_large_batch_path(triton_module, reference):
     """Above FUSED_MAX_TOKENS the op is ``moe_block``: router GEMM + select_experts + grouped experts + shared MLP,
     each dispatching to its own kernel (on the CPU all of them are references: this checks the composition; the

@@ -238,21 +238,6 @@ FUSED_MAX_TOKENS: int = 2
 # double-buffered tiles (PREFETCH) are needed -- Qwen3-30B-A3B's down kernel without them 2.621 ms, with them
 # 2.457 ms; GLM-4.7-Flash's gate/up 3.805 vs 3.224 ms; 128-wide K tiles were slower (2.646, 3.891 ms).
 ROUTER = tuned("ROUTER", dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4))
-# The post-attention norm (residual add + RMSNorm) inside the router kernel at batch-1 decode, when it has not run
-# yet: each router program adds and normalises the 2 K-element row itself (it reads the whole row anyway) and
-# writes its share of the sum and of the normalised row, so the norm launch and a round trip leave the chain.
-# HIGHSPEED_ROUTER_NORM=1 on (an A/B switch until measured).
-ROUTER_NORM: bool = os.environ.get("HIGHSPEED_ROUTER_NORM", "0") == "1"
-
-
-def router_norm(norm: DeferredNorm, H: int) -> bool:
-    """Whether the router kernel takes this norm: a residual-add norm not computed yet, rows loaded whole in one
-    power-of-two tile, contiguous same-dtype inputs."""
-    x, r = norm.x, norm.residual
-    return (ROUTER_NORM and r is not None and norm._out is None and not norm.needs_grad()
-            and lin.whole_rows(H) and lin.whole_split(H)[1] == 0 and x.dim() == 2 and r.shape == x.shape
-            and r.dtype == x.dtype and x.stride(-1) == 1 and r.stride(-1) == 1 and norm.weight.stride(-1) == 1
-            and (norm._residual_out is None or norm._residual_out.is_contiguous()))
 FUSED_GATE_UP = tuned("FUSED_GATE_UP", dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
 FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
@@ -306,15 +291,13 @@ def _acc_rows(acc, ROW_SUMS: tl.constexpr):
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, res_ptr, normed_ptr, sum_ptr, H, E, P, eps,
-                   stride_xt, stride_we, stride_ot, stride_st, stride_rt, stride_nt, stride_sst,
+def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
+                   stride_xt, stride_we, stride_ot, stride_st,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
                    WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr,
-                   BLOCK_P: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss.
-    # ADD_NORM (WHOLE, K2 == 0): the post-attention add_rms_norm done here (ROUTER_NORM): s = x + res, its RMSNorm
-    # with nw; each program writes its share of s (sum_ptr) and of the normalised row (normed_ptr, gate/up's x).
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -334,25 +317,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, res_ptr, normed_ptr, s
     if PDL:
         gdc_wait()
     x_row = x_ptr + t * stride_xt
-    if ADD_NORM:
-        tl.static_assert(WHOLE and K2 == 0 and not NORM)
-        k = tl.arange(0, K1)
-        km = k < H
-        xv = tl.load(x_row + k, mask=km, other=0.0)
-        rv = tl.load(res_ptr + t * stride_rt + k, mask=km, other=0.0)
-        g = tl.load(nw_ptr + k, mask=km, other=0.0)
-        # The residual add and the norm with the roundings of norm.py's _rms_norm_kernel.
-        sv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        sf = sv.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, 0) / H + eps)
-        normed = ((sf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * g.to(tl.float32)).to(
-            normed_ptr.dtype.element_ty)
-        y = tl.sum(w1.to(tl.float32) * normed.to(tl.float32)[None, :], 1)
-        share = tl.cdiv(H, tl.num_programs(1))
-        mine = km & (k >= tl.program_id(1) * share) & (k < (tl.program_id(1) + 1) * share)
-        tl.store(sum_ptr + t * stride_sst + k, sv, mask=mine)
-        tl.store(normed_ptr + t * stride_nt + k, normed, mask=mine)
-    elif WHOLE:
+    if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P)
     else:
         y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
@@ -525,11 +490,10 @@ def _fused_down_kernel(
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
                       shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
-                      norm: DeferredNorm | None = None, residual: torch.Tensor | None = None,
-                      add_norm: DeferredNorm | None = None) -> torch.Tensor | ResidualSum:
+                      norm: DeferredNorm | None = None, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor | ResidualSum:
     """The three decode launches. ``norm``: a foldable ``DeferredNorm`` of x (router and gate/up normalise x as
-    they load it); ``residual``: added to the output by the down kernel, which also stores the sums of squares.
-    ``add_norm``: a residual-add norm of x not computed yet, which the router kernel computes (ROUTER_NORM)."""
+    they load it); ``residual``: added to the output by the down kernel, which also stores the sums of squares."""
     T, H = x.shape
     E, _, I = w2.shape
     k = meta["TOP_K"]
@@ -544,18 +508,12 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     P, eps = (ss_in.shape[-1], norm.eps) if norm is not None else (0, 0.0)
     cfg = ROUTER
     k1, k2 = lin.whole_split(H)
-    raw, res, normed, ssum = x, x, x, x        # unused pointers without add_norm
-    if add_norm is not None:
-        raw, res, nw, eps = add_norm.x, add_norm.residual, add_norm.weight, add_norm.eps
-        x, ssum = add_norm.claim()             # gate/up reads the normalised row the router writes
-        normed = x
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
-        raw, gate_weight, logits, nw, ss_in, res, normed, ssum, H, E, P, eps,
-        raw.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0), res.stride(0), normed.stride(0),
-        ssum.stride(0),
+        x, gate_weight, logits, nw, ss_in, H, E, P, eps,
+        x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0),
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
-        WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args, ADD_NORM=add_norm is not None,
+        WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args,
     )
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
@@ -846,10 +804,7 @@ def fused_moe(
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13 and shared_w2 come together")
     fused = 0 < T <= FUSED_MAX_TOKENS
-    add_norm = None
-    if norm is not None and fused and router_norm(norm, H):
-        add_norm, norm = norm, None           # the router kernel does the residual add and the norm
-    elif norm is not None and not (fused and lin.whole_rows(H) and foldable_norm(norm, norm.x)):
+    if norm is not None and not (fused and lin.whole_rows(H) and foldable_norm(norm, norm.x)):
         x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one
     if fused:
         xin = unnormed(x)
@@ -857,7 +812,7 @@ def fused_moe(
         w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
         w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
         return _fused_moe_decode(xin, gate_weight.contiguous(), w13, w2, meta, correction_bias, n_group,
-                                 routed_scaling_factor, shared_w13, shared_w2, norm, residual, add_norm)
+                                 routed_scaling_factor, shared_w13, shared_w2, norm, residual)
     from highspeed.ops.moe import moe_block   # the separate ops, each dispatching to its kernel
 
     y = moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,

@@ -44,8 +44,8 @@ def _rms_norm_kernel(
     tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            sum_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     shape = x.shape
     N = shape[-1]
     x2 = x.reshape(-1, N)
@@ -58,9 +58,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         r2 = residual.reshape(-1, N)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
-        s = sum_out if sum_out is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
-        if s.shape != shape or s.dtype != x.dtype or not s.is_contiguous():
-            raise ValueError("sum_out must be a contiguous tensor of x's shape and dtype")
+        s = torch.empty(shape, dtype=x.dtype, device=x.device)
         s2 = s.view(-1, N)
     else:
         r2, s, s2 = x2, None, y2  # unused pointers
@@ -81,10 +79,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch(x, None, weight, eps)[0]
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 sum_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass; the sum into ``sum_out`` when given."""
-    y, s = _launch(x, residual, weight, eps, sum_out)
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass."""
+    y, s = _launch(x, residual, weight, eps)
     assert s is not None
     return y, s
 
