@@ -37,7 +37,10 @@ NUM_WARPS: int = 4
 #               hence ABSORB_MAX_ELEMS;
 #   latent_to_v GLM-4.7-Flash 2.3 at (4096, 512) vs 4.2 in cuBLAS; DeepSeek-V3 / GLM-5 5.8 / 5.7 at (2048, 264)
 #               vs 6.6 / 6.6 in cuBLAS (7.0 / 6.8 at (4096, 512)).
-ABSORB_KNOBS = (8192, 264)
+# HIGHSPEED_TUNE_ABSORB_Q="TILE=..,MIN_PROGRAMS=.." for A/Bs in the decode chain: fewer absorb programs let the MLA
+# attention after the fused absorb + RoPE launch become resident earlier (run 20 timeline).
+_ABSORB_Q = tuned("ABSORB_Q", dict(TILE=8192, MIN_PROGRAMS=264))
+ABSORB_KNOBS = (_ABSORB_Q["TILE"], _ABSORB_Q["MIN_PROGRAMS"])
 # absorb_q and the RoPE + latent-cache write (rope_and_write_kv) in one launch (absorb_q_rope_write): the two
 # depend only on q_b_proj / kv_a, not on each other, so one chain link of the decode step goes.
 # HIGHSPEED_FUSE_ABSORB_ROPE=0: two launches (the A/B baseline).
