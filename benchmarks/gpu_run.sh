@@ -50,14 +50,14 @@ if [ "$MODE" = ab ]; then
   timeout 120 python3 benchmarks/kernel_regs.py > "$OUT/kernel_regs.json" 2>&1
   # Each run also writes what each kernel adds to the replayed graph (bench latency --timeline-out).
   TL=benchmarks/results/timelines; mkdir -p $TL
-  for p in qwen3-30b-a3b glm-4.7-flash; do
+  for p in ${AB_MODELS:-qwen3-30b-a3b glm-4.7-flash}; do   # AB_MODELS: other presets, e.g. deepseek-v2-lite
     bench latency-$p-b1 --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256 \
       --timeline-out "$TL/timeline-$p-b1-$TAG.txt"
     # Kernel profile with PDL off (with it on, an eager kernel's time includes its wait for the previous one).
     [ "${AB_PROFILE:-1}" = 1 ] && HIGHSPEED_PDL=0 bench latency-$p-b1-nopdl --preset $p --random-weights \
       --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-$p-b1.txt"
     # One variant per switch, e.g. HIGHSPEED_L2_PREFETCH=0; AB_ENV_QWEN / AB_ENV_GLM: for that model only.
-    extra=${AB_ENV_GLM:-}; [ "$p" = qwen3-30b-a3b ] && extra=${AB_ENV_QWEN:-}
+    extra=; [ "$p" = glm-4.7-flash ] && extra=${AB_ENV_GLM:-}; [ "$p" = qwen3-30b-a3b ] && extra=${AB_ENV_QWEN:-}
     for sw in ${AB_ENV:-} $extra; do
       tag=$(printf '%s' "$sw" | sed 's/^HIGHSPEED_//' | tr -c 'A-Za-z0-9_' '-')
       env $(printf '%s' "$sw" | tr '+' ' ') timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 \

@@ -45,6 +45,12 @@ ABSORB_KNOBS = (_ABSORB_Q["TILE"], _ABSORB_Q["MIN_PROGRAMS"])
 # depend only on q_b_proj / kv_a, not on each other, so one chain link of the decode step goes.
 # HIGHSPEED_FUSE_ABSORB_ROPE=0: two launches (the A/B baseline).
 FUSE_ABSORB_ROPE: bool = os.environ.get("HIGHSPEED_FUSE_ABSORB_ROPE", "1") != "0"
+# A reduction that fits one tile (D <= BLOCK_D, L <= BLOCK_L) runs without the loop, whose prefetch of a next tile
+# cost registers even when masked off: GLM-4.7-Flash's W_UV kernel 94 -> 32, absorb 143 -> 56 (Triton 3.6). At 94,
+# the 640 W_UV programs did not all fit beside the MLA attention and its merge, so o_proj, launched only once every
+# W_UV program has started, could not begin loading its weights until the merge ended (run 21 timeline).
+# HIGHSPEED_MLA_PROJ_ONE_STEP=0: always the loop (the A/B baseline).
+ALLOW_ONE_STEP: bool = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "1") != "0"
 ABSORB_MAX_ELEMS: int = 4 * 2**20
 # HIGHSPEED_TUNE_LATENT_TO_V="TILE=8192,MIN_PROGRAMS=256" for A/Bs in the decode chain: GLM-4.7-Flash's 640 W_UV
 # programs are not all resident beside the MLA attention, which delays o_proj's early launch (run 16 timeline).
@@ -88,7 +94,7 @@ def latent_to_v_config(H: int, V: int, L: int) -> tuple[int, int]:
 def _absorb_q_kernel(
     q_ptr, w_ptr, o_ptr, T, D, L,
     stride_qt, stride_qh, stride_wh, stride_wd, stride_ot, stride_oh,
-    TWO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+    TWO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, ONE_STEP: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[t, h, l] = sum_d q[t, h, d] * w[h, d, l]; grid (L blocks, H, token pairs)."""
     if PDL:
@@ -100,7 +106,7 @@ def _absorb_q_kernel(
     if PDL:
         gdc_wait()
     _absorb_rest(q_ptr, o_ptr, w_rows, w, head, tl.program_id(2).to(tl.int64) * 2, cols, T, D, L,
-                 stride_qt, stride_qh, stride_wd, stride_ot, stride_oh, TWO, BLOCK_D, BLOCK_L)
+                 stride_qt, stride_qh, stride_wd, stride_ot, stride_oh, TWO, BLOCK_D, BLOCK_L, ONE_STEP)
 
 
 @triton.jit
@@ -116,8 +122,9 @@ def _absorb_first_tile(w_ptr, head, cols, D, L, stride_wh, stride_wd, BLOCK_D: t
 @triton.jit
 def _absorb_rest(q_ptr, o_ptr, w_rows, w, head, t0, cols, T, D, L,
                  stride_qt, stride_qh, stride_wd, stride_ot, stride_oh, TWO: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_L: tl.constexpr):
-    """After the wait: the reduction over D for tokens t0 (and t0 + 1 with TWO), w the first tile, and the store."""
+                 BLOCK_L: tl.constexpr, ONE_STEP: tl.constexpr):
+    """After the wait: the reduction over D for tokens t0 (and t0 + 1 with TWO), w the first tile, and the store.
+    ONE_STEP: D <= BLOCK_D, no loop (see ALLOW_ONE_STEP)."""
     cmask = cols < L
     q0 = q_ptr + t0 * stride_qt + head * stride_qh
     # 1 if the pair has a second token, else 0 (T odd, last pair); masks scale their bounds by it (an integer, not
@@ -125,12 +132,15 @@ def _absorb_rest(q_ptr, o_ptr, w_rows, w, head, t0, cols, T, D, L,
     n1 = tl.minimum(T - 1 - t0, 1)
     acc0 = tl.zeros([BLOCK_L], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_L], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, BLOCK_D if ONE_STEP else D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dmask = d < D
-        d_next = d + BLOCK_D
-        w_next = tl.load(w_rows + d_next[:, None] * stride_wd, mask=(d_next < D)[:, None] & cmask[None, :],
-                         other=0.0)
+        if ONE_STEP:
+            w_next = w
+        else:
+            d_next = d + BLOCK_D
+            w_next = tl.load(w_rows + d_next[:, None] * stride_wd, mask=(d_next < D)[:, None] & cmask[None, :],
+                             other=0.0)
         wf = w.to(tl.float32)
         x0 = tl.load(q0 + d, mask=dmask, other=0.0).to(tl.float32)
         # Reduce each step (one cross-warp sum per step; D takes 1-3 steps) rather than keep a 2-D accumulator:
@@ -156,7 +166,7 @@ def _absorb_rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qot, stride_qoh, stride_kot, stride_koh,
     stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
-    TWO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    TWO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, ONE_STEP: tl.constexpr,
     HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_V: tl.constexpr, INTERLEAVED: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr,
@@ -173,7 +183,8 @@ def _absorb_rope_kernel(
         if PDL:
             gdc_wait()
         _absorb_rest(qn_ptr, qabs_ptr, w_rows, w, head, (pid // (n_lblocks * n_heads)).to(tl.int64) * 2, cols,
-                     T, D, L, stride_qnt, stride_qnh, stride_wud, stride_qat, stride_qah, TWO, BLOCK_D, BLOCK_L)
+                     T, D, L, stride_qnt, stride_qnh, stride_wud, stride_qat, stride_qah, TWO, BLOCK_D, BLOCK_L,
+                     ONE_STEP)
     else:
         if PDL:
             gdc_wait()
@@ -191,9 +202,9 @@ def _absorb_rope_kernel(
 def _latent_to_v_kernel(
     x_ptr, w_ptr, o_ptr, T, V, L,
     stride_xt, stride_xh, stride_wh, stride_wv, stride_ot, stride_oh,
-    TWO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+    TWO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, ONE_STEP: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[t, h, v] = sum_l x[t, h, l] * w[h, v, l]; grid (V blocks, H, token pairs)."""
+    """out[t, h, v] = sum_l x[t, h, l] * w[h, v, l]; grid (V blocks, H, token pairs). ONE_STEP: L <= BLOCK_L."""
     if PDL:
         gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -209,11 +220,14 @@ def _latent_to_v_kernel(
     n1 = tl.minimum(T - 1 - t0, 1)   # 1 if the pair has a second token, as in _absorb_q_kernel
     acc0 = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for l0 in range(0, L, BLOCK_L):
+    for l0 in range(0, BLOCK_L if ONE_STEP else L, BLOCK_L):
         k = l0 + tl.arange(0, BLOCK_L)
         kmask = k < L
-        k_next = k + BLOCK_L
-        w_next = tl.load(w_rows + k_next[None, :], mask=rmask[:, None] & (k_next < L)[None, :], other=0.0)
+        if ONE_STEP:
+            w_next = w
+        else:
+            k_next = k + BLOCK_L
+            w_next = tl.load(w_rows + k_next[None, :], mask=rmask[:, None] & (k_next < L)[None, :], other=0.0)
         wf = w.to(tl.float32)
         xv0 = tl.load(x0 + k, mask=kmask, other=0.0).to(tl.float32)
         acc0 += tl.sum(wf * xv0[None, :], 1)
@@ -250,7 +264,8 @@ def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> tor
     _absorb_q_kernel[(triton.cdiv(L, block_l), H, triton.cdiv(T, 2))](
         q_nope, w_uk, out, T, D, L,
         q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0), out.stride(1),
-        TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=NUM_WARPS, **pdl(q_nope),
+        TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP=ALLOW_ONE_STEP and D <= block_d, num_warps=NUM_WARPS,
+        **pdl(q_nope),
     )
     return out
 
@@ -265,7 +280,8 @@ def latent_to_v(latent: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> 
     _latent_to_v_kernel[(triton.cdiv(V, block_v), H, triton.cdiv(T, 2))](
         latent, w_uv, out, T, V, L,
         latent.stride(0), latent.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-        TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, num_warps=NUM_WARPS, **pdl(latent),
+        TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, ONE_STEP=ALLOW_ONE_STEP and L <= block_l, num_warps=NUM_WARPS,
+        **pdl(latent),
     )
     return out
 
@@ -289,5 +305,6 @@ def absorb_q_rope_write(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Ten
     _absorb_rope_kernel[(n_absorb + grid[0] * grid[1],)](
         q_nope, w_uk, out, T, D, L, n_absorb, n_l, H, grid[1],
         q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0), out.stride(1),
-        *r_args, TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, **consts, **pdl(q_nope),
+        *r_args, TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP=ALLOW_ONE_STEP and D <= block_d, **consts,
+        **pdl(q_nope),
     )
