@@ -57,7 +57,9 @@ if [ "$MODE" = ab ]; then
     [ "${AB_PROFILE:-1}" = 1 ] && HIGHSPEED_PDL=0 bench latency-$p-b1-nopdl --preset $p --random-weights \
       --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-$p-b1.txt"
     # One variant per switch, e.g. HIGHSPEED_L2_PREFETCH=0; AB_ENV_QWEN / AB_ENV_GLM: for that model only.
-    extra=; [ "$p" = glm-4.7-flash ] && extra=${AB_ENV_GLM:-}; [ "$p" = qwen3-30b-a3b ] && extra=${AB_ENV_QWEN:-}
+    # AB_ENV_<PRESET> (upper case, '-' and '.' as '_', e.g. AB_ENV_DEEPSEEK_V2_LITE): for that preset only.
+    var=AB_ENV_$(printf '%s' "$p" | tr 'a-z.-' 'A-Z__'); extra=${!var:-}
+    [ "$p" = glm-4.7-flash ] && extra="$extra ${AB_ENV_GLM:-}"; [ "$p" = qwen3-30b-a3b ] && extra="$extra ${AB_ENV_QWEN:-}"
     for sw in ${AB_ENV:-} $extra; do
       tag=$(printf '%s' "$sw" | sed 's/^HIGHSPEED_//' | tr -c 'A-Za-z0-9_' '-')
       env $(printf '%s' "$sw" | tr '+' ' ') timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 \

@@ -71,6 +71,10 @@ FUSED_MERGE_MAX_ELEMS = 0
 # round trips before its first dot instead of four to seven (~0.6-1 us each on the H200). Off
 # (HIGHSPEED_ATTN_DECODE_FAST=0): the general path, as before (an A/B switch).
 DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
+# HIGHSPEED_COMBINE_LATE_TRIGGER=1: the merge launches its dependent (o_proj, or MLA's W_UV) only after its own wait,
+# i.e. once attention has finished, so that kernel's weight preload does not queue ahead of attention's few,
+# latency-bound loads (an A/B switch).
+COMBINE_LATE_TRIGGER: bool = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "0") == "1"
 _COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
 
 
@@ -516,13 +520,17 @@ def _paged_attn_kernel(
 def _combine_kernel(
     part_ptr, lse_ptr, out_ptr, num_heads, num_splits,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    D_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
+    D_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, LATE_TRIGGER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[t, h, chunk] = the splits' partials weighted by exp2(lse); splits with lse = -inf (past the sequence's
     end, or nothing visible) are skipped and their partials never read."""
     if PDL:
-        gdc_launch_dependents()
+        if not LATE_TRIGGER:
+            gdc_launch_dependents()
         gdc_wait()
+        if LATE_TRIGGER:
+            gdc_launch_dependents()
     pid = tl.program_id(0)
     t = (pid // num_heads).to(tl.int64)
     h = (pid % num_heads).to(tl.int64)
@@ -670,7 +678,8 @@ def _attend(
             part, lse, out, Hq, num_splits,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, num_warps=4, **pdl(q),
+            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, LATE_TRIGGER=COMBINE_LATE_TRIGGER,
+            num_warps=4, **pdl(q),
         )
     return out
 

@@ -49,8 +49,10 @@ FUSE_ABSORB_ROPE: bool = os.environ.get("HIGHSPEED_FUSE_ABSORB_ROPE", "1") != "0
 # cost registers even when masked off: GLM-4.7-Flash's W_UV kernel 94 -> 32, absorb 143 -> 56 (Triton 3.6). At 94,
 # the 640 W_UV programs did not all fit beside the MLA attention and its merge, so o_proj, launched only once every
 # W_UV program has started, could not begin loading its weights until the merge ended (run 21 timeline).
-# HIGHSPEED_MLA_PROJ_ONE_STEP=0: always the loop (the A/B baseline).
-ALLOW_ONE_STEP: bool = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "1") != "0"
+# HIGHSPEED_MLA_PROJ_ONE_STEP=0: always the loop (the A/B baseline); =absorb_q or =latent_to_v: that op only.
+_ONE_STEP_ENV = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "1")
+ONE_STEP_OPS: frozenset[str] = frozenset(
+    () if _ONE_STEP_ENV == "0" else ("absorb_q", "latent_to_v") if _ONE_STEP_ENV == "1" else (_ONE_STEP_ENV,))
 ABSORB_MAX_ELEMS: int = 4 * 2**20
 # HIGHSPEED_TUNE_LATENT_TO_V="TILE=8192,MIN_PROGRAMS=256" for A/Bs in the decode chain: GLM-4.7-Flash's 640 W_UV
 # programs are not all resident beside the MLA attention, which delays o_proj's early launch (run 16 timeline).
@@ -124,7 +126,7 @@ def _absorb_rest(q_ptr, o_ptr, w_rows, w, head, t0, cols, T, D, L,
                  stride_qt, stride_qh, stride_wd, stride_ot, stride_oh, TWO: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_L: tl.constexpr, ONE_STEP: tl.constexpr):
     """After the wait: the reduction over D for tokens t0 (and t0 + 1 with TWO), w the first tile, and the store.
-    ONE_STEP: D <= BLOCK_D, no loop (see ALLOW_ONE_STEP)."""
+    ONE_STEP: D <= BLOCK_D, no loop (see ONE_STEP_OPS)."""
     cmask = cols < L
     q0 = q_ptr + t0 * stride_qt + head * stride_qh
     # 1 if the pair has a second token, else 0 (T odd, last pair); masks scale their bounds by it (an integer, not
@@ -264,8 +266,8 @@ def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> tor
     _absorb_q_kernel[(triton.cdiv(L, block_l), H, triton.cdiv(T, 2))](
         q_nope, w_uk, out, T, D, L,
         q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0), out.stride(1),
-        TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP=ALLOW_ONE_STEP and D <= block_d, num_warps=NUM_WARPS,
-        **pdl(q_nope),
+        TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP="absorb_q" in ONE_STEP_OPS and D <= block_d,
+        num_warps=NUM_WARPS, **pdl(q_nope),
     )
     return out
 
@@ -280,8 +282,8 @@ def latent_to_v(latent: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> 
     _latent_to_v_kernel[(triton.cdiv(V, block_v), H, triton.cdiv(T, 2))](
         latent, w_uv, out, T, V, L,
         latent.stride(0), latent.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-        TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, ONE_STEP=ALLOW_ONE_STEP and L <= block_l, num_warps=NUM_WARPS,
-        **pdl(latent),
+        TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, ONE_STEP="latent_to_v" in ONE_STEP_OPS and L <= block_l,
+        num_warps=NUM_WARPS, **pdl(latent),
     )
     return out
 
@@ -305,6 +307,6 @@ def absorb_q_rope_write(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Ten
     _absorb_rope_kernel[(n_absorb + grid[0] * grid[1],)](
         q_nope, w_uk, out, T, D, L, n_absorb, n_l, H, grid[1],
         q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0), out.stride(1),
-        *r_args, TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP=ALLOW_ONE_STEP and D <= block_d, **consts,
-        **pdl(q_nope),
+        *r_args, TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP="absorb_q" in ONE_STEP_OPS and D <= block_d,
+        **consts, **pdl(q_nope),
     )
