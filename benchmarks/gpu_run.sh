@@ -51,7 +51,9 @@ if [ "$MODE" = ab ]; then
   # Each run also writes what each kernel adds to the replayed graph (bench latency --timeline-out).
   TL=benchmarks/results/timelines; mkdir -p $TL
   for p in ${AB_MODELS:-qwen3-30b-a3b glm-4.7-flash}; do   # AB_MODELS: other presets, e.g. deepseek-v2-lite
-    bench latency-$p-b1 --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256 \
+    # AB_ARGS_<PRESET>: more bench arguments for that preset (e.g. AB_ARGS_GLM_5="--num-layers 5").
+    var=AB_ARGS_$(printf '%s' "$p" | tr 'a-z.-' 'A-Z__'); args=${!var:-}
+    bench latency-$p-b1 --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256 $args \
       --timeline-out "$TL/timeline-$p-b1-$TAG.txt"
     # Kernel profile with PDL off (with it on, an eager kernel's time includes its wait for the previous one).
     [ "${AB_PROFILE:-1}" = 1 ] && HIGHSPEED_PDL=0 bench latency-$p-b1-nopdl --preset $p --random-weights \
@@ -62,7 +64,7 @@ if [ "$MODE" = ab ]; then
     [ "$p" = glm-4.7-flash ] && extra="$extra ${AB_ENV_GLM:-}"; [ "$p" = qwen3-30b-a3b ] && extra="$extra ${AB_ENV_QWEN:-}"
     for sw in ${AB_ENV:-} $extra; do
       tag=$(printf '%s' "$sw" | sed 's/^HIGHSPEED_//' | tr -c 'A-Za-z0-9_' '-')
-      env $(printf '%s' "$sw" | tr '+' ' ') timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 \
+      env $(printf '%s' "$sw" | tr '+' ' ') timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 $args \
         --input-len 128 --output-len 256 --output-json "benchmarks/results/latency-$p-b1-HIGHSPEED_$tag-$TAG.json" \
         --timeline-out "$TL/timeline-$p-b1-HIGHSPEED_$tag-$TAG.txt" \
         2>&1 | grep -v Warning | tail -n 1 | sed "s/^/[$sw] /" | tee -a "$OUT/bench.log"

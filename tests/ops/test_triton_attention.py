@@ -221,6 +221,12 @@ def test_split_plan(triton_module):
     assert attn._split_plan(384, 32, 1, True, 32 * 512, 132) == (24, 16, 1)
 
 
+def test_combine_late_trigger_default(triton_module):
+    """By default only MLA's merge (V is the latent K) lets its dependent launch after the wait (H200 run 25)."""
+    attn = triton_module("attention")
+    assert attn.combine_late_trigger(True) and not attn.combine_late_trigger(False)
+
+
 @pytest.mark.parametrize("shape", [(2, 3), (4, 5, 7), (1, 576)])
 def test_write_kv(triton_module, reference, shape):
     attn = triton_module("attention")

@@ -39,10 +39,13 @@ def make(T: int, H: int, D: int, L: int, V: int, dtype: torch.dtype) -> dict[str
 SHAPES = [(2, 12, 40, 20), (3, 7, 33, 5), (5, 48, 64, 16), (1, 20, 100, 9), (2, 16, 16, 16)]
 
 
+@pytest.mark.parametrize("one_step", [frozenset(), frozenset({"absorb_q", "latent_to_v"})])
 @pytest.mark.parametrize("T", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,D,L,V", SHAPES)
-def test_mla_proj_kernels(mla, T, dtype, H, D, L, V):
+def test_mla_proj_kernels(mla, monkeypatch, one_step, T, dtype, H, D, L, V):
+    """With and without the loop-free variant for reductions that fit one tile (taken here where D or L is 16)."""
+    monkeypatch.setattr(mla, "ONE_STEP_OPS", one_step)
     a = make(T, H, D, L, V, dtype)
     assert mla._use_kernel(a["q_nope"], a["w_uk"], a["q_abs"][..., :L], D, L)
     assert mla._use_kernel(a["latent"], a["w_uv"], a["out"], V, L)

@@ -64,17 +64,26 @@ DECODE_MIN_BLOCK_N = 16
 # Decode may merge inside the attention launch (no _combine_kernel launch) when one program's partials, padded to
 # powers of two ([splits, rows, Dv] fp32), fit in this many elements: the last split to finish reads them all.
 # Off (0): on the H200 (run 5) the fused merge cost more than the launch it saves -- Qwen3-30B-A3B B=1, 12 x
-# 32-key splits: 8.6 us fused vs 5.1 us with _combine_kernel; 4 x 32 at 128 keys: 7.1 vs 4.4 us.
-FUSED_MERGE_MAX_ELEMS = 0
+# 32-key splits: 8.6 us fused vs 5.1 us with _combine_kernel; 4 x 32 at 128 keys: 7.1 vs 4.4 us (timed alone;
+# HIGHSPEED_FUSED_MERGE_MAX_ELEMS=8192 times it in the decode chain).
+FUSED_MERGE_MAX_ELEMS = int(os.environ.get("HIGHSPEED_FUSED_MERGE_MAX_ELEMS", "0"))
 # Decode launches (one query per sequence, no top-k) take the kernel's DECODE path: the token index is the sequence
 # index, and every load that depends on no other is issued at once, so a program waits on two dependent memory
 # round trips before its first dot instead of four to seven (~0.6-1 us each on the H200). Off
 # (HIGHSPEED_ATTN_DECODE_FAST=0): the general path, as before (an A/B switch).
 DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
-# HIGHSPEED_COMBINE_LATE_TRIGGER=1: the merge launches its dependent (o_proj, or MLA's W_UV) only after its own wait,
-# i.e. once attention has finished, so that kernel's weight preload does not queue ahead of attention's few,
-# latency-bound loads (an A/B switch).
-COMBINE_LATE_TRIGGER: bool = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "0") == "1"
+# When the split merge lets its dependent launch: at its start (it then preloads its weights while attention runs)
+# or after its own wait, once attention has finished. The preload's traffic slows attention's few latency-bound
+# loads; whether hiding the dependent's weights is worth that depends on their size (H200 run 25, batch 1):
+#   MLA (the merge feeds W_UV, 5 MB in GLM-4.7-Flash): late 3.053 ms per step against 3.100;
+#   GQA (it feeds o_proj, 17 MB in Qwen3-30B-A3B):    late 2.488 against 2.399 (attention -1.8 us per layer, but
+#                                                       the merge +3.2: its loads queue behind o_proj's instead).
+# HIGHSPEED_COMBINE_LATE_TRIGGER = mla (default) | 1 (always) | 0 (never).
+_LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
+
+
+def combine_late_trigger(v_is_k: bool) -> bool:
+    return _LATE_TRIGGER_ENV == "1" or (_LATE_TRIGGER_ENV == "mla" and v_is_k)
 _COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
 
 
@@ -678,7 +687,7 @@ def _attend(
             part, lse, out, Hq, num_splits,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, LATE_TRIGGER=COMBINE_LATE_TRIGGER,
+            D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, LATE_TRIGGER=combine_late_trigger(v_is_k),
             num_warps=4, **pdl(q),
         )
     return out

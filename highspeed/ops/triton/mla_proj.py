@@ -45,12 +45,13 @@ ABSORB_KNOBS = (_ABSORB_Q["TILE"], _ABSORB_Q["MIN_PROGRAMS"])
 # depend only on q_b_proj / kv_a, not on each other, so one chain link of the decode step goes.
 # HIGHSPEED_FUSE_ABSORB_ROPE=0: two launches (the A/B baseline).
 FUSE_ABSORB_ROPE: bool = os.environ.get("HIGHSPEED_FUSE_ABSORB_ROPE", "1") != "0"
-# A reduction that fits one tile (D <= BLOCK_D, L <= BLOCK_L) runs without the loop, whose prefetch of a next tile
-# cost registers even when masked off: GLM-4.7-Flash's W_UV kernel 94 -> 32, absorb 143 -> 56 (Triton 3.6). At 94,
-# the 640 W_UV programs did not all fit beside the MLA attention and its merge, so o_proj, launched only once every
-# W_UV program has started, could not begin loading its weights until the merge ended (run 21 timeline).
-# HIGHSPEED_MLA_PROJ_ONE_STEP=0: always the loop (the A/B baseline); =absorb_q or =latent_to_v: that op only.
-_ONE_STEP_ENV = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "1")
+# A reduction that fits one tile (D <= BLOCK_D, L <= BLOCK_L) may run without the loop, whose prefetch of a next
+# tile costs registers even when masked off: GLM-4.7-Flash's W_UV kernel 94 -> 32, absorb 143 -> 56 (Triton 3.6).
+# Off by default: more programs then fit at once, the chain's later kernels launch sooner, and their weight
+# preloads queue ahead of the latency-bound absorb, attention and merge. H200 runs 24-25, GLM-4.7-Flash batch 1:
+# 3.29-3.31 ms per step with both, 3.26 absorb only, 3.19 W_UV only, 3.10 neither; DeepSeek-V2-Lite-like
+# 2.115 with both against 2.133. HIGHSPEED_MLA_PROJ_ONE_STEP = 0 (default) | 1 (both) | absorb_q | latent_to_v.
+_ONE_STEP_ENV = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "0")
 ONE_STEP_OPS: frozenset[str] = frozenset(
     () if _ONE_STEP_ENV == "0" else ("absorb_q", "latent_to_v") if _ONE_STEP_ENV == "1" else (_ONE_STEP_ENV,))
 ABSORB_MAX_ELEMS: int = 4 * 2**20
