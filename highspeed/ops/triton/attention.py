@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from highspeed.context import AttentionContext
-from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl, tuned
 from highspeed.ops.triton import rope as t_rope
 from highspeed.ops.triton.rope import _rope_lanes, _rope_tile
 
@@ -43,12 +43,14 @@ _LOG2E = 1.4426950408889634
 # (prefill); num_stages: software-pipelining depth (None = Triton's default).
 # decode_min_block_n: the smallest key tile decode may split down to (H200 run 5, Qwen3-30B-A3B B=1 at 384 keys:
 # 12 x 32-key splits 5.1 us, 24 x 16 9.0 us, 6 x 64 6.8 us; at 128 keys 32 is also best).
-GQA = dict(heads=64, block_n=64, num_warps=4, max_rows=64, num_stages=None, decode_min_block_n=32)
+# HIGHSPEED_TUNE_ATTN_GQA / HIGHSPEED_TUNE_ATTN_MLA_FEW_SEQS="decode_min_block_n=.." etc. for A/Bs in the decode chain.
+GQA = tuned("ATTN_GQA", dict(heads=64, block_n=64, num_warps=4, max_rows=64, num_stages=None, decode_min_block_n=32))
 # 512-wide latents (H200 run 2, GLM-5 shapes): all 64 heads in one program reads each latent tile once for every
 # head: 2.2x faster than 16 heads at B=32 decode, 1.9x at prefill. With very few sequences the grid is then too
 # small (the split count is capped), and 32 heads won at B=1 (83 vs 116 us at 32K context).
 MLA_WIDE = dict(heads=64, block_n=32, num_warps=8, max_rows=64, num_stages=2)
-MLA_WIDE_FEW_SEQS = dict(heads=32, block_n=32, num_warps=8, max_rows=32, num_stages=2)
+MLA_WIDE_FEW_SEQS = tuned("ATTN_MLA_FEW_SEQS", dict(heads=32, block_n=32, num_warps=8, max_rows=32, num_stages=2,
+                                                    decode_min_block_n=16))
 MLA_FEW_SEQS: int = 8          # below this many (sequence, query-tile) pairs use MLA_WIDE_FEW_SEQS (measured: 1, 32)
 MLA_NARROW = dict(heads=16, block_n=64, num_warps=4, max_rows=64, num_stages=None)  # small (test) latents
 # Split-KV aims for this many programs per SM when the plain grid is smaller (H200 run 2, GQA B=1 at 32K context:
