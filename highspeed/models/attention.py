@@ -95,7 +95,10 @@ class Attention(nn.Module):
                                        self.kv_caches["k"], self.kv_caches["v"], ctx, self.scale,
                                        q_norm_weight=None if qn is None else qn.weight,
                                        k_norm_weight=None if kn is None else kn.weight,
-                                       eps=1e-6 if qn is None else qn.eps, merge=not fold)
+                                       eps=1e-6 if qn is None else qn.eps,
+                                       merge=not fold or merge_ops.AFTER_MERGE)
+            if fold and merge_ops.AFTER_MERGE and not isinstance(out, merge_ops.AttentionSplits):
+                out = merge_ops.AttentionSplits(out[:, :, None], None, out.dtype)   # the diagnostic mode
             if isinstance(out, merge_ops.AttentionSplits):
                 return ResidualSum(merge_ops.merge_proj(out, self.o_proj.weight, hg), residual_of(x))
         else:

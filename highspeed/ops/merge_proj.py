@@ -19,7 +19,10 @@ import torch
 from highspeed.ops.dispatch import triton_kernel
 from highspeed.ops.norm import PartialSums
 
-MERGE_O_PROJ: bool = os.environ.get("HIGHSPEED_MERGE_O_PROJ", "0") == "1"
+# HIGHSPEED_MERGE_O_PROJ=2 (a diagnostic): the merge launch stays and o_proj alone is split by head groups.
+_MODE = os.environ.get("HIGHSPEED_MERGE_O_PROJ", "0")
+MERGE_O_PROJ: bool = _MODE in ("1", "2")
+AFTER_MERGE: bool = _MODE == "2"
 
 
 @dataclass
@@ -29,12 +32,14 @@ class AttentionSplits:
     ``dtype``."""
 
     part: torch.Tensor
-    lse: torch.Tensor
+    lse: torch.Tensor | None     # None: one split that is already the output (``part[:, :, 0]``)
     dtype: torch.dtype
 
 
 def merge_splits(s: AttentionSplits) -> torch.Tensor:
     """The merged attention output ``[T, H, Dv]`` in ``s.dtype`` (what the merge launch writes)."""
+    if s.lse is None:
+        return s.part[:, :, 0].to(s.dtype)
     lse = s.lse.float()
     live = lse > float("-inf")
     mx = lse.max(dim=-1, keepdim=True).values

@@ -119,3 +119,16 @@ def test_decode_attention_hands_over_splits(triton_module, dtype):
     w = (torch.randn(24, Hq * D, device=DEVICE) * (Hq * D) ** -0.5).to(dtype)
     got = mod.merge_proj(splits, w, 2).value()
     assert rel_err(got, (merged.reshape(1, -1).float() @ w.float().T).to(dtype)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_proj_of_a_merged_output(triton_module, dtype):
+    """lse None (HIGHSPEED_MERGE_O_PROJ=2): part is the output itself, only the split o_proj runs."""
+    mod = triton_module("merge_proj")
+    o = torch.randn(1, 8, 16, device=DEVICE).to(dtype)
+    w = (torch.randn(40, 8 * 16, device=DEVICE) * 0.1).to(dtype)
+    s = ref_ops.AttentionSplits(o[:, :, None], None, dtype)
+    got, want = mod.merge_proj(s, w, 4), ref_ops.merge_proj_torch(s, w, 4)
+    assert torch.equal(ref_ops.merge_splits(s), o)
+    assert rel_err(got.parts, want.parts) < TOL[torch.float32]
+    assert rel_err(got.value(), o.reshape(1, -1).float() @ w.float().T) < TOL[dtype]
