@@ -1,6 +1,5 @@
-"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention, merge + o_proj) for a Hopper GPU
-(sm_90) on a machine without one, and report each kernel's registers and spills (from ``cuobjdump``, shipped with
-Triton).
+"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention) for a Hopper GPU (sm_90) on a machine
+without one, and report each kernel's registers and spills (from ``cuobjdump``, shipped with Triton).
 
 The interpreter (CI) accepts code the GPU compiler rejects, and a register count decides how many programs are
 resident -- both are worth knowing before spending device time. Each op is called with CPU tensors at a real
@@ -164,33 +163,10 @@ def record_attention() -> list:
     return launches
 
 
-def record_merge_proj() -> list:
-    """Qwen3-30B-A3B's o_proj with the split merge folded in (``merge_proj``: 32 heads x 128 in groups of 4, 12
-    splits) and the post-attention norm adding its 8 partial sums."""
-    from highspeed.ops.merge_proj import AttentionSplits, head_groups
-    from highspeed.ops.norm import PartialSums
-    from highspeed.ops.triton import merge_proj as mp
-    from highspeed.ops.triton import norm as nm
-
-    launches: list = []
-    saved = mp._merge_proj_kernel, nm._rms_norm_kernel
-    mp._merge_proj_kernel, nm._rms_norm_kernel = Recorder(saved[0], launches), Recorder(saved[1], launches)
-    try:
-        dt, hg = torch.bfloat16, head_groups(32, 128)
-        mp.merge_proj(AttentionSplits(torch.zeros(1, 32, 12, 128), torch.zeros(1, 32, 12), dt),
-                      torch.empty(2048, 4096, dtype=dt), hg)
-        nm.add_rms_norm(PartialSums(torch.zeros(32 // hg, 1, 2048), dt), torch.zeros(1, 2048, dtype=dt),
-                        torch.ones(2048, dtype=dt), 1e-6)
-    finally:
-        mp._merge_proj_kernel, nm._rms_norm_kernel = saved
-    return launches
-
-
 def main(shapes: list[str]) -> None:
     for shape in shapes:
         seen = set()
-        qwen = shape == "qwen3-30b-a3b"
-        launches = record_decode_layer(shape) + (record_attention() + record_merge_proj() if qwen else [])
+        launches = record_decode_layer(shape) + (record_attention() if shape == "qwen3-30b-a3b" else [])
         for kernel, args, kw in launches:
             key = (kernel.__name__, tuple(sorted((n, str(v)) for n, v in kw.items())))
             if key in seen:

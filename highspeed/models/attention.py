@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import highspeed.ops.merge_proj as merge_ops
 from highspeed.context import AttentionContext, get_context
 from highspeed.models.layers import LayerNorm, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Sources
 from highspeed.ops import (dsa_topk_indices, mla_attention, rope, rope_paged_attention,
@@ -88,19 +87,11 @@ class Attention(nn.Module):
             # The per-head QK-norm (if any), RoPE of q and k, the k/v cache write and the attention: at decode one
             # kernel does all of it, otherwise a fused RoPE + cache-write launch precedes the attention.
             rot, qn, kn = self.rotary, self.q_norm, self.k_norm
-            # Batch-1 decode may leave the split merge to o_proj (ops.merge_proj): one launch fewer.
-            hg = merge_ops.head_groups(self.num_heads, self.head_dim) if merge_ops.MERGE_O_PROJ and t == 1 else 0
-            fold = hg > 0 and add_residual and self.o_proj.bias is None
             out = rope_paged_attention(q, k, v, positions, rot.cos_sin, rot.rotary_dim, rot.interleaved,
                                        self.kv_caches["k"], self.kv_caches["v"], ctx, self.scale,
                                        q_norm_weight=None if qn is None else qn.weight,
                                        k_norm_weight=None if kn is None else kn.weight,
-                                       eps=1e-6 if qn is None else qn.eps,
-                                       merge=not fold or merge_ops.AFTER_MERGE)
-            if fold and merge_ops.AFTER_MERGE and not isinstance(out, merge_ops.AttentionSplits):
-                out = merge_ops.AttentionSplits(out[:, :, None], None, out.dtype)   # the diagnostic mode
-            if isinstance(out, merge_ops.AttentionSplits):
-                return ResidualSum(merge_ops.merge_proj(out, self.o_proj.weight, hg), residual_of(x))
+                                       eps=1e-6 if qn is None else qn.eps)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)

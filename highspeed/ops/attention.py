@@ -15,7 +15,6 @@ import torch
 
 from highspeed.context import AttentionContext
 from highspeed.ops.dispatch import triton_kernel
-from highspeed.ops.merge_proj import AttentionSplits
 from highspeed.ops.rope import rope_and_write_kv
 
 
@@ -91,20 +90,18 @@ def rope_paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
     rotary_dim: int, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
     scale: float, q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6, merge: bool = True,
-) -> torch.Tensor | AttentionSplits:
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """GQA attention from the raw projections: ``rope_and_write_kv`` (optional QK-norm, RoPE, the new k/v into the
     cache at ``ctx.slot_mapping``) then ``paged_attention`` of the rotated q -> ``[T, Hq, Dv]``.
 
     On CUDA at decode this is one attention launch (plus the split merge): each program normalises and rotates its
     own query rows, and the program whose key range holds the new token builds that key and value in registers and
-    writes them to the cache. It saves the RoPE launch, a few microseconds of fixed latency per layer at batch 1.
-    With ``merge=False`` the kernel may return its split-KV partials unmerged (``AttentionSplits``, for
-    ``ops.merge_proj``); the reference always returns the output."""
+    writes them to the cache. It saves the RoPE launch, a few microseconds of fixed latency per layer at batch 1."""
     kernel = triton_kernel("attention", "rope_paged_attention", q)
     if kernel is not None:
         return kernel(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache, ctx, scale,
-                      q_norm_weight, k_norm_weight, eps, merge)
+                      q_norm_weight, k_norm_weight, eps)
     q_rot, _ = rope_and_write_kv(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache,
                                  ctx.slot_mapping, q_norm_weight, k_norm_weight, None, eps)
     return paged_attention(q_rot, k_cache, v_cache, ctx, scale)

@@ -21,30 +21,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * y.to(x.dtype)
 
 
-@dataclass
-class PartialSums:
-    """A block output held as fp32 partial sums ``parts[G, *shape]`` from a split-K producer (``merge_proj``): its
-    value is their sum, added in order g = 0..G-1 and rounded once to ``dtype`` (the unsplit op's output)."""
-
-    parts: torch.Tensor
-    dtype: torch.dtype
-
-    def value(self) -> torch.Tensor:
-        acc = self.parts[0].clone()
-        for g in range(1, self.parts.shape[0]):
-            acc += self.parts[g]
-        return acc.to(self.dtype)
-
-
 def add_rms_norm(
-    x: torch.Tensor | PartialSums, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``. ``x`` may be
-    ``PartialSums``: then the kernel adds them up as it loads them."""
-    kernel = triton_kernel("norm", "add_rms_norm", x.parts if isinstance(x, PartialSums) else x)
+    """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``."""
+    kernel = triton_kernel("norm", "add_rms_norm", x)
     if kernel is not None:
         return kernel(x, residual, weight, eps)
-    s = (x.value() if isinstance(x, PartialSums) else x) + residual
+    s = x + residual
     return rms_norm(s, weight, eps), s
 
 
@@ -65,13 +49,12 @@ class ResidualSum:
     wrote it: per-program partial sums of squares of each row of ``x`` (they add up to the row's sum of squares),
     which is all the next RMSNorm needs of the row to be folded into its consumer."""
 
-    x: torch.Tensor | PartialSums
+    x: torch.Tensor
     residual: torch.Tensor | None = None
     sumsq: torch.Tensor | None = None
 
     def value(self) -> torch.Tensor:
-        x = self.x.value() if isinstance(self.x, PartialSums) else self.x
-        return x if self.residual is None else x + self.residual
+        return self.x if self.residual is None else self.x + self.residual
 
 
 class DeferredNorm:
@@ -91,17 +74,9 @@ class DeferredNorm:
             if residual is not None:
                 raise ValueError("a ResidualSum carries its own residual")
             x, residual, self.sumsq = x.x, x.residual, x.sumsq
-        self._out: torch.Tensor | None = None
-        if isinstance(x, PartialSums):
-            # Nothing can fold a norm of partial sums: run it now (the norm launch comes next in the stream
-            # either way), and stand for the plain norm of the residual stream it returns.
-            if residual is None:
-                x = x.value()
-            else:
-                self._out, x = add_rms_norm(x, residual, weight, eps)
-                residual = None
         self.x, self.weight, self.eps, self.residual = x, weight, eps, residual
         self._residual_out = x if residual is None else None
+        self._out: torch.Tensor | None = None
 
     @property
     def residual_out(self) -> torch.Tensor:

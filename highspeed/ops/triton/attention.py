@@ -33,7 +33,6 @@ import triton.language as tl
 
 from highspeed.context import AttentionContext
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl, tuned
-from highspeed.ops.merge_proj import AttentionSplits
 from highspeed.ops.triton import rope as t_rope
 from highspeed.ops.triton.rope import _rope_lanes, _rope_tile
 
@@ -599,10 +598,7 @@ def _attend(
     *, num_kv_heads: int, d_a: int, d_b: int, d_v: int, v_is_k: bool, cfg: dict,
     topk_indices: torch.Tensor | None,
     kv_strides: tuple[int, int, int], v_strides: tuple[int, int, int], rope: dict | None = None,
-    merge: bool = True,
-) -> torch.Tensor | AttentionSplits:
-    """``merge=False``: when the plan splits the keys and merges in a separate launch, skip that launch and return
-    the partials (``AttentionSplits``) for ``merge_proj``; otherwise the output as always."""
+) -> torch.Tensor:
     if ctx.block_tables is None:
         raise ValueError("Triton paged attention needs ctx.block_tables (a context with a KV cache)")
     T, Hq, _ = q.shape
@@ -687,8 +683,6 @@ def _attend(
         DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, **r_consts,
         **launch,
     )
-    if split and not fused and not merge:
-        return AttentionSplits(part, lse, q.dtype)
     if split and not fused:
         cdv = min(128, next_power_of_2(d_v))
         _combine_kernel[(T * Hq, triton.cdiv(d_v, cdv))](
@@ -713,14 +707,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _attend_gqa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
-                rope: dict | None = None, merge: bool = True) -> torch.Tensor | AttentionSplits:
+                rope: dict | None = None) -> torch.Tensor:
     D, Dv = q.shape[2], v_cache.shape[3]
     return _attend(
         q, k_cache, v_cache, ctx, scale,
         num_kv_heads=k_cache.shape[2], d_a=D, d_b=0, d_v=Dv, v_is_k=False,
         cfg=GQA if max(D, Dv) <= 128 else dict(GQA, block_n=32), topk_indices=None,
         kv_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
-        v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)), rope=rope, merge=merge,
+        v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)), rope=rope,
     )
 
 
@@ -733,10 +727,9 @@ def rope_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
                          cos_sin: torch.Tensor, rotary_dim: int, interleaved: bool, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
                          q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                         eps: float = 1e-6, merge: bool = True) -> torch.Tensor | AttentionSplits:
+                         eps: float = 1e-6) -> torch.Tensor:
     """Same contract as ``highspeed.ops.attention.rope_paged_attention``. Decode batches (one new token per
-    sequence) take the fused kernel (which may return unmerged splits when ``merge`` is False); anything else runs
-    the RoPE kernel, then ``paged_attention``."""
+    sequence) take the fused kernel; anything else runs the RoPE kernel, then ``paged_attention``."""
     T, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     decode = (ctx.max_query_len or max(ctx.query_lens, default=0)) == 1 and ctx.num_seqs == T
@@ -749,7 +742,7 @@ def rope_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
         return paged_attention(q_rot, k_cache, v_cache, ctx, scale)
     return _attend_gqa(q, k_cache, v_cache, ctx, scale, rope=dict(
         k=k, v=v, positions=positions, cos_sin=cos_sin, rotary_dim=rotary_dim, interleaved=interleaved,
-        q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps), merge=merge)
+        q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps))
 
 
 def _mla_config(kv_lora_rank: int, ctx: AttentionContext) -> dict:

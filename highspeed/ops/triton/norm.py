@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.norm import DeferredNorm, PartialSums
+from highspeed.ops.norm import DeferredNorm
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 
 
@@ -21,11 +21,9 @@ from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr,
     N, eps,
-    stride_x, stride_r, stride_y, stride_s, stride_g,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
+    stride_x, stride_r, stride_y, stride_s,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    # PARTS > 0: x_ptr holds PARTS fp32 partial sums of the input (``PartialSums``, stride_g apart), added in
-    # order and rounded once to the output dtype, as the unsplit producer would have stored it.
     if PDL:
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -34,45 +32,33 @@ def _rms_norm_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)   # a parameter: safe before the PDL wait
     if PDL:
         gdc_wait()
-    if PARTS > 0:
-        acc = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        for g in tl.static_range(1, PARTS):
-            acc += tl.load(x_ptr + g * stride_g + row * stride_x + cols, mask=mask, other=0.0)
-        x = acc.to(y_ptr.dtype.element_ty)
-    else:
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         # Round the sum to the model dtype first: the residual stream is stored in that dtype.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
-    normed = (xf * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x: torch.Tensor | PartialSums, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    parts = 0
-    if isinstance(x, PartialSums):
-        parts, dtype, N = x.parts.shape[0], x.dtype, x.parts.shape[-1]
-        shape = x.parts.shape[1:]
-        p3 = x.parts.reshape(parts, -1, N).contiguous()
-        x2, stride_g = p3[0], p3.stride(0)
-    else:
-        shape, dtype, N = x.shape, x.dtype, x.shape[-1]
-        x2, stride_g = x.reshape(-1, N), 0
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+    shape = x.shape
+    N = shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     rows = x2.shape[0]
-    y = torch.empty(shape, dtype=dtype, device=x2.device)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
     y2 = y.view(-1, N)
     if residual is not None:
         r2 = residual.reshape(-1, N)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
-        s = torch.empty(shape, dtype=dtype, device=x2.device)
+        s = torch.empty(shape, dtype=x.dtype, device=x.device)
         s2 = s.view(-1, N)
     else:
         r2, s, s2 = x2, None, y2  # unused pointers
@@ -80,12 +66,10 @@ def _launch(x: torch.Tensor | PartialSums, residual: torch.Tensor | None, weight
         return y, s
     block = next_power_of_2(N)
     num_warps = 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
-    if parts > 1:   # several times the loads: more warps to issue them
-        num_warps = min(16, num_warps * 4)
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, y2, s2, N, float(eps),
-        x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), stride_g,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, PARTS=parts, num_warps=num_warps, **pdl(x2),
+        x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl(x2),
     )
     return y, s
 
@@ -95,9 +79,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch(x, None, weight, eps)[0]
 
 
-def add_rms_norm(x: torch.Tensor | PartialSums, residual: torch.Tensor, weight: torch.Tensor, eps: float
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass (``x`` may be ``PartialSums``)."""
+    """(rms_norm(x + residual), x + residual) in one pass."""
     y, s = _launch(x, residual, weight, eps)
     assert s is not None
     return y, s
