@@ -221,6 +221,27 @@ def test_split_plan(triton_module):
     assert attn._split_plan(384, 32, 1, True, 32 * 512, 132) == (24, 16, 1)
 
 
+def test_mla_config_choice(triton_module):
+    """Batch-1 MLA decode over short contexts takes 16-head blocks with 32-key tiles when there are more than 16
+    heads (GLM-4.7-Flash, GLM-5); long contexts, 16 heads (DeepSeek-V2-Lite) and many sequences keep their shapes."""
+    attn = triton_module("attention")
+
+    def cfg(seqs: int, max_len: int, heads: int, rank: int = 512) -> dict:
+        ctx = make_ctx([1] * seqs, [max_len] * seqs, 16, seqs * (max_len // 16 + 1))
+        ctx.max_seq_len = max_len
+        return attn._mla_config(rank, ctx, heads)
+
+    assert cfg(1, 384, 20) is attn.MLA_SHORT_FEW_SEQS and attn.MLA_SHORT_FEW_SEQS["heads"] == 16
+    assert cfg(1, 384, 64) is attn.MLA_SHORT_FEW_SEQS
+    assert cfg(1, attn.MLA_SHORT_MAX_KEYS + 1, 20) is attn.MLA_WIDE_FEW_SEQS
+    assert cfg(1, 384, 16) is attn.MLA_WIDE_FEW_SEQS
+    assert cfg(8, 384, 20) is attn.MLA_WIDE
+    assert cfg(1, 384, 20, rank=128) is attn.MLA_NARROW
+    # The short shape keeps the program count of the wide one: half the splits, twice the head blocks.
+    assert attn._split_plan(384, 32, 2, True, 16 * 512, 132, min_block_n=32) == (12, 32, 1)
+    assert attn._split_plan(384, 32, 1, True, 32 * 512, 132) == (24, 16, 1)
+
+
 def test_combine_late_trigger_default(triton_module):
     """By default only MLA's merge (V is the latent K) lets its dependent launch after the wait (H200 run 25)."""
     attn = triton_module("attention")

@@ -52,6 +52,18 @@ MLA_WIDE = dict(heads=64, block_n=32, num_warps=8, max_rows=64, num_stages=2)
 MLA_WIDE_FEW_SEQS = tuned("ATTN_MLA_FEW_SEQS", dict(heads=32, block_n=32, num_warps=8, max_rows=32, num_stages=2,
                                                     decode_min_block_n=16))
 MLA_FEW_SEQS: int = 8          # below this many (sequence, query-tile) pairs use MLA_WIDE_FEW_SEQS (measured: 1, 32)
+# Few sequences over short contexts (at most MLA_SHORT_MAX_KEYS keys: a graph captured for a longer max_model_len
+# keeps the rule above) with more than 16 heads: 16-head blocks with 32-key tiles, i.e. the same number of programs
+# as 32-head blocks with 16-key tiles, but half the splits for the merge to read -- and no more padding rows for
+# GLM-4.7-Flash's 20 heads (16 + 4 against 20 of 32). H200, batch-1 decode chain at 384 keys (runs 30-31):
+# GLM-4.7-Flash 2.970 ms per step against 3.055 (twice), GLM-5 1.762 against 1.771; 16-head blocks alone 3.082,
+# 32-key tiles alone 3.042-3.038; DeepSeek-V2-Lite's 16 heads (one block either way) got only the longer tiles:
+# 2.171 against 2.130, hence the head bound. Long contexts re-read the latent once per head block (run 2, GLM-5
+# shapes at 32K keys: 16 heads 118 us against 83 with 32), hence the key bound: at 2048 keys an extra block
+# re-reads 2.4 MB, under a microsecond (the bound itself is not measured).
+MLA_SHORT_FEW_SEQS = tuned("ATTN_MLA_SHORT_FEW_SEQS", dict(heads=16, block_n=32, num_warps=8, max_rows=32,
+                                                           num_stages=2, decode_min_block_n=32))
+MLA_SHORT_MAX_KEYS: int = 2048
 MLA_NARROW = dict(heads=16, block_n=64, num_warps=4, max_rows=64, num_stages=None)  # small (test) latents
 # Split-KV aims for this many programs per SM when the plain grid is smaller (H200 run 2, GQA B=1 at 32K context:
 # 4/SM 43.5 us, 8/SM 43.5 us, 2/SM 54.3 us, 1/SM 83 us).
@@ -745,11 +757,15 @@ def rope_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
         q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps))
 
 
-def _mla_config(kv_lora_rank: int, ctx: AttentionContext) -> dict:
+def _mla_config(kv_lora_rank: int, ctx: AttentionContext, num_heads: int) -> dict:
     if kv_lora_rank <= 256:
         return MLA_NARROW
     max_q = ctx.max_query_len or max(ctx.query_lens, default=1)
-    return MLA_WIDE if ctx.num_seqs * max(1, max_q) >= MLA_FEW_SEQS else MLA_WIDE_FEW_SEQS
+    if ctx.num_seqs * max(1, max_q) >= MLA_FEW_SEQS:
+        return MLA_WIDE
+    max_keys = ctx.max_seq_len or max(ctx.seq_lens, default=0)
+    short = num_heads > MLA_SHORT_FEW_SEQS["heads"] and max_keys <= MLA_SHORT_MAX_KEYS
+    return MLA_SHORT_FEW_SEQS if short else MLA_WIDE_FEW_SEQS
 
 
 def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionContext, scale: float,
@@ -770,7 +786,7 @@ def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionCon
         q, latent_cache, latent_cache, ctx, scale,
         num_kv_heads=1, d_a=L, d_b=R, d_v=L, v_is_k=True,
         # 512-wide latents: smaller key tiles and more warps, to hold [rows, 512] accumulators in registers.
-        cfg=_mla_config(L, ctx), topk_indices=topk_indices,
+        cfg=_mla_config(L, ctx, H), topk_indices=topk_indices,
         kv_strides=kv_strides, v_strides=kv_strides,
     )
 
