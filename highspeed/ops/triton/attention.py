@@ -97,7 +97,10 @@ _LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
 
 
 def combine_late_trigger(v_is_k: bool) -> bool:
+    """Whether the merge of this attention (``v_is_k``: MLA, values are the latent keys) triggers late."""
     return _LATE_TRIGGER_ENV == "1" or (_LATE_TRIGGER_ENV == "mla" and v_is_k)
+
+
 _COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
 
 

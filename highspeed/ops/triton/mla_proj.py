@@ -54,6 +54,8 @@ FUSE_ABSORB_ROPE: bool = os.environ.get("HIGHSPEED_FUSE_ABSORB_ROPE", "1") != "0
 _ONE_STEP_ENV = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "0")
 ONE_STEP_OPS: frozenset[str] = frozenset(
     () if _ONE_STEP_ENV == "0" else ("absorb_q", "latent_to_v") if _ONE_STEP_ENV == "1" else (_ONE_STEP_ENV,))
+if not ONE_STEP_OPS <= {"absorb_q", "latent_to_v"}:
+    raise ValueError(f"HIGHSPEED_MLA_PROJ_ONE_STEP={_ONE_STEP_ENV!r}: expected 0, 1, absorb_q or latent_to_v")
 ABSORB_MAX_ELEMS: int = 4 * 2**20
 # HIGHSPEED_TUNE_LATENT_TO_V="TILE=8192,MIN_PROGRAMS=256" for A/Bs in the decode chain: GLM-4.7-Flash's 640 W_UV
 # programs are not all resident beside the MLA attention, which delays o_proj's early launch (run 16 timeline).
