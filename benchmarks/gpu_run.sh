@@ -51,16 +51,18 @@ if [ "$MODE" = ab ]; then
   # Each run also writes what each kernel adds to the replayed graph (bench latency --timeline-out).
   TL=benchmarks/results/timelines; mkdir -p $TL
   for p in ${AB_MODELS:-qwen3-30b-a3b glm-4.7-flash}; do   # AB_MODELS: other presets, e.g. deepseek-v2-lite
+    # Per-preset settings are named AB_<WHAT>_<PRESET> (upper case, '-' and '.' as '_', e.g. GLM_5).
+    key=$(printf '%s' "$p" | tr 'a-z.-' 'A-Z__')
     # AB_ARGS_<PRESET>: more bench arguments for that preset (e.g. AB_ARGS_GLM_5="--num-layers 5").
-    var=AB_ARGS_$(printf '%s' "$p" | tr 'a-z.-' 'A-Z__'); args=${!var:-}
+    var=AB_ARGS_$key; args=${!var:-}
     bench latency-$p-b1 --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256 $args \
       --timeline-out "$TL/timeline-$p-b1-$TAG.txt"
     # Kernel profile with PDL off (with it on, an eager kernel's time includes its wait for the previous one).
     [ "${AB_PROFILE:-1}" = 1 ] && HIGHSPEED_PDL=0 bench latency-$p-b1-nopdl --preset $p --random-weights \
       --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-$p-b1.txt"
     # One variant per switch, e.g. HIGHSPEED_L2_PREFETCH=0; AB_ENV_QWEN / AB_ENV_GLM: for that model only.
-    # AB_ENV_<PRESET> (upper case, '-' and '.' as '_', e.g. AB_ENV_DEEPSEEK_V2_LITE): for that preset only.
-    var=AB_ENV_$(printf '%s' "$p" | tr 'a-z.-' 'A-Z__'); extra=${!var:-}
+    # AB_ENV_<PRESET> (e.g. AB_ENV_DEEPSEEK_V2_LITE): for that preset only.
+    var=AB_ENV_$key; extra=${!var:-}
     [ "$p" = glm-4.7-flash ] && extra="$extra ${AB_ENV_GLM:-}"; [ "$p" = qwen3-30b-a3b ] && extra="$extra ${AB_ENV_QWEN:-}"
     for sw in ${AB_ENV:-} $extra; do
       tag=$(printf '%s' "$sw" | sed 's/^HIGHSPEED_//' | tr -c 'A-Za-z0-9_' '-')

@@ -75,6 +75,11 @@ def knobs(op: str, weight_elems: int) -> tuple[int, int]:
     return LATENT_TO_V_LARGE_KNOBS if weight_elems >= LARGE_ELEMS else LATENT_TO_V_KNOBS
 
 
+def absorb_one_step(D: int, block_d: int) -> bool:
+    """Whether the absorb programs run their reduction over D without the loop (``ONE_STEP_OPS``)."""
+    return "absorb_q" in ONE_STEP_OPS and D <= block_d
+
+
 def absorb_config(H: int, D: int, L: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_L): column tile from 64 down to 16 until the grid is wide enough, rows to fill TILE."""
     tile, min_programs = knobs("absorb_q", H * D * L)
@@ -269,8 +274,8 @@ def absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Tensor) -> tor
     _absorb_q_kernel[(triton.cdiv(L, block_l), H, triton.cdiv(T, 2))](
         q_nope, w_uk, out, T, D, L,
         q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0), out.stride(1),
-        TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP="absorb_q" in ONE_STEP_OPS and D <= block_d,
-        num_warps=NUM_WARPS, **pdl(q_nope),
+        TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP=absorb_one_step(D, block_d), num_warps=NUM_WARPS,
+        **pdl(q_nope),
     )
     return out
 
@@ -310,6 +315,6 @@ def absorb_q_rope_write(q_nope: torch.Tensor, w_uk: torch.Tensor, out: torch.Ten
     _absorb_rope_kernel[(n_absorb + grid[0] * grid[1],)](
         q_nope, w_uk, out, T, D, L, n_absorb, n_l, H, grid[1],
         q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1), out.stride(0), out.stride(1),
-        *r_args, TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP="absorb_q" in ONE_STEP_OPS and D <= block_d,
-        **consts, **pdl(q_nope),
+        *r_args, TWO=T > 1, BLOCK_D=block_d, BLOCK_L=block_l, ONE_STEP=absorb_one_step(D, block_d), **consts,
+        **pdl(q_nope),
     )
