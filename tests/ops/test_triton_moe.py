@@ -206,3 +206,61 @@ def test_fused_moe_large_batch_path(triton_module, reference):
     ws13, ws2 = torch.randn(2 * S, H, device=DEVICE) / H**0.5, torch.randn(H, S, device=DEVICE) / S**0.5
     args = (x, gate, w13, w2, k, "softmax", True, None, 1, 1, 1.0, ws13, ws2)
     assert rel_err(moe.fused_moe(*args), reference(ref_fused_moe, *args)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("numel,programs", [(1, 1), (64, 3), (5120 * 2048, 1024), (1344 * 2048 + 7, 2048)])
+def test_stage_args_cover_every_line(triton_module, numel, programs):
+    """prefetch_stage's shares (lines [p * AB, (p + 1) * AB) for program p, clamped) cover every 128-byte line of
+    each tensor given, at most twice over; a tensor not given asks for nothing."""
+    moe = triton_module("moe")
+    t, unused = torch.empty(numel, dtype=torch.bfloat16), torch.empty(1)
+    a = moe.stage_args((t,), programs, unused)
+    lines = -(-numel * 2 // 128)
+    assert a["A0"] is t and a["NA0"] == lines and lines <= programs * a["AB0"] < 2 * max(lines, programs)
+    assert a["AB0"] & (a["AB0"] - 1) == 0 and a["AB1"] == a["AB2"] == 0 and a["A1"] is unused
+    none = moe.stage_args((), programs, unused)
+    assert none["AB0"] == none["AB1"] == none["AB2"] == 0 and none["A0"] is unused
+    with pytest.raises(ValueError):
+        moe.stage_args((t, t, t, t), programs, unused)
+
+
+def test_stage_switches(monkeypatch):
+    """HIGHSPEED_STAGE_L2 / _AT: off by default, typos are errors, and never on for CPU tensors."""
+    pytest.importorskip("triton")
+    from highspeed.ops.triton import stage_host, stage_mode
+
+    x = torch.zeros(1)
+    monkeypatch.delenv("HIGHSPEED_STAGE_L2", raising=False)
+    monkeypatch.delenv("HIGHSPEED_STAGE_L2_AT", raising=False)
+    assert stage_mode(x) == "" and stage_host() == "down"
+    monkeypatch.setenv("HIGHSPEED_STAGE_L2", "ob")
+    assert stage_mode(x) == ""        # CPU: no inline PTX
+    monkeypatch.setenv("HIGHSPEED_STAGE_L2", "o_proj")
+    with pytest.raises(ValueError, match="HIGHSPEED_STAGE_L2"):
+        stage_mode(x)
+    monkeypatch.setenv("HIGHSPEED_STAGE_L2_AT", "gate_up")
+    assert stage_host() == "gate_up"
+    monkeypatch.setenv("HIGHSPEED_STAGE_L2_AT", "up")
+    with pytest.raises(ValueError, match="HIGHSPEED_STAGE_L2_AT"):
+        stage_host()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="the L2 prefetch is inline PTX: CUDA only")
+@pytest.mark.parametrize("mode,host", [("o", "down"), ("ob", "down_early"), ("ob", "gate_up")])
+def test_fused_moe_with_staging(triton_module, monkeypatch, mode, host):
+    """Asking L2 to hold other tensors while the MoE block runs changes nothing in its result (bitwise)."""
+    moe = triton_module("moe")
+    E, H, I, k = 64, 2048, 1536, 4
+    x = torch.randn(1, H, device=DEVICE).to(torch.bfloat16)
+    gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4
+    w13, w2 = _expert_weights(E, H, I, torch.bfloat16)
+    ws13 = (torch.randn(2 * I, H, device=DEVICE) / H**0.5).to(torch.bfloat16)
+    ws2 = (torch.randn(H, I, device=DEVICE) / I**0.5).to(torch.bfloat16)
+    args = (x, gate, w13, w2, k, "sigmoid", True, torch.zeros(E, device=DEVICE), 1, 1, 1.8, ws13, ws2)
+    stage = (torch.randn(2048, 5120, device=DEVICE, dtype=torch.bfloat16), torch.randn(77, device=DEVICE))
+    monkeypatch.setenv("HIGHSPEED_STAGE_L2", "0")
+    y0 = moe.fused_moe(*args)
+    monkeypatch.setenv("HIGHSPEED_STAGE_L2", mode)
+    monkeypatch.setenv("HIGHSPEED_STAGE_L2_AT", host)
+    assert torch.equal(moe.fused_moe(*args, None, stage), y0)
