@@ -242,6 +242,21 @@ def test_mla_config_choice(triton_module):
     assert attn._split_plan(384, 32, 1, True, 32 * 512, 132) == (24, 16, 1)
 
 
+def test_gqa_config_choice(triton_module):
+    """Decode of few sequences takes GQA_DECODE_FEW_SEQS (8 warps); prefill, many sequences and the 32-key tiles
+    of wide heads keep the GQA shape."""
+    attn = triton_module("attention")
+
+    def cfg(q_lens: list[int], D: int = 128) -> dict:
+        ctx = make_ctx(q_lens, [384] * len(q_lens), 16, len(q_lens) * 30)
+        return attn._gqa_config(D, D, ctx)
+
+    few = {**attn.GQA, **attn.GQA_DECODE_FEW_SEQS}
+    assert cfg([1]) == few and few["num_warps"] == 8 != attn.GQA["num_warps"]
+    assert cfg([1] * 8) == attn.GQA and cfg([5]) == attn.GQA
+    assert cfg([1], D=256) == {**few, "block_n": 32} and cfg([1] * 8, D=256) == dict(attn.GQA, block_n=32)
+
+
 def test_combine_late_trigger_default(triton_module):
     """By default only MLA's merge (V is the latent K) lets its dependent launch after the wait (H200 run 25)."""
     attn = triton_module("attention")

@@ -55,6 +55,16 @@ def test_whole_row_split():
         assert k1 & (k1 - 1) == 0 and (k2 == 0 or k2 & (k2 - 1) == 0)
         assert k1 <= K <= k1 + k2 + (K if k2 == 0 else 0) and (k2 == 0) == (k1 == K) and k2 <= k1
     assert [lin.whole_block_n(K) for K in (2048, 4096, 5120, 768)] == [4, 2, 1, 8]
+    assert {lin.whole_warps(K) for K in (768, 5120)} == {lin.GEMV_WHOLE["num_warps"]}
+
+
+def test_whole_rows_wide_shape(monkeypatch):
+    """Rows longer than WIDE_K take WIDE_ELEMS / WIDE_WARPS; shorter ones keep ELEMS / num_warps."""
+    from highspeed.ops.triton import linear as lin
+
+    monkeypatch.setattr(lin, "GEMV_WHOLE", {**lin.GEMV_WHOLE, "WIDE_K": 4096, "WIDE_ELEMS": 20480, "WIDE_WARPS": 8})
+    assert [lin.whole_block_n(K) for K in (2048, 4096, 5120, 7168)] == [4, 2, 4, 2]
+    assert [lin.whole_warps(K) for K in (4096, 5120)] == [lin.GEMV_WHOLE["num_warps"], 8]
 
 
 def test_linear_shapes_and_fallback(triton_module):

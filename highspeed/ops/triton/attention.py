@@ -45,6 +45,10 @@ _LOG2E = 1.4426950408889634
 # 12 x 32-key splits 5.1 us, 24 x 16 9.0 us, 6 x 64 6.8 us; at 128 keys 32 is also best).
 # HIGHSPEED_TUNE_ATTN_GQA / HIGHSPEED_TUNE_ATTN_MLA_FEW_SEQS="decode_min_block_n=.." etc. for A/Bs in the decode chain.
 GQA = tuned("ATTN_GQA", dict(heads=64, block_n=64, num_warps=4, max_rows=64, num_stages=None, decode_min_block_n=32))
+# Decode of few sequences (fewer than MLA_FEW_SEQS, below) changes these GQA keys: 8 warps (177 registers against
+# 247 on Triton 3.6). H200, Qwen3-30B-A3B batch-1 decode chain at 384 keys: 2.379 against 2.402 ms per step (run
+# 30), 2.370 against 2.395 (run 32; attention 7.16 -> 6.10 us per layer in the timeline).
+GQA_DECODE_FEW_SEQS = tuned("ATTN_GQA_DECODE_FEW_SEQS", dict(num_warps=8))
 # 512-wide latents (H200 run 2, GLM-5 shapes): all 64 heads in one program reads each latent tile once for every
 # head: 2.2x faster than 16 heads at B=32 decode, 1.9x at prefill. With very few sequences the grid is then too
 # small (the split count is capped), and 32 heads won at B=1 (83 vs 116 us at 32K context).
@@ -721,13 +725,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return _attend_gqa(q, k_cache, v_cache, ctx, scale)
 
 
+def _gqa_config(D: int, Dv: int, ctx: AttentionContext) -> dict:
+    cfg = GQA if max(D, Dv) <= 128 else dict(GQA, block_n=32)
+    max_q = ctx.max_query_len or max(ctx.query_lens, default=1)
+    if max_q == 1 and ctx.num_seqs < MLA_FEW_SEQS:
+        cfg = {**cfg, **GQA_DECODE_FEW_SEQS}
+    return cfg
+
+
 def _attend_gqa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
                 rope: dict | None = None) -> torch.Tensor:
     D, Dv = q.shape[2], v_cache.shape[3]
     return _attend(
         q, k_cache, v_cache, ctx, scale,
         num_kv_heads=k_cache.shape[2], d_a=D, d_b=0, d_v=Dv, v_is_k=False,
-        cfg=GQA if max(D, Dv) <= 128 else dict(GQA, block_n=32), topk_indices=None,
+        cfg=_gqa_config(D, Dv, ctx), topk_indices=None,
         kv_strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
         v_strides=(v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)), rope=rope,
     )

@@ -39,7 +39,11 @@ NARROW_N: int = 4096
 # The first-tile prefetch above moved only a quarter of the weights ahead of the wait. Off with
 # HIGHSPEED_GEMV_WHOLE=0 (A/B); rows longer than MAX_K keep the loop. Run 8 (H200, batch-1 graph replay): Qwen3
 # 2.606 -> 2.483 ms, GLM-4.7-Flash 3.326 -> 3.241 ms; ELEMS=4096 2.522 / 3.205 ms.
-GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4))
+# Rows longer than WIDE_K take WIDE_ELEMS / WIDE_WARPS instead (A/B knobs; by default the same shape): every
+# program reads all of x, so x's reads from L2 add weight_bytes / rows to the weights' -- doubling them for GLM's
+# o_proj (K = 5120, one row per program), with all programs asking for the same few lines at once.
+GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4, WIDE_K=8192, WIDE_ELEMS=8192,
+                                      WIDE_WARPS=4))
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 
 
@@ -55,10 +59,17 @@ def whole_split(K: int) -> tuple[int, int]:
 
 
 def whole_block_n(K: int) -> int:
-    """Rows per program for the whole-row preload: a power of two keeping [rows, K1 + K2] near ELEMS elements."""
+    """Rows per program for the whole-row preload: a power of two keeping [rows, K1 + K2] near ELEMS elements
+    (WIDE_ELEMS for rows longer than WIDE_K)."""
     k1, k2 = whole_split(K)
-    rows = max(1, min(16, GEMV_WHOLE["ELEMS"] // (k1 + k2)))
+    elems = GEMV_WHOLE["WIDE_ELEMS"] if K > GEMV_WHOLE["WIDE_K"] else GEMV_WHOLE["ELEMS"]
+    rows = max(1, min(16, elems // (k1 + k2)))
     return 1 << (rows.bit_length() - 1)
+
+
+def whole_warps(K: int) -> int:
+    """Warps per program for the whole-row preload (WIDE_WARPS for rows longer than WIDE_K)."""
+    return GEMV_WHOLE["WIDE_WARPS"] if K > GEMV_WHOLE["WIDE_K"] else GEMV_WHOLE["num_warps"]
 
 
 @triton.jit
@@ -204,7 +215,7 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
     cfg = GEMV_ROW_NARROW if N < NARROW_N else GEMV_ROW
     k1, k2 = whole_split(K)
     if whole:
-        cfg = dict(cfg, BLOCK_N=whole_block_n(K), num_warps=GEMV_WHOLE["num_warps"])
+        cfg = dict(cfg, BLOCK_N=whole_block_n(K), num_warps=whole_warps(K))
     programs = triton.cdiv(N, cfg["BLOCK_N"])
     add = fold_residual(residual, xin, M, N)
     ss_out = torch.empty(M, programs, dtype=torch.float32, device=xin.device) if add else None
