@@ -126,17 +126,6 @@ def record_decode_layer(shape: str) -> list:
             norm_ops.FOLD_NORM = fold
         if qkv:
             lin.linear(x, torch.empty(qkv, H, dtype=dt))
-        # The L2 staging variants (HIGHSPEED_STAGE_L2=ob, each HIGHSPEED_STAGE_L2_AT): the switch is on for CUDA
-        # tensors only, so it is forced here; the staged tensors stand for o_proj and kv_b_proj.
-        mode, host = moe.stage_mode, moe.stage_host
-        try:
-            stage = (torch.empty(H, o_in, dtype=dt), torch.empty(4 * 448, 512, dtype=dt))
-            moe.stage_mode = lambda t: "ob"
-            for where in ("down", "down_early", "gate_up"):
-                moe.stage_host = lambda where=where: where
-                moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2, stage=stage)
-        finally:
-            moe.stage_mode, moe.stage_host = mode, host
     finally:
         for (mod, n), kern in saved.items():
             setattr(mod, n, kern)

@@ -70,11 +70,6 @@ class Attention(nn.Module):
     def weight_sources(self) -> Sources:
         return self.qkv_proj.sources_from_parent("qkv_proj")
 
-    def stage_weights(self) -> list[nn.Parameter]:
-        """The weights read by the latency-bound part of decode (after attention), most useful first
-        (``CausalLM.link_stage``)."""
-        return [self.o_proj.weight]
-
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
 
@@ -198,11 +193,6 @@ class MLAttention(nn.Module):
 
     def weight_sources(self) -> Sources:
         return self.fused_qkv_a_proj.sources_from_parent("fused_qkv_a_proj") if self.q_lora_rank is not None else {}
-
-    def stage_weights(self) -> list[nn.Parameter]:
-        """The weights read by the latency-bound part of decode, most useful first (``CausalLM.link_stage``):
-        o_proj, then kv_b_proj (W_UK and W_UV, read by the absorb and latent-to-V launches)."""
-        return [self.o_proj.weight, self.kv_b_proj.weight]
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         spec = {"latent": (self.kv_lora_rank + self.rope_dim,)}

@@ -61,16 +61,6 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp: MtpLayer | None = None
 
-    def link_stage(self) -> None:
-        """Give each layer's MoE block the next layer's attention weights that the latency-bound attention block
-        reads (``stage_weights``), which its decode launches may ask L2 to hold (``HIGHSPEED_STAGE_L2``).
-        References to the parameters, so moving the model keeps them right."""
-        layers = list(self.model.layers)
-        for layer, nxt in zip(layers, layers[1:]):
-            weights = getattr(nxt.self_attn, "stage_weights", None)
-            if hasattr(layer.mlp, "stage") and weights is not None:
-                layer.mlp.stage = tuple(weights())
-
     # ----- forward -----
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flattened tokens of all sequences of the step -> hidden states after the final norm ``[T, hidden]``."""

@@ -191,8 +191,6 @@ class SparseMoE(nn.Module):
         self.gate = Router(hidden, num_experts, correction_bias)
         self.experts = FusedExperts(num_experts, hidden, intermediate)
         self.shared_experts = DenseMLP(hidden, shared_intermediate) if shared_intermediate else None
-        # The next layer's attention weights, which the decode launches may ask L2 to hold (``CausalLM.link_stage``).
-        self.stage: tuple[nn.Parameter, ...] = ()
 
     def forward(self, x: torch.Tensor | DeferredNorm, add_residual: bool = False) -> torch.Tensor | ResidualSum:
         """The block's output; with ``add_residual`` (``x`` a ``DeferredNorm``) its sum with the residual stream
@@ -204,7 +202,7 @@ class SparseMoE(nn.Module):
             self.routed_scaling_factor,
             shared.gate_up_proj.weight if shared is not None else None,
             shared.down_proj.weight if shared is not None else None,
-            residual_of(x) if add_residual else None, self.stage,
+            residual_of(x) if add_residual else None,
         )
 
 

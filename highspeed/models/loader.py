@@ -72,9 +72,6 @@ def build_model(
         model = cls(config)
     if random_init:
         init_random_weights(model, std=float(config.get("initializer_range", 0.02)))
-    link = getattr(model, "link_stage", None)
-    if link is not None:
-        link()
     return model.eval()
 
 

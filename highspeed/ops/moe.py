@@ -103,7 +103,6 @@ def fused_moe(
     shared_w13: torch.Tensor | None = None,
     shared_w2: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
-    stage: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor | ResidualSum:
     """A whole MoE block on the normalised hidden state ``x[T, H]``: the fp32 router (``gate_weight[E, H]``),
     expert selection (see ``select_experts``), the routed experts (see ``moe_experts``) and, when given, the
@@ -111,13 +110,11 @@ def fused_moe(
     and ``shared_w2[H, Is]``. One op so that a kernel can fuse the router into the expert launches (decode), and
     the norm before the block into the router (``x`` a ``DeferredNorm``: its output is the input, and its
     ``residual_out`` is set). With ``residual`` (the residual stream, [T, H]) the result is a ``ResidualSum`` of
-    it and the block's output, which the decode kernel adds in its last launch. ``stage``: up to three weights
-    that later kernels read, which the decode launches may ask L2 to hold (``HIGHSPEED_STAGE_L2``); a hint only,
-    the result does not depend on it."""
+    it and the block's output, which the decode kernel adds in its last launch."""
     kernel = triton_kernel("moe", "fused_moe", unnormed(x))
     if kernel is not None:
         return kernel(x, gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
-                      routed_scaling_factor, shared_w13, shared_w2, residual, stage)
+                      routed_scaling_factor, shared_w13, shared_w2, residual)
     y = moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,
                   topk_group, routed_scaling_factor, shared_w13, shared_w2)
     return y if residual is None else ResidualSum(y, residual)

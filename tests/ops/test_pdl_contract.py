@@ -12,8 +12,7 @@ import pytest
 KERNEL_DIR = pathlib.Path(__file__).resolve().parents[2] / "highspeed" / "ops" / "triton"
 # Pointers a kernel may read before its wait: weights and other parameters that no kernel of the decode chain
 # writes (each kernel's prefetch is listed here on purpose, so adding one is a visible decision).
-# prefetch_stage's first tensor (A0, and A1, A2 with it) is a later layer's weight (``CausalLM.link_stage``).
-PARAM_POINTERS = {"w_ptr", "w_rows", "w_gate", "w_up", "s_rows", "A0"}
+PARAM_POINTERS = {"w_ptr", "w_rows", "w_gate", "w_up", "s_rows"}
 
 
 def _kernels() -> list[tuple[str, ast.FunctionDef]]:
@@ -49,7 +48,7 @@ def test_pdl_kernel_waits_first(fname, kernel):
             break
         assert "tl.store(" not in src and "atomic" not in src and "return" not in src, (fname, kernel.name, src)
         for call in [n for n in ast.walk(stmt) if isinstance(n, ast.Call)
-                     and ast.unparse(n.func) in ("tl.load", "prefetch_l2", "whole_rows_load", "prefetch_stage")]:
+                     and ast.unparse(n.func) in ("tl.load", "prefetch_l2", "whole_rows_load")]:
             base = ast.unparse(call.args[0]).split("+")[0].strip().split("[")[0]
             assert base in PARAM_POINTERS, f"{fname}:{kernel.name} loads {base!r} before gdc_wait()"
     assert waited, f"{fname}:{kernel.name} takes PDL but never calls gdc_wait()"

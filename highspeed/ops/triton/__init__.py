@@ -17,7 +17,6 @@ import os  # noqa: E402
 from functools import lru_cache  # noqa: E402
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 try:  # grid dependency control (programmatic dependent launch), Triton >= 3.4
@@ -100,87 +99,13 @@ def l2_prefetch(x: torch.Tensor) -> dict:
     is off unless ``HIGHSPEED_L2_PREFETCH=1``, and never under the interpreter (inline PTX)."""
     on = (x.is_cuda and not interpreting()
           and os.environ.get("HIGHSPEED_L2_PREFETCH", "0").strip().lower() not in ("0", "false", "no", ""))
-    # Weights streamed once are loaded evict-first, so they do not push out lines prefetched for later kernels.
-    evict = "evict_first" if on or stage_mode(x) else ""
-    return {"L2_PREFETCH": on, "LINE": max(1, 128 // x.element_size()), "W_EVICT": evict}
-
-
-STAGE_MODES = ("o", "ob")
-STAGE_HOSTS = ("down", "down_early", "gate_up")
-
-
-def stage_mode(x: torch.Tensor) -> str:
-    """``HIGHSPEED_STAGE_L2``: which of the next layer's attention weights each MoE block asks L2 to hold
-    (``prefetch_stage``): "" (off, the default), "o" (o_proj) or "ob" (o_proj and, for MLA, kv_b_proj: W_UK and
-    W_UV). The experiment behind it: the expert kernels are the only bandwidth-bound window of a decode layer,
-    and the attention block after them is latency-bound; a weight it reads from DRAM there (o_proj's 17-21 MB)
-    either waits for residency or queues beside attention's own loads (KERNEL_NOTES, runs 18 and 24-27). Read
-    into L2 during the expert window instead, it costs that window what its slack does not absorb. On CUDA only."""
-    mode = os.environ.get("HIGHSPEED_STAGE_L2", "").strip().lower()
-    if mode in ("", "0", "false", "no"):
-        return ""
-    if mode not in STAGE_MODES:
-        raise ValueError(f"HIGHSPEED_STAGE_L2={mode!r}: expected one of 0, {', '.join(STAGE_MODES)}")
-    return mode if x.is_cuda and not interpreting() else ""
-
-
-def stage_host() -> str:
-    """``HIGHSPEED_STAGE_L2_AT``: where the MoE block issues the staging prefetch -- "down" (each down program
-    after its own loop, the default), "down_early" (each down program before its PDL wait) or "gate_up" (each
-    gate/up program after its loop)."""
-    host = os.environ.get("HIGHSPEED_STAGE_L2_AT", "down").strip().lower() or "down"
-    if host not in STAGE_HOSTS:
-        raise ValueError(f"HIGHSPEED_STAGE_L2_AT={host!r}: expected one of {', '.join(STAGE_HOSTS)}")
-    return host
-
-
-def stage_args(tensors: tuple[torch.Tensor, ...], programs: int, unused: torch.Tensor) -> dict:
-    """Kernel arguments for ``prefetch_stage`` over up to three tensors, split evenly over ``programs``: pointers
-    ``A0..A2`` (``unused`` where there is none), their 128-byte line counts ``NA0..NA2`` and per-program blocks
-    ``AB0..AB2`` (0: nothing asked)."""
-    if len(tensors) > 3:
-        raise ValueError("prefetch_stage takes at most three tensors")
-    out: dict = {}
-    for j in range(3):
-        t = tensors[j] if j < len(tensors) else None
-        lines = triton.cdiv(t.numel() * t.element_size(), 128) if t is not None else 0
-        out[f"A{j}"] = t if t is not None else unused
-        out[f"NA{j}"] = max(lines, 1)
-        out[f"AB{j}"] = next_power_of_2(triton.cdiv(lines, programs)) if lines else 0
-    return out
+    # Weights streamed once are loaded evict-first, so they do not push out lines prefetched for the next kernel.
+    return {"L2_PREFETCH": on, "LINE": max(1, 128 // x.element_size()), "W_EVICT": "evict_first" if on else ""}
 
 
 @triton.jit
-def prefetch_l2(ptrs, EVICT_LAST: tl.constexpr):
+def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte lines holding ``ptrs`` (a tensor of addresses, one per line wanted) and go on: no
-    registers are held and nothing waits for the data. The caller clamps every address into its tensor. With
-    EVICT_LAST the lines get the evict-last priority (kept over evict-first and normal lines). (No default for
-    the constexpr: Triton 3.6 rejects defaulted constexpr parameters of jit helpers.)"""
-    if EVICT_LAST:
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_share(base, nlines, pid, BLOCK: tl.constexpr):
-    """Program ``pid``'s share -- lines [pid * BLOCK, (pid + 1) * BLOCK) -- of the ``nlines`` 128-byte lines of
-    the tensor at ``base``, asked of L2 with evict-last priority; addresses past the end are clamped to the last
-    line."""
-    line = 1024 // base.dtype.element_ty.primitive_bitwidth   # elements per 128-byte line
-    idx = tl.minimum(pid * BLOCK + tl.arange(0, BLOCK), nlines - 1)
-    prefetch_l2(base + idx.to(tl.int64) * line, True)
-
-
-@triton.jit
-def prefetch_stage(A0, NA0, AB0: tl.constexpr, A1, NA1, AB1: tl.constexpr, A2, NA2, AB2: tl.constexpr,
-                   pid):
-    """Ask L2 for program ``pid``'s share of up to three tensors that a LATER kernel reads (``stage_args``)."""
-    if AB0 > 0:
-        prefetch_share(A0, NA0, pid, AB0)
-    if AB1 > 0:
-        prefetch_share(A1, NA1, pid, AB1)
-    if AB2 > 0:
-        prefetch_share(A2, NA2, pid, AB2)
+    registers are held and nothing waits for the data. The caller clamps every address into its tensor."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

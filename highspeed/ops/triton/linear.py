@@ -73,17 +73,15 @@ def whole_warps(K: int) -> int:
 
 
 @triton.jit
-def whole_rows_load(w_rows, rmask, K, K1: tl.constexpr, K2: tl.constexpr, W_EVICT: tl.constexpr):
+def whole_rows_load(w_rows, rmask, K, K1: tl.constexpr, K2: tl.constexpr):
     """Whole weight rows at ``w_rows`` ([rows, 1] row pointers, rows masked by ``rmask``): columns [0, K1) and
-    [K1, K1 + K2) as two tiles (the second is the first again, unused, when K2 == 0), loaded with L2 eviction
-    policy W_EVICT ("" or "evict_first"). Weights only, so a kernel may call it before its PDL wait
-    (tests/ops/test_pdl_contract.py checks the pointer)."""
+    [K1, K1 + K2) as two tiles (the second is the first again, unused, when K2 == 0). Weights only, so a kernel
+    may call it before its PDL wait (tests/ops/test_pdl_contract.py checks the pointer)."""
     k1 = tl.arange(0, K1)
-    w1 = tl.load(w_rows + k1[None, :], mask=rmask[:, None] & (k1 < K)[None, :], other=0.0, eviction_policy=W_EVICT)
+    w1 = tl.load(w_rows + k1[None, :], mask=rmask[:, None] & (k1 < K)[None, :], other=0.0)
     if K2 > 0:
         k2 = K1 + tl.arange(0, K2)
-        w2 = tl.load(w_rows + k2[None, :], mask=rmask[:, None] & (k2 < K)[None, :], other=0.0,
-                     eviction_policy=W_EVICT)
+        w2 = tl.load(w_rows + k2[None, :], mask=rmask[:, None] & (k2 < K)[None, :], other=0.0)
     else:
         w2 = w1
     return w1, w2
@@ -167,9 +165,9 @@ def _gemv_row_kernel(
     x_row = x_ptr + m * stride_xm
     if L2_PREFETCH:  # all of this program's weight rows, requested while the previous kernel still runs
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, K - 1)
-        prefetch_l2(w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :], False)
+        prefetch_l2(w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
     if WHOLE:      # every weight of this program, in flight before the wait
-        w1, w2 = whole_rows_load(w_rows, nmask, K, K1, K2, W_EVICT)
+        w1, w2 = whole_rows_load(w_rows, nmask, K, K1, K2)
     elif PREFETCH:   # the first weight tile does not depend on the previous kernel: in flight before the wait
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
-                                  prefetch_l2, prefetch_stage, stage_args, stage_host, stage_mode, tuned)
+                                  prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
 from highspeed.ops.triton.linear import tile_rows_dot, whole_rows_dot, whole_rows_load
 from highspeed.ops.triton.norm import (fold_residual, foldable_norm, norm_values, residual_epilogue, sumsq_load,
@@ -308,9 +308,9 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
     # else the first tile, each iteration then loading the next tile before using the current one).
     if L2_PREFETCH:
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, H - 1)
-        prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :], False)
+        prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
     if WHOLE:   # the whole rows (as in the GEMV, ops/triton/linear.py): after the wait, one read of x
-        w1, w2 = whole_rows_load(w_rows, emask, H, K1, K2, W_EVICT)
+        w1, w2 = whole_rows_load(w_rows, emask, H, K1, K2)
     else:
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
@@ -334,10 +334,8 @@ def _fused_gate_up_kernel(
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
     L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
-    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr,
-    A0, NA0, AB0: tl.constexpr, A1, NA1, AB1: tl.constexpr, A2, NA2, AB2: tl.constexpr, PDL: tl.constexpr,
+    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, PDL: tl.constexpr,
 ):
-    # A0..A2 (AB* > 0 only when HIGHSPEED_STAGE_L2_AT=gate_up): later kernels' weights, asked of L2 at the end.
     if PDL:  # everything here depends on the router's logits
         gdc_launch_dependents()
         gdc_wait()
@@ -364,7 +362,7 @@ def _fused_gate_up_kernel(
         if PF_DOWN:  # this program's share of the expert's down rows, for the next kernel
             h = tl.minimum((p % blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, I - 1)
-            prefetch_l2(w2_ptr + e * stride_2e + h[:, None].to(tl.int64) * stride_2n + cols[None, :], False)
+            prefetch_l2(w2_ptr + e * stride_2e + h[:, None].to(tl.int64) * stride_2n + cols[None, :])
     else:
         ivec = tl.zeros([BLOCK_TK], dtype=tl.int32)   # the shared expert's rows need no routing
         n = (p - TOP_K * blocks_per_expert) * BLOCK_N + r
@@ -375,7 +373,7 @@ def _fused_gate_up_kernel(
         if PF_DOWN:
             h = tl.minimum((p - TOP_K * blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
-            prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :], False)
+            prefetch_l2(ws2_ptr + h[:, None].to(tl.int64) * stride_s2n + cols[None, :])
     x_row = x_ptr + t * stride_xt
     if NORM:
         rstd = sumsq_rstd(parts, H, eps)
@@ -408,8 +406,6 @@ def _fused_gate_up_kernel(
         if PREFETCH:
             wg = wg_next
             wu = wu_next
-    if t == 0:   # the next layer's attention weights into L2 (ops/triton/__init__.py, stage_mode)
-        prefetch_stage(A0, NA0, AB0, A1, NA1, AB1, A2, NA2, AB2, p)
     gate = _acc_rows(acc_g, ROW_SUMS)
     up = _acc_rows(acc_u, ROW_SUMS)
     act = gate * tl.sigmoid(gate) * up
@@ -429,20 +425,13 @@ def _fused_down_kernel(
     ADD_RESIDUAL: tl.constexpr,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
-    W_EVICT: tl.constexpr,
-    A0, NA0, AB0: tl.constexpr, A1, NA1, AB1: tl.constexpr, A2, NA2, AB2: tl.constexpr, STAGE_EARLY: tl.constexpr,
-    PDL: tl.constexpr,
+    W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
-    # A0..A2: the next layer's attention weights, asked of L2 (ops/triton/__init__.py, stage_mode) before the
-    # wait (STAGE_EARLY) or after this program's own loop; AB* == 0: nothing.
-    t = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
-    if STAGE_EARLY:
-        if t == 0:
-            prefetch_stage(A0, NA0, AB0, A1, NA1, AB1, A2, NA2, AB2, nb)
     if PDL:  # everything here depends on gate_up's routing and activations
         gdc_launch_dependents()
         gdc_wait()
+    t = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
     # Tile rows are (slot, output column) pairs: every chosen expert's rows of this column block at once.
     rows = tl.arange(0, SLOTS * BLOCK_N)
     slot = rows // BLOCK_N
@@ -480,9 +469,6 @@ def _fused_down_kernel(
         acc = _acc_add(acc, w, a, ROW_SUMS)
         if PREFETCH:
             w = w_next
-    if not STAGE_EARLY:
-        if t == 0:
-            prefetch_stage(A0, NA0, AB0, A1, NA1, AB1, A2, NA2, AB2, nb)
     per_row = _acc_rows(acc, ROW_SUMS) * wt
     out = tl.sum(tl.reshape(per_row, [SLOTS, BLOCK_N]), 0)
     if HAS_SHARED:
@@ -504,11 +490,10 @@ def _fused_down_kernel(
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
                       shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
-                      norm: DeferredNorm | None = None, residual: torch.Tensor | None = None,
-                      stage: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | ResidualSum:
+                      norm: DeferredNorm | None = None, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor | ResidualSum:
     """The three decode launches. ``norm``: a foldable ``DeferredNorm`` of x (router and gate/up normalise x as
-    they load it); ``residual``: added to the output by the down kernel, which also stores the sums of squares;
-    ``stage``: later kernels' weights that the expert launches ask L2 to hold (``stage_mode``)."""
+    they load it); ``residual``: added to the output by the down kernel, which also stores the sums of squares."""
     T, H = x.shape
     E, _, I = w2.shape
     k = meta["TOP_K"]
@@ -530,9 +515,6 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
         WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args,
     )
-    mode = stage_mode(x)
-    stage = stage[:1] if mode == "o" else stage if mode else ()
-    host = stage_host() if stage else ""
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
@@ -544,8 +526,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     # Down rows to prefetch per program: an expert's H rows shared by its row-block programs (the shared expert's
     # by its own, which may be fewer: the rows are clamped, so a short share just repeats the last row).
     bpe = min(triton.cdiv(I, bn), triton.cdiv(IS, bn)) if has_shared else triton.cdiv(I, bn)
-    programs = k * triton.cdiv(I, bn) + triton.cdiv(IS, bn)
-    _fused_gate_up_kernel[(T, programs)](
+    _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
         x, logits, bias, w13, ws13, act, weights, ids, w2, ws2, nw, ss_in,
         H, I, IS, n_group, E // n_group, float(scaling), P, eps,
         x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
@@ -554,7 +535,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
         ROW_SUMS=cfg.get("ROW_SUMS", True), PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
-        **stage_args(stage if host == "gate_up" else (), programs, w13), **prefetch, **launch,
+        **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = FUSED_DOWN if I <= NARROW_I else FUSED_DOWN_WIDE
@@ -568,9 +549,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
         ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
-        ROW_SUMS=cfg.get("ROW_SUMS", True), W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"],
-        **stage_args(stage if host.startswith("down") else (), programs, w2), STAGE_EARLY=host == "down_early",
-        **launch,
+        ROW_SUMS=cfg.get("ROW_SUMS", True), W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
     )
     if residual is None:
         return out
@@ -816,7 +795,6 @@ def fused_moe(
     shared_w13: torch.Tensor | None = None,
     shared_w2: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
-    stage: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor | ResidualSum:
     """Router + selection + routed experts + shared expert; see ``highspeed.ops.moe.fused_moe``."""
     norm = x if isinstance(x, DeferredNorm) else None
@@ -834,7 +812,7 @@ def fused_moe(
         w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
         w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
         return _fused_moe_decode(xin, gate_weight.contiguous(), w13, w2, meta, correction_bias, n_group,
-                                 routed_scaling_factor, shared_w13, shared_w2, norm, residual, stage)
+                                 routed_scaling_factor, shared_w13, shared_w2, norm, residual)
     from highspeed.ops.moe import moe_block   # the separate ops, each dispatching to its kernel
 
     y = moe_block(materialize(x), gate_weight, w13, w2, top_k, scoring, renormalize, correction_bias, n_group,
