@@ -46,6 +46,33 @@ def test_linear_row_gemv(triton_module, monkeypatch, prefetch, whole, dtype, N, 
     assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
 
 
+@pytest.mark.parametrize("N,K", [(5, 5120), (3, 4100)])
+def test_linear_wide_rows(triton_module, monkeypatch, N, K):
+    """Rows longer than WIDE_K (GLM-4.7-Flash's o_proj, K = 5120) take the wide shape -- two rows per program
+    with the shipped knobs, odd row counts leaving a half-masked program -- and still give F.linear's result."""
+    lin = triton_module("linear")
+    monkeypatch.setattr(lin, "WHOLE_ROWS", True)
+    assert K > lin.GEMV_WHOLE["WIDE_K"] and lin.whole_rows(K) and lin.whole_block_n(K) == 2
+    x = torch.randn(1, K, device=DEVICE).to(torch.bfloat16)
+    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(torch.bfloat16)
+    y = lin.linear(x, w)
+    ref = F.linear(x.double(), w.double())
+    assert y.shape == (1, N) and rel_err(y, ref) < TOL[torch.bfloat16], rel_err(y, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="model-sized GEMVs: too slow for the interpreter")
+@pytest.mark.parametrize("N,K", [(2048, 5120), (2047, 5120), (5120, 2048), (1344, 2048), (2048, 4096), (5120, 768)])
+def test_linear_model_shapes(triton_module, N, K):
+    """The shipped launch shapes at the projection shapes of Qwen3-30B-A3B and GLM-4.7-Flash (and an odd N)."""
+    lin = triton_module("linear")
+    x = torch.randn(1, K, device=DEVICE).to(torch.bfloat16)
+    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(torch.bfloat16)
+    y = lin.linear(x, w)
+    ref = F.linear(x.double(), w.double())
+    assert rel_err(y, ref) < TOL[torch.bfloat16], rel_err(y, ref)
+
+
 def test_whole_row_split():
     """K1 + K2 covers K with two power-of-two tiles; rows per program keep the tile near ELEMS elements."""
     from highspeed.ops.triton import linear as lin   # host-side helpers only: no kernel runs here
@@ -54,7 +81,8 @@ def test_whole_row_split():
         k1, k2 = lin.whole_split(K)
         assert k1 & (k1 - 1) == 0 and (k2 == 0 or k2 & (k2 - 1) == 0)
         assert k1 <= K <= k1 + k2 + (K if k2 == 0 else 0) and (k2 == 0) == (k1 == K) and k2 <= k1
-    assert [lin.whole_block_n(K) for K in (2048, 4096, 5120, 768)] == [4, 2, 1, 8]
+    # GLM-4.7-Flash's o_proj (K = 5120) is a wide row: two rows per program, not one (x read half as often).
+    assert [lin.whole_block_n(K) for K in (2048, 4096, 5120, 768)] == [4, 2, 2, 8]
     assert {lin.whole_warps(K) for K in (768, 5120)} == {lin.GEMV_WHOLE["num_warps"]}
 
 

@@ -39,10 +39,13 @@ NARROW_N: int = 4096
 # The first-tile prefetch above moved only a quarter of the weights ahead of the wait. Off with
 # HIGHSPEED_GEMV_WHOLE=0 (A/B); rows longer than MAX_K keep the loop. Run 8 (H200, batch-1 graph replay): Qwen3
 # 2.606 -> 2.483 ms, GLM-4.7-Flash 3.326 -> 3.241 ms; ELEMS=4096 2.522 / 3.205 ms.
-# Rows longer than WIDE_K take WIDE_ELEMS / WIDE_WARPS instead (A/B knobs; by default the same shape): every
-# program reads all of x, so x's reads from L2 add weight_bytes / rows to the weights' -- doubling them for GLM's
-# o_proj (K = 5120, one row per program), with all programs asking for the same few lines at once.
-GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4, WIDE_K=8192, WIDE_ELEMS=8192,
+# Rows longer than WIDE_K take WIDE_ELEMS / WIDE_WARPS instead: every program reads all of x, so x's reads from
+# L2 add weight_bytes / rows to the weights' -- doubling them for GLM-4.7-Flash's o_proj (K = 5120) at one row
+# per program, all programs asking for the same few lines at once. Two rows there (70 registers on Triton 3.6):
+# H200 batch-1 decode chain 2.947 / 2.942 ms per step against 2.961 / 2.961 (runs 33, 34; o_proj 6.5 -> 5.8-6.2
+# us per layer); four rows 2.950, four on 8 warps 2.969 (run 33). Qwen3's o_proj (K = 4096) with four rows
+# instead of two: 2.431 against 2.372 ms (run 33), hence the bound.
+GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4, WIDE_K=4096, WIDE_ELEMS=10240,
                                       WIDE_WARPS=4))
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 
