@@ -511,16 +511,17 @@ def bench_fused_moe(r: Runner) -> None:
         "FUSED_DOWN": shapes([(4, 256, 4, False), (4, 256, 4, True), (2, 256, 4, True), (8, 128, 4, True),
                               (8, 256, 8, True), (4, 512, 8, True), (1, 512, 4, True), (2, 512, 4, True)]),
     }
-    saved_narrow, saved_wide = t_moe.NARROW_I, t_moe.FUSED_DOWN_WIDE
+    saved_narrow, saved_wide = t_moe.NARROW_I, (t_moe.FUSED_DOWN_WIDE, t_moe.FUSED_DOWN_WIDE_SHARED_IN_LOOP)
     t_moe.NARROW_I = -1     # the sweep sets FUSED_GATE_UP for every expert width
-    t_moe.FUSED_DOWN_WIDE = t_moe.FUSED_DOWN     # and FUSED_DOWN too (the same dict while it runs)
+    # and FUSED_DOWN too (the same dict while it runs)
+    t_moe.FUSED_DOWN_WIDE = t_moe.FUSED_DOWN_WIDE_SHARED_IN_LOOP = t_moe.FUSED_DOWN
     try:
         for model in models:
             if r.time_left() < 60:
                 return
             _bench_fused_moe_model(r, sweeps, *model)
     finally:
-        t_moe.NARROW_I, t_moe.FUSED_DOWN_WIDE = saved_narrow, saved_wide
+        t_moe.NARROW_I, (t_moe.FUSED_DOWN_WIDE, t_moe.FUSED_DOWN_WIDE_SHARED_IN_LOOP) = saved_narrow, saved_wide
 
 
 def _bench_fused_moe_model(r: Runner, sweeps: dict, name: str, E: int, H: int, I: int, k: int, scoring: str,

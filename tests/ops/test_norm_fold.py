@@ -115,6 +115,8 @@ def _moe_tiles(moe, monkeypatch, T: int) -> None:
         monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=True))
         monkeypatch.setattr(moe, "FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=8, num_warps=4))
         monkeypatch.setattr(moe, "FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=8, num_warps=4, PREFETCH=True))
+        monkeypatch.setattr(moe, "FUSED_DOWN_WIDE_SHARED_IN_LOOP", dict(BLOCK_N=1, BLOCK_K=8, num_warps=4,
+                                                                          PREFETCH=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

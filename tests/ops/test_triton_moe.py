@@ -171,10 +171,11 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     if not HAS_CUDA:  # small tiles: partial tiles and several K steps under the interpreter
         monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
         for name, bn, bk in [("FUSED_GATE_UP", 8, 16), ("FUSED_GATE_UP_NARROW", 4, 16), ("FUSED_DOWN", 4, 8),
-                             ("FUSED_DOWN_WIDE", 2, 8)]:
+                             ("FUSED_DOWN_WIDE", 2, 8), ("FUSED_DOWN_WIDE_SHARED_IN_LOOP", 1, 8)]:
             monkeypatch.setattr(moe, name, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, PREFETCH=prefetch, ROW_SUMS=rs))
     else:
-        for name in ("FUSED_GATE_UP", "FUSED_GATE_UP_NARROW", "FUSED_DOWN", "FUSED_DOWN_WIDE"):
+        for name in ("FUSED_GATE_UP", "FUSED_GATE_UP_NARROW", "FUSED_DOWN", "FUSED_DOWN_WIDE",
+                     "FUSED_DOWN_WIDE_SHARED_IN_LOOP"):
             monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH": prefetch, "ROW_SUMS": rs})
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
@@ -190,6 +191,16 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     # Routing really matters: a different router gives a different answer.
     other = reference(ref_fused_moe, x, torch.randn_like(gate), *args[2:])
     assert rel_err(other, ref) > 10 * TOL[dtype]
+
+
+def test_down_config_choice(triton_module):
+    """Narrow experts take FUSED_DOWN; wide ones one column per program when the shared expert's rows load in the
+    routed loop (GLM), else FUSED_DOWN_WIDE (no shared expert, or DeepSeek-V2-Lite's twice-as-wide one)."""
+    moe = triton_module("moe")
+    assert moe.down_config(768, 0) is moe.FUSED_DOWN and moe.FUSED_DOWN["BLOCK_N"] == 2
+    assert moe.down_config(1536, 1536) is moe.FUSED_DOWN_WIDE_SHARED_IN_LOOP
+    assert moe.FUSED_DOWN_WIDE_SHARED_IN_LOOP["BLOCK_N"] == 1
+    assert moe.down_config(1408, 2816) is moe.FUSED_DOWN_WIDE and moe.down_config(2048, 0) is moe.FUSED_DOWN_WIDE
 
 
 def test_fused_moe_large_batch_path(triton_module, reference):

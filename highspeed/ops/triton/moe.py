@@ -248,6 +248,14 @@ FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFE
 # program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
 # FUSED_DOWN, GLM-5 179 vs 193 us; at Qwen3's 768 the plain loop won (27.7 vs 29.0 us).
 FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
+# Wide experts whose shared expert has the routed width, so its down rows load in the routed loop (GLM-4.7-Flash,
+# GLM-4.5-Air, GLM-5): one output column per program (32 registers on Triton 3.6). H200 batch-1 decode chain,
+# against FUSED_DOWN_WIDE: GLM-4.7-Flash 2.913 / 2.902 ms per step against 2.947 / 2.941 (runs 36, 37),
+# GLM-4.5-Air (20 layers) 3.543 against 3.574, GLM-5 (5 layers) 1.728 against 1.729 (run 37). DeepSeek-V2-Lite,
+# whose two shared experts (twice the routed width) run a separate loop after the routed one, lost with it: 2.295
+# against 2.129 ms (run 37) -- hence FUSED_DOWN_WIDE there.
+FUSED_DOWN_WIDE_SHARED_IN_LOOP = tuned("FUSED_DOWN_WIDE_SHARED_IN_LOOP",
+                                       dict(BLOCK_N=1, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
 FUSED_GATE_UP_NARROW = tuned("FUSED_GATE_UP_NARROW",
@@ -491,6 +499,13 @@ def _fused_down_kernel(
         tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
+def down_config(I: int, IS: int) -> dict:
+    """The down kernel's launch shape for routed experts of width I and a shared expert of width IS (0: none)."""
+    if I <= NARROW_I:
+        return FUSED_DOWN
+    return FUSED_DOWN_WIDE_SHARED_IN_LOOP if IS == I else FUSED_DOWN_WIDE
+
+
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
                       shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
@@ -542,7 +557,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
-    cfg = FUSED_DOWN if I <= NARROW_I else FUSED_DOWN_WIDE
+    cfg = down_config(I, IS)
     programs = triton.cdiv(H, cfg["BLOCK_N"])
     add = fold_residual(residual, x, T, H)
     ss_out = torch.empty(T, programs, dtype=torch.float32, device=dev) if add else None
