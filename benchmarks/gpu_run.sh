@@ -11,7 +11,7 @@
 #         AB_ENV_QWEN="HIGHSPEED_TUNE_FUSED_DOWN=BLOCK_K=128"; several variables in one switch joined by '+',
 #         e.g. "HIGHSPEED_PARTIAL_PICKS=0+HIGHSPEED_TUNE_FUSED_DOWN=ROW_SUMS=0"). Every run also writes its chain
 #         timeline (bench latency --timeline-out) to benchmarks/results/timelines/; AB_PROFILE=0 skips the PDL-off
-#         profile runs.
+#         profile runs; AB_REPEAT=N runs N interleaved passes of the default and every variant.
 # Records go to benchmarks/results/ (named with TAG, e.g. h200-run5) and come back as $OUT/results.tgz.
 set -u
 MODE=${1:-all}
@@ -55,21 +55,26 @@ if [ "$MODE" = ab ]; then
     key=$(printf '%s' "$p" | tr 'a-z.-' 'A-Z__')
     # AB_ARGS_<PRESET>: more bench arguments for that preset (e.g. AB_ARGS_GLM_5="--num-layers 5").
     var=AB_ARGS_$key; args=${!var:-}
-    bench latency-$p-b1 --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256 $args \
-      --timeline-out "$TL/timeline-$p-b1-$TAG.txt"
-    # Kernel profile with PDL off (with it on, an eager kernel's time includes its wait for the previous one).
-    [ "${AB_PROFILE:-1}" = 1 ] && HIGHSPEED_PDL=0 bench latency-$p-b1-nopdl --preset $p --random-weights \
-      --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-$p-b1.txt"
     # One variant per switch, e.g. HIGHSPEED_L2_PREFETCH=0; AB_ENV_QWEN / AB_ENV_GLM: for that model only.
     # AB_ENV_<PRESET> (e.g. AB_ENV_DEEPSEEK_V2_LITE): for that preset only.
     var=AB_ENV_$key; extra=${!var:-}
     [ "$p" = glm-4.7-flash ] && extra="$extra ${AB_ENV_GLM:-}"; [ "$p" = qwen3-30b-a3b ] && extra="$extra ${AB_ENV_QWEN:-}"
-    for sw in ${AB_ENV:-} $extra; do
-      tag=$(printf '%s' "$sw" | sed 's/^HIGHSPEED_//' | tr -c 'A-Za-z0-9_' '-')
-      env $(printf '%s' "$sw" | tr '+' ' ') timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 $args \
-        --input-len 128 --output-len 256 --output-json "benchmarks/results/latency-$p-b1-HIGHSPEED_$tag-$TAG.json" \
-        --timeline-out "$TL/timeline-$p-b1-HIGHSPEED_$tag-$TAG.txt" \
-        2>&1 | grep -v Warning | tail -n 1 | sed "s/^/[$sw] /" | tee -a "$OUT/bench.log"
+    # AB_REPEAT=N: N interleaved passes of (default, every variant), so a ~1% difference can be told from the
+    # run-to-run spread; passes after the first write records named ...-repN- and no timelines.
+    for rep in $(seq 1 "${AB_REPEAT:-1}"); do
+      sfx=""; [ "$rep" -gt 1 ] && sfx="-rep$rep"
+      tl() { [ "$rep" = 1 ] && printf -- '--timeline-out %s' "$TL/timeline-$1-$TAG.txt"; }
+      bench latency-$p-b1$sfx --preset $p --random-weights --batch-size 1 --input-len 128 --output-len 256 $args \
+        $(tl "$p-b1")
+      # Kernel profile with PDL off (with it on, an eager kernel's time includes its wait for the previous one).
+      [ "$rep" = 1 ] && [ "${AB_PROFILE:-1}" = 1 ] && HIGHSPEED_PDL=0 bench latency-$p-b1-nopdl --preset $p \
+        --random-weights --batch-size 1 --input-len 128 --output-len 256 --profile-out "$OUT/profile-$p-b1.txt"
+      for sw in ${AB_ENV:-} $extra; do
+        tag=$(printf '%s' "$sw" | sed 's/^HIGHSPEED_//' | tr -c 'A-Za-z0-9_' '-')
+        env $(printf '%s' "$sw" | tr '+' ' ') timeout 150 python3 -m highspeed bench latency --preset $p --random-weights --batch-size 1 $args \
+          --input-len 128 --output-len 256 --output-json "benchmarks/results/latency-$p-b1-HIGHSPEED_$tag$sfx-$TAG.json" \
+          $(tl "$p-b1-HIGHSPEED_$tag") 2>&1 | grep -v Warning | tail -n 1 | sed "s/^/[$sw$sfx] /" | tee -a "$OUT/bench.log"
+      done
     done
   done
 fi
