@@ -106,27 +106,34 @@ def test_gemv_without_fold(triton_module, reference, monkeypatch):
 # Decode MoE: the router and gate/up fold the norm in, the down kernel adds the residual
 # ----------------------------------------------------------------------------------------------------------------
 
-def _moe_tiles(moe, monkeypatch, T: int) -> None:
+def _moe_tiles(moe, monkeypatch, T: int, prefetch_all: bool = False) -> None:
+    """Small tiles under the interpreter; ``prefetch_all``: the double-buffered shapes also load x / the
+    activations / the shared rows one iteration ahead (PREFETCH_ALL)."""
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", max(T, moe.FUSED_MAX_TOKENS))
     monkeypatch.setattr(moe.lin, "WHOLE_ROWS", True)
     if not HAS_CUDA:
+        pf = dict(PREFETCH=True, PREFETCH_ALL=prefetch_all)
         monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
         monkeypatch.setattr(moe, "FUSED_GATE_UP", dict(BLOCK_N=8, BLOCK_K=16, num_warps=4))
-        monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, PREFETCH=True))
+        monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, **pf))
         monkeypatch.setattr(moe, "FUSED_DOWN", dict(BLOCK_N=4, BLOCK_K=8, num_warps=4))
-        monkeypatch.setattr(moe, "FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=8, num_warps=4, PREFETCH=True))
-        monkeypatch.setattr(moe, "FUSED_DOWN_WIDE_SHARED_IN_LOOP", dict(BLOCK_N=1, BLOCK_K=8, num_warps=4,
-                                                                          PREFETCH=True))
+        monkeypatch.setattr(moe, "FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=8, num_warps=4, **pf))
+        monkeypatch.setattr(moe, "FUSED_DOWN_WIDE_SHARED_IN_LOOP", dict(BLOCK_N=1, BLOCK_K=8, num_warps=4, **pf))
+    else:
+        for name in ("FUSED_GATE_UP", "FUSED_GATE_UP_NARROW", "FUSED_DOWN", "FUSED_DOWN_WIDE",
+                     "FUSED_DOWN_WIDE_SHARED_IN_LOOP"):
+            monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH_ALL": prefetch_all})
 
 
+@pytest.mark.parametrize("prefetch_all", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", FUSED_CASES)
-def test_fused_moe_fold(triton_module, reference, monkeypatch, case, dtype):
+def test_fused_moe_fold(triton_module, reference, monkeypatch, case, dtype, prefetch_all):
     T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared = case
     from highspeed.ops.moe import fused_moe as ref_fused_moe
 
     moe = triton_module("moe")
-    _moe_tiles(moe, monkeypatch, T)
+    _moe_tiles(moe, monkeypatch, T, prefetch_all)
     s, r2, nw = _inputs((T, H), dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
     w13, w2 = _expert_weights(E, H, I, dtype)

@@ -152,12 +152,14 @@ FUSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True, "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
 def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype, T, E, H, I, k, scoring, renorm,
                           bias, n_group, topk_group, scale, shared):
-    """The decode path (router + routing + experts + shared expert in three launches) against the reference."""
+    """The decode path (router + routing + experts + shared expert in three launches) against the reference;
+    ``prefetch``: plain loops, double-buffered weight tiles, or everything one iteration ahead (PREFETCH_ALL)."""
+    prefetch_all, prefetch = prefetch == "all", bool(prefetch)
     from highspeed.ops.moe import fused_moe as ref_fused_moe
 
     moe = triton_module("moe")
@@ -172,11 +174,13 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
         monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
         for name, bn, bk in [("FUSED_GATE_UP", 8, 16), ("FUSED_GATE_UP_NARROW", 4, 16), ("FUSED_DOWN", 4, 8),
                              ("FUSED_DOWN_WIDE", 2, 8), ("FUSED_DOWN_WIDE_SHARED_IN_LOOP", 1, 8)]:
-            monkeypatch.setattr(moe, name, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, PREFETCH=prefetch, ROW_SUMS=rs))
+            monkeypatch.setattr(moe, name, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, PREFETCH=prefetch,
+                                                PREFETCH_ALL=prefetch_all, ROW_SUMS=rs))
     else:
         for name in ("FUSED_GATE_UP", "FUSED_GATE_UP_NARROW", "FUSED_DOWN", "FUSED_DOWN_WIDE",
                      "FUSED_DOWN_WIDE_SHARED_IN_LOOP"):
-            monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH": prefetch, "ROW_SUMS": rs})
+            monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH": prefetch, "PREFETCH_ALL": prefetch_all,
+                                            "ROW_SUMS": rs})
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
     w13, w2 = _expert_weights(E, H, I, dtype)

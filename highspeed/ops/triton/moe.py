@@ -238,16 +238,22 @@ FUSED_MAX_TOKENS: int = 2
 # double-buffered tiles (PREFETCH) are needed -- Qwen3-30B-A3B's down kernel without them 2.621 ms, with them
 # 2.457 ms; GLM-4.7-Flash's gate/up 3.805 vs 3.224 ms; 128-wide K tiles were slower (2.646, 3.891 ms).
 ROUTER = tuned("ROUTER", dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4))
-FUSED_GATE_UP = tuned("FUSED_GATE_UP", dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
+# PREFETCH_ALL (A/B knob, off): with PREFETCH, the tiles of x / the activations (and the shared expert's rows in the
+# down loop) are also loaded one iteration ahead, so no iteration waits on a round trip of its own. Not yet
+# measured on a GPU.
+FUSED_GATE_UP = tuned("FUSED_GATE_UP", dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
+                                            ROW_SUMS=True))
 # Narrow experts' down kernel (Qwen3-30B-A3B): 2 output columns per program, i.e. 1024 programs of [16, 256] tiles
 # (56 registers on Triton 3.6, against 96 for 4 columns): H200 batch-1 decode chain 2.301 against 2.378 ms per step
 # (run 35; down 12.6 -> 11.7 us and gate/up 16.1 -> 15.5 us per layer in the timeline: the smaller programs find
 # room beside gate/up's sooner). 8 columns with 128-wide K tiles: 2.557 against 2.372 (run 33).
-FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
+FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
+                                      ROW_SUMS=True))
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
 # program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
 # FUSED_DOWN, GLM-5 179 vs 193 us; at Qwen3's 768 the plain loop won (27.7 vs 29.0 us).
-FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
+FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True,
+                                                PREFETCH_ALL=False, ROW_SUMS=True))
 # Wide experts whose shared expert has the routed width, so its down rows load in the routed loop (GLM-4.7-Flash,
 # GLM-4.5-Air, GLM-5): one output column per program (32 registers on Triton 3.6). H200 batch-1 decode chain,
 # against FUSED_DOWN_WIDE: GLM-4.7-Flash 2.913 / 2.902 ms per step against 2.947 / 2.941 (runs 36, 37),
@@ -255,11 +261,13 @@ FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warp
 # whose two shared experts (twice the routed width) run a separate loop after the routed one, lost with it: 2.295
 # against 2.129 ms (run 37) -- hence FUSED_DOWN_WIDE there.
 FUSED_DOWN_WIDE_SHARED_IN_LOOP = tuned("FUSED_DOWN_WIDE_SHARED_IN_LOOP",
-                                       dict(BLOCK_N=1, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
+                                       dict(BLOCK_N=1, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
+                                            ROW_SUMS=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
 FUSED_GATE_UP_NARROW = tuned("FUSED_GATE_UP_NARROW",
-                             dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True, ROW_SUMS=True))
+                             dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
+                                  ROW_SUMS=True))
 NARROW_I: int = 1024
 # Fused gate/up asking L2 for the chosen experts' down rows (``prefetch_l2``, only with HIGHSPEED_L2_PREFETCH=1
 # and HIGHSPEED_PREFETCH_DOWN=1): H200 run 6 measured batch-1 decode 10% slower with every prefetch on (Qwen3
@@ -344,8 +352,8 @@ def _fused_gate_up_kernel(
     NORM: tl.constexpr, BLOCK_P: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
-    L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
+    ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
@@ -396,19 +404,33 @@ def _fused_gate_up_kernel(
         m2 = nmask[:, None] & (k < H)[None, :]
         wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
         wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        if PREFETCH_ALL:   # x's tile too: no L2 round trip of its own in any iteration
+            x_raw = tl.load(x_row + k, mask=k < H, other=0.0)
+            if NORM:
+                g_raw = tl.load(nw_ptr + k, mask=k < H, other=0.0)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < H
-        if NORM:
-            xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0), tl.load(nw_ptr + k, mask=kmask, other=0.0),
-                             rstd, x_ptr.dtype.element_ty)
+        if PREFETCH_ALL:
+            if NORM:
+                xv = norm_values(x_raw, g_raw, rstd, x_ptr.dtype.element_ty)
+            else:
+                xv = x_raw.to(tl.float32)
         else:
-            xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
+            if NORM:
+                xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0),
+                                 tl.load(nw_ptr + k, mask=kmask, other=0.0), rstd, x_ptr.dtype.element_ty)
+            else:
+                xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
         if PREFETCH:
             kn = k + BLOCK_K
             mn = nmask[:, None] & (kn < H)[None, :]
             wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
             wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+            if PREFETCH_ALL:
+                x_raw = tl.load(x_row + kn, mask=kn < H, other=0.0)
+                if NORM:
+                    g_raw = tl.load(nw_ptr + kn, mask=kn < H, other=0.0)
         else:
             m2 = nmask[:, None] & kmask[None, :]
             wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
@@ -436,8 +458,8 @@ def _fused_down_kernel(
     stride_at, stride_we, stride_wn, stride_sn, stride_ot, stride_rt, stride_st,
     ADD_RESIDUAL: tl.constexpr,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ROW_SUMS: tl.constexpr,
-    W_EVICT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
+    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on gate_up's routing and activations
         gdc_launch_dependents()
@@ -464,20 +486,42 @@ def _fused_down_kernel(
         acc_s = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
     if PREFETCH:
         k = tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows[:, None] + k[None, :], mask=rmask[:, None] & (k < I)[None, :], other=0.0, eviction_policy=W_EVICT)
+        m2 = rmask[:, None] & (k < I)[None, :]
+        w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        if PREFETCH_ALL:   # the activations and the shared rows too: no round trip of their own in any iteration
+            a_raw = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0)
+            if SHARED_IN_LOOP:
+                a_sl_raw = tl.load(a_shared + k, mask=k < I, other=0.0)
+                w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0,
+                               eviction_policy=W_EVICT)
     for k0 in range(0, I, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         m2 = rmask[:, None] & (k < I)[None, :]
-        a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        if PREFETCH_ALL:
+            a = a_raw.to(tl.float32)
+            if SHARED_IN_LOOP:
+                a_sl = a_sl_raw.to(tl.float32)
+                w_sl_cur = w_sl
+        else:
+            a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
         if PREFETCH:
             kn = k + BLOCK_K
-            w_next = tl.load(w_rows[:, None] + kn[None, :], mask=rmask[:, None] & (kn < I)[None, :], other=0.0, eviction_policy=W_EVICT)
+            mn = rmask[:, None] & (kn < I)[None, :]
+            w_next = tl.load(w_rows[:, None] + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+            if PREFETCH_ALL:
+                a_raw = tl.load(a_rows[:, None] + kn[None, :], mask=mn, other=0.0)
+                if SHARED_IN_LOOP:
+                    a_sl_raw = tl.load(a_shared + kn, mask=kn < I, other=0.0)
+                    w_sl = tl.load(s_rows + kn[None, :], mask=cmask[:, None] & (kn < I)[None, :], other=0.0,
+                                   eviction_policy=W_EVICT)
         else:
             w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
         if SHARED_IN_LOOP:   # the shared expert has the routed width: its rows load in the same iterations
-            a_sl = tl.load(a_shared + k, mask=k < I, other=0.0).to(tl.float32)
-            w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0, eviction_policy=W_EVICT)
-            acc_s = _acc_add(acc_s, w_sl, a_sl[None, :], ROW_SUMS)
+            if not PREFETCH_ALL:
+                a_sl = tl.load(a_shared + k, mask=k < I, other=0.0).to(tl.float32)
+                w_sl_cur = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0,
+                                   eviction_policy=W_EVICT)
+            acc_s = _acc_add(acc_s, w_sl_cur, a_sl[None, :], ROW_SUMS)
         acc = _acc_add(acc, w, a, ROW_SUMS)
         if PREFETCH:
             w = w_next
@@ -551,7 +595,8 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
         w2.stride(0), w2.stride(1), ws2.stride(0), ss_in.stride(0), **norm_args,
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
-        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False), num_warps=cfg["num_warps"],
+        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
+        PREFETCH_ALL=cfg.get("PREFETCH", False) and cfg.get("PREFETCH_ALL", False), num_warps=cfg["num_warps"],
         ROW_SUMS=cfg.get("ROW_SUMS", True), PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
         **prefetch, **launch,
@@ -568,6 +613,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
         ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
+        PREFETCH_ALL=cfg.get("PREFETCH", False) and cfg.get("PREFETCH_ALL", False),
         ROW_SUMS=cfg.get("ROW_SUMS", True), W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
     )
     if residual is None:
