@@ -47,7 +47,8 @@ _LOG2E = 1.4426950408889634
 GQA = tuned("ATTN_GQA", dict(heads=64, block_n=64, num_warps=4, max_rows=64, num_stages=None, decode_min_block_n=32))
 # Decode of few sequences (fewer than MLA_FEW_SEQS, below) changes these GQA keys: 8 warps (177 registers against
 # 247 on Triton 3.6). H200, Qwen3-30B-A3B batch-1 decode chain at 384 keys: 2.379 against 2.402 ms per step (run
-# 30), 2.370 against 2.395 (run 32; attention 7.16 -> 6.10 us per layer in the timeline).
+# 30), 2.370 against 2.395 (run 32; attention 7.16 -> 6.10 us per layer in the timeline), 2.372 against 2.400
+# (run 33); GLM-4.5-Air 3.570 against 3.569 (run 34).
 GQA_DECODE_FEW_SEQS = tuned("ATTN_GQA_DECODE_FEW_SEQS", dict(num_warps=8))
 # 512-wide latents (H200 run 2, GLM-5 shapes): all 64 heads in one program reads each latent tile once for every
 # head: 2.2x faster than 16 heads at B=32 decode, 1.9x at prefill. With very few sequences the grid is then too

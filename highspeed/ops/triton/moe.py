@@ -543,6 +543,13 @@ def _fused_down_kernel(
         tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
+def _loop_args(cfg: dict) -> dict:
+    """The expert kernels' loop constants from a launch shape (PREFETCH_ALL only applies with PREFETCH)."""
+    prefetch = cfg.get("PREFETCH", False)
+    return dict(BLOCK_K=cfg["BLOCK_K"], PREFETCH=prefetch, PREFETCH_ALL=prefetch and cfg.get("PREFETCH_ALL", False),
+                ROW_SUMS=cfg.get("ROW_SUMS", True), num_warps=cfg["num_warps"])
+
+
 def down_config(I: int, IS: int) -> dict:
     """The down kernel's launch shape for routed experts of width I and a shared expert of width IS (0: none)."""
     if I <= NARROW_I:
@@ -595,9 +602,8 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
         w2.stride(0), w2.stride(1), ws2.stride(0), ss_in.stride(0), **norm_args,
         **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
-        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
-        PREFETCH_ALL=cfg.get("PREFETCH", False) and cfg.get("PREFETCH_ALL", False), num_warps=cfg["num_warps"],
-        ROW_SUMS=cfg.get("ROW_SUMS", True), PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
+        BLOCK_N=bn, **_loop_args(cfg),
+        PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
         **prefetch, **launch,
     )
@@ -612,9 +618,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         act, w2, ws2, weights, ids, out, res, ss_o, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
         ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg.get("PREFETCH", False),
-        PREFETCH_ALL=cfg.get("PREFETCH", False) and cfg.get("PREFETCH_ALL", False),
-        ROW_SUMS=cfg.get("ROW_SUMS", True), W_EVICT=prefetch["W_EVICT"], num_warps=cfg["num_warps"], **launch,
+        BLOCK_N=cfg["BLOCK_N"], **_loop_args(cfg), W_EVICT=prefetch["W_EVICT"], **launch,
     )
     if residual is None:
         return out
