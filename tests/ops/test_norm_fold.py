@@ -102,6 +102,42 @@ def test_gemv_without_fold(triton_module, reference, monkeypatch):
     assert torch.equal(norm.residual_out, s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,strided", [(20, 40, False), (7, 37, True), (5, 300, False)])
+def test_gemv_self_norm(triton_module, reference, monkeypatch, dtype, N, K, strided):
+    """A norm without a residual (MLA's q_a_layernorm) folded into the whole-row GEMV that reads its output
+    (HIGHSPEED_SELF_NORM): the GEMV takes the sums of squares from x itself and no norm runs; x may be a column
+    slice of a wider output (q_a beside kv_a). Off, the norm runs first: the same values."""
+    lin = triton_module("linear")
+    small_gemv_tiles(lin, monkeypatch, False, whole=True)
+    wide, _, nw = _inputs((1, K + 9 if strided else K), dtype)
+    x = wide[:, :K]
+    nw = nw[:K].contiguous()
+    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    ref = F.linear(reference(ref_rms_norm, x, nw, EPS).double(), w.double())
+    import highspeed.ops.norm as norm_ops
+
+    calls = []
+    monkeypatch.setattr(DeferredNorm, "run", lambda self: calls.append(1) or ref_rms_norm(self.x, self.weight,
+                                                                                           self.eps))
+    for on in (True, False):
+        monkeypatch.setattr(lin, "SELF_NORM", on)
+        calls.clear()
+        y = lin.linear(DeferredNorm(x, nw, EPS), w)
+        assert y.shape == (1, N) and y.dtype == dtype
+        assert rel_err(y, ref) < REF_TOL[dtype], (on, rel_err(y, ref))
+        assert len(calls) == (0 if on else 1)
+    # The kernel really normalises by x's own rms: x scaled by 4 gives the same result (eps aside).
+    monkeypatch.setattr(lin, "SELF_NORM", True)
+    y4 = lin.linear(DeferredNorm((x.float() * 4).to(dtype), nw, EPS), w)
+    assert rel_err(y4, ref) < REF_TOL[dtype] + 1e-3, rel_err(y4, ref)
+    # A pending residual cannot be folded this way: the norm runs.
+    calls.clear()
+    lin.linear(DeferredNorm(x, nw, EPS, residual=torch.zeros_like(x)), w)
+    assert len(calls) == 1
+    assert norm_ops.FOLD_NORM   # (this module's fixture; the residual fold is a different path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Decode MoE: the router and gate/up fold the norm in, the down kernel adds the residual
 # ----------------------------------------------------------------------------------------------------------------

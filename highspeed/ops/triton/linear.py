@@ -23,8 +23,8 @@ import triton.language as tl
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2,
                                   tuned)
-from highspeed.ops.triton.norm import (fold_residual, foldable_norm, norm_values, residual_epilogue, sumsq_load,
-                                       sumsq_rstd)
+from highspeed.ops.triton.norm import (fold_residual, foldable_norm, norm_values, residual_epilogue,
+                                       self_normable, sumsq_load, sumsq_rstd)
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
@@ -48,6 +48,10 @@ NARROW_N: int = 4096
 GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4, WIDE_K=4096, WIDE_ELEMS=10240,
                                       WIDE_WARPS=4))
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
+# A norm without a residual (MLA's q_a_layernorm before q_b_proj) folded into the whole-row GEMV that reads its
+# output: every program loads all of x after its wait anyway, so it takes the sums of squares there too, and the
+# norm's launch goes. A/B switch HIGHSPEED_SELF_NORM=1; not yet measured on a GPU.
+SELF_NORM: bool = os.environ.get("HIGHSPEED_SELF_NORM", "0") == "1"
 
 
 def whole_rows(K: int) -> bool:
@@ -92,10 +96,11 @@ def whole_rows_load(w_rows, rmask, K, K1: tl.constexpr, K2: tl.constexpr):
 
 @triton.jit
 def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr, ss_row, P, eps,
-                   NORM: tl.constexpr, BLOCK_P: tl.constexpr):
+                   NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr = False):
     """[rows] fp32 dot products of whole preloaded weight rows (w1: columns [0, K1), w2: [K1, K1 + K2), unused
     when K2 == 0) with the row at ``x_row`` -- with NORM, with its RMSNorm (weights ``nw_ptr``, the producer's
-    partial sums of squares at ``ss_row``). Every load is issued before any of it is used."""
+    partial sums of squares at ``ss_row``, or with SELF_NORM the sums of squares of the loaded row itself: every
+    program holds all of x anyway). Every load is issued before any of it is used."""
     k1 = tl.arange(0, K1)
     x1 = tl.load(x_row + k1, mask=k1 < K, other=0.0)
     if NORM:
@@ -106,7 +111,15 @@ def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr,
         if NORM:
             g2 = tl.load(nw_ptr + k2, mask=k2 < K, other=0.0)
     if NORM:
-        rstd = sumsq_rstd(sumsq_load(ss_row, P, BLOCK_P), K, eps)
+        if SELF_NORM:
+            x1f = x1.to(tl.float32)
+            ssq = tl.sum(x1f * x1f, 0)
+            if K2 > 0:
+                x2f = x2.to(tl.float32)
+                ssq += tl.sum(x2f * x2f, 0)
+            rstd = 1.0 / tl.sqrt(ssq / K + eps)
+        else:
+            rstd = sumsq_rstd(sumsq_load(ss_row, P, BLOCK_P), K, eps)
         xf1 = norm_values(x1, g1, rstd, x_row.dtype.element_ty)
     else:
         xf1 = x1.to(tl.float32)
@@ -155,9 +168,11 @@ def _gemv_row_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
     WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_P: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    # NORM (WHOLE only): x is the residual stream, normalised here (see ops/triton/norm.py). ADD_RESIDUAL: y is
+    # NORM (WHOLE only): x is the residual stream, normalised here (see ops/triton/norm.py); SELF_NORM: x is a
+    # norm's input without a residual, its sums of squares taken here from the whole row each program loads. ADD_RESIDUAL: y is
     # added to the residual rows at res_ptr, and each program stores the sum of squares of its sums.
     if PDL:
         gdc_launch_dependents()
@@ -181,7 +196,8 @@ def _gemv_row_kernel(
     if ADD_RESIDUAL:
         r = tl.load(res_ptr + m * stride_rm + n, mask=nmask, other=0.0)
     if WHOLE:
-        y = whole_rows_dot(w1, w2, x_row, K, K1, K2, nw_ptr, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P)
+        y = whole_rows_dot(w1, w2, x_row, K, K1, K2, nw_ptr, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P,
+                           SELF_NORM)
     else:
         y = tile_rows_dot(w, w_rows, nmask, x_row, K, BLOCK_N, BLOCK_K, PREFETCH, W_EVICT)
     if HAS_BIAS:
@@ -207,7 +223,8 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
         y = F.linear(materialize(x), weight, bias)
         return y if residual is None else ResidualSum(y, residual)
     whole = whole_rows(K)
-    if norm is not None and not (whole and foldable_norm(norm, xin)):
+    self_norm = norm is not None and whole and SELF_NORM and self_normable(norm, xin)
+    if norm is not None and not (whole and foldable_norm(norm, xin)) and not self_norm:
         xin, norm = materialize(norm), None     # its own norm launch, then the GEMV as without one
     x2 = xin.reshape(M, K)
     if x2.stride(-1) != 1:
@@ -221,16 +238,16 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
     add = fold_residual(residual, xin, M, N)
     ss_out = torch.empty(M, programs, dtype=torch.float32, device=xin.device) if add else None
     res = residual.reshape(M, N) if add else y       # unused pointers without them
-    ss_in = norm.sumsq if norm is not None else y
+    ss_in = norm.sumsq if norm is not None and not self_norm else y
     ss_o = ss_out if ss_out is not None else y
     _gemv_row_kernel[(programs, M)](
         x2, weight, bias if bias is not None else weight, y, res, norm.weight if norm is not None else weight,
-        ss_in, ss_o, N, K, ss_in.shape[-1] if norm is not None else 0, norm.eps if norm is not None else 0.0,
+        ss_in, ss_o, N, K, ss_in.shape[-1] if norm is not None and not self_norm else 0, norm.eps if norm is not None else 0.0,
         x2.stride(0), weight.stride(0), y.stride(0), res.stride(0), ss_in.stride(0), ss_o.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
-        WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None,
-        BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None else 1,
+        WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None, SELF_NORM=self_norm,
+        BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None and not self_norm else 1,
         ADD_RESIDUAL=add, num_warps=cfg["num_warps"], **pdl(x2),
     )
     y = y.view(*xin.shape[:-1], N)

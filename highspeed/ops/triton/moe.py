@@ -275,6 +275,11 @@ NARROW_I: int = 1024
 # one extra read of the down weights per layer, the prefetched rows not surviving the 50 MB of gate/up weights
 # streamed meanwhile.
 PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
+# The shared expert's weights do not depend on the routing: with HIGHSPEED_SHARED_L2=1 its gate/up programs ask L2
+# for all their rows before the PDL wait (=2: and a share of its down rows), so they stream in during the router
+# and the routing ramp, when HBM idles, and the routed weights then load evict-first so those lines survive.
+# GLM family (a shared expert of the routed width). A/B switch; not yet measured on a GPU.
+SHARED_L2: int = int(os.environ.get("HIGHSPEED_SHARED_L2", "0"))
 
 
 @triton.jit
@@ -338,7 +343,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
         gdc_wait()
     x_row = x_ptr + t * stride_xt
     if WHOLE:
-        y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P)
+        y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P, False)
     else:
         y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
     tl.store(out_ptr + t * stride_ot + e, y, mask=emask)
@@ -354,10 +359,23 @@ def _fused_gate_up_kernel(
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
     ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
-    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, PDL: tl.constexpr,
+    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, SHARED_L2: tl.constexpr,
+    H_LINES: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # everything here depends on the router's logits
+    if PDL:  # everything here depends on the router's logits -- except the shared expert's weights
         gdc_launch_dependents()
+        if SHARED_L2 > 0:   # (see SHARED_L2 above) the shared expert's programs ask L2 for their rows first
+            ps = tl.program_id(1) - TOP_K * tl.cdiv(I, BLOCK_N)
+            if ps >= 0:
+                ns = tl.minimum(ps * BLOCK_N + tl.arange(0, BLOCK_N), IS - 1)
+                lines = tl.minimum(tl.arange(0, H_LINES) * LINE, H - 1)
+                g_lines = ws13_ptr + ns[:, None].to(tl.int64) * stride_sn + lines[None, :]
+                prefetch_l2(g_lines)
+                prefetch_l2(g_lines + IS * stride_sn)
+                if SHARED_L2 > 1:   # and their share of its down rows, for the down kernel
+                    hs = tl.minimum(ps * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
+                    cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
+                    prefetch_l2(ws2_ptr + hs[:, None].to(tl.int64) * stride_s2n + cols[None, :])
         gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
@@ -573,6 +591,9 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
     launch = pdl(x)
     prefetch = l2_prefetch(x)
+    shared_l2 = SHARED_L2 if has_shared and launch["PDL"] else 0
+    if shared_l2:
+        prefetch = dict(prefetch, W_EVICT="evict_first")
     nw, ss_in = (norm.weight, norm.sumsq) if norm is not None else (x, logits)   # unused pointers without a norm
     norm_args = dict(NORM=norm is not None, BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None else 1)
     P, eps = (ss_in.shape[-1], norm.eps) if norm is not None else (0, 0.0)
@@ -605,7 +626,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, **_loop_args(cfg),
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
-        **prefetch, **launch,
+        SHARED_L2=shared_l2, H_LINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)), **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = down_config(I, IS)

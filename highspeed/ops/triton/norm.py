@@ -136,6 +136,14 @@ def foldable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
             and ss.shape[0] == x.numel() // max(1, x.shape[-1]) and x.stride(-1) == 1)
 
 
+def self_normable(norm: DeferredNorm, x: torch.Tensor) -> bool:
+    """Whether a whole-row consumer kernel can fold this ``DeferredNorm`` of its input ``x`` by taking the sums
+    of squares itself: a norm of x alone (no residual to add, so nothing else to write)."""
+    w = norm.weight
+    return (norm.residual is None and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:]
+            and w.is_contiguous() and x.stride(-1) == 1)
+
+
 def fold_residual(residual: torch.Tensor | None, like: torch.Tensor, rows: int, cols: int) -> bool:
     """Whether a producer adds ``residual`` in its epilogue (and stores the sums of squares): always, unless
     HIGHSPEED_FOLD_NORM=0, which leaves the add to the next norm launch, as without the fold."""
