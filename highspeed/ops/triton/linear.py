@@ -50,8 +50,9 @@ GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4, WIDE_
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 # A norm without a residual (MLA's q_a_layernorm before q_b_proj) folded into the whole-row GEMV that reads its
 # output: every program loads all of x after its wait anyway, so it takes the sums of squares there too, and the
-# norm's launch goes. A/B switch HIGHSPEED_SELF_NORM=1; not yet measured on a GPU.
-SELF_NORM: bool = os.environ.get("HIGHSPEED_SELF_NORM", "0") == "1"
+# norm's launch goes. H200 batch-1 decode chain (run 38, two interleaved passes): GLM-4.7-Flash 2.898 / 2.903 ms per
+# step against 2.909 / 2.909 (norms -1.2 us per layer, q_b +0.8). HIGHSPEED_SELF_NORM=0: the norm launch.
+SELF_NORM: bool = os.environ.get("HIGHSPEED_SELF_NORM", "1") != "0"
 
 
 def whole_rows(K: int) -> bool:

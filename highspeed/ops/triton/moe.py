@@ -238,16 +238,19 @@ FUSED_MAX_TOKENS: int = 2
 # double-buffered tiles (PREFETCH) are needed -- Qwen3-30B-A3B's down kernel without them 2.621 ms, with them
 # 2.457 ms; GLM-4.7-Flash's gate/up 3.805 vs 3.224 ms; 128-wide K tiles were slower (2.646, 3.891 ms).
 ROUTER = tuned("ROUTER", dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4))
-# PREFETCH_ALL (A/B knob, off): with PREFETCH, the tiles of x / the activations (and the shared expert's rows in the
-# down loop) are also loaded one iteration ahead, so no iteration waits on a round trip of its own. Not yet
-# measured on a GPU.
+# PREFETCH_ALL: with PREFETCH, the tiles of x / the activations (and the shared expert's rows in the down loop) are
+# also loaded one iteration ahead, so no iteration waits on a round trip of its own. H200 batch-1 decode chain
+# (run 38, two interleaved passes): Qwen3-30B-A3B with it in both narrow shapes 2.209 / 2.207 ms per step against
+# 2.288 / 2.291 (down 11.6 -> 10.5 us, gate/up 15.5 -> 15.1 us per layer), hence on there; GLM-4.7-Flash with it
+# in FUSED_GATE_UP and FUSED_DOWN_WIDE_SHARED_IN_LOOP 2.909 / 2.911 against 2.909 / 2.909, so off for the wide
+# shapes (8 more registers in the down kernel for nothing).
 FUSED_GATE_UP = tuned("FUSED_GATE_UP", dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
                                             ROW_SUMS=True))
 # Narrow experts' down kernel (Qwen3-30B-A3B): 2 output columns per program, i.e. 1024 programs of [16, 256] tiles
 # (56 registers on Triton 3.6, against 96 for 4 columns): H200 batch-1 decode chain 2.301 against 2.378 ms per step
 # (run 35; down 12.6 -> 11.7 us and gate/up 16.1 -> 15.5 us per layer in the timeline: the smaller programs find
 # room beside gate/up's sooner). 8 columns with 128-wide K tiles: 2.557 against 2.372 (run 33).
-FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
+FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=True,
                                       ROW_SUMS=True))
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
 # program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
@@ -265,8 +268,9 @@ FUSED_DOWN_WIDE_SHARED_IN_LOOP = tuned("FUSED_DOWN_WIDE_SHARED_IN_LOOP",
                                             ROW_SUMS=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
+# 4-row blocks: 2.306 / 2.308 against 2.288 / 2.291 ms (run 38).
 FUSED_GATE_UP_NARROW = tuned("FUSED_GATE_UP_NARROW",
-                             dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
+                             dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=True,
                                   ROW_SUMS=True))
 NARROW_I: int = 1024
 # Fused gate/up asking L2 for the chosen experts' down rows (``prefetch_l2``, only with HIGHSPEED_L2_PREFETCH=1
@@ -278,7 +282,10 @@ PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
 # The shared expert's weights do not depend on the routing: with HIGHSPEED_SHARED_L2=1 its gate/up programs ask L2
 # for all their rows before the PDL wait (=2: and a share of its down rows), so they stream in during the router
 # and the routing ramp, when HBM idles, and the routed weights then load evict-first so those lines survive.
-# GLM family (a shared expert of the routed width). A/B switch; not yet measured on a GPU.
+# Measured slower on the H200 (run 38, GLM-4.7-Flash batch-1 decode chain, two passes): =1 2.920 / 2.924 ms per
+# step, =2 3.018 / 3.026, against 2.909 / 2.909. With =1 gate/up got 1.6 us per layer faster, but the router
+# (+0.6, its loads behind the prefetch) and down (+1.0) gave it back: router + gate/up + down summed to the same
+# 1422 us per step -- the expert window is bound by its bytes, wherever they are read. Off; the switch stays.
 SHARED_L2: int = int(os.environ.get("HIGHSPEED_SHARED_L2", "0"))
 
 

@@ -138,9 +138,10 @@ def foldable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
 
 def self_normable(norm: DeferredNorm, x: torch.Tensor) -> bool:
     """Whether a whole-row consumer kernel can fold this ``DeferredNorm`` of its input ``x`` by taking the sums
-    of squares itself: a norm of x alone (no residual to add, so nothing else to write)."""
+    of squares itself: a norm of x alone (no residual to add, so nothing else to write) whose producer did not
+    store them (then ``foldable_norm`` reads those)."""
     w = norm.weight
-    return (norm.residual is None and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:]
+    return (norm.residual is None and norm.sumsq is None and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:]
             and w.is_contiguous() and x.stride(-1) == 1)
 
 
