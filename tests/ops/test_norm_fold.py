@@ -142,15 +142,13 @@ def test_gemv_self_norm(triton_module, reference, monkeypatch, dtype, N, K, stri
 # Decode MoE: the router and gate/up fold the norm in, the down kernel adds the residual
 # ----------------------------------------------------------------------------------------------------------------
 
-def _moe_tiles(moe, monkeypatch, T: int, prefetch_all: bool | str = False) -> None:
+def _moe_tiles(moe, monkeypatch, T: int, prefetch_all: bool = False) -> None:
     """Small tiles under the interpreter; ``prefetch_all``: the double-buffered shapes also load x / the
-    activations / the shared rows one iteration ahead (PREFETCH_ALL), "depth2": two (PREFETCH_DEPTH=2)."""
-    depth = 2 if prefetch_all == "depth2" else 1
-    prefetch_all = bool(prefetch_all)
+    activations / the shared rows one iteration ahead (PREFETCH_ALL)."""
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", max(T, moe.FUSED_MAX_TOKENS))
     monkeypatch.setattr(moe.lin, "WHOLE_ROWS", True)
     if not HAS_CUDA:
-        pf = dict(PREFETCH=True, PREFETCH_ALL=prefetch_all, PREFETCH_DEPTH=depth)
+        pf = dict(PREFETCH=True, PREFETCH_ALL=prefetch_all)
         monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
         monkeypatch.setattr(moe, "FUSED_GATE_UP", dict(BLOCK_N=8, BLOCK_K=16, num_warps=4))
         monkeypatch.setattr(moe, "FUSED_GATE_UP_NARROW", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, **pf))
@@ -160,10 +158,10 @@ def _moe_tiles(moe, monkeypatch, T: int, prefetch_all: bool | str = False) -> No
     else:
         for name in ("FUSED_GATE_UP", "FUSED_GATE_UP_NARROW", "FUSED_DOWN", "FUSED_DOWN_WIDE",
                      "FUSED_DOWN_WIDE_SHARED_IN_LOOP"):
-            monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH_ALL": prefetch_all, "PREFETCH_DEPTH": depth})
+            monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH_ALL": prefetch_all})
 
 
-@pytest.mark.parametrize("prefetch_all", [False, True, "depth2"])
+@pytest.mark.parametrize("prefetch_all", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", FUSED_CASES)
 def test_fused_moe_fold(triton_module, reference, monkeypatch, case, dtype, prefetch_all):

@@ -152,15 +152,14 @@ FUSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch", [False, True, "all", "depth2"])
+@pytest.mark.parametrize("prefetch", [False, True, "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
 def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype, T, E, H, I, k, scoring, renorm,
                           bias, n_group, topk_group, scale, shared):
     """The decode path (router + routing + experts + shared expert in three launches) against the reference;
-    ``prefetch``: plain loops, double-buffered weight tiles, everything one iteration ahead (PREFETCH_ALL), or two
-    (PREFETCH_DEPTH=2)."""
-    prefetch_all, depth, prefetch = prefetch in ("all", "depth2"), 2 if prefetch == "depth2" else 1, bool(prefetch)
+    ``prefetch``: plain loops, double-buffered weight tiles, or everything one iteration ahead (PREFETCH_ALL)."""
+    prefetch_all, prefetch = prefetch == "all", bool(prefetch)
     from highspeed.ops.moe import fused_moe as ref_fused_moe
 
     moe = triton_module("moe")
@@ -176,12 +175,12 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
         for name, bn, bk in [("FUSED_GATE_UP", 8, 16), ("FUSED_GATE_UP_NARROW", 4, 16), ("FUSED_DOWN", 4, 8),
                              ("FUSED_DOWN_WIDE", 2, 8), ("FUSED_DOWN_WIDE_SHARED_IN_LOOP", 1, 8)]:
             monkeypatch.setattr(moe, name, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, PREFETCH=prefetch,
-                                                PREFETCH_ALL=prefetch_all, PREFETCH_DEPTH=depth, ROW_SUMS=rs))
+                                                PREFETCH_ALL=prefetch_all, ROW_SUMS=rs))
     else:
         for name in ("FUSED_GATE_UP", "FUSED_GATE_UP_NARROW", "FUSED_DOWN", "FUSED_DOWN_WIDE",
                      "FUSED_DOWN_WIDE_SHARED_IN_LOOP"):
             monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH": prefetch, "PREFETCH_ALL": prefetch_all,
-                                            "PREFETCH_DEPTH": depth, "ROW_SUMS": rs})
+                                            "ROW_SUMS": rs})
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
     w13, w2 = _expert_weights(E, H, I, dtype)

@@ -243,21 +243,24 @@ ROUTER = tuned("ROUTER", dict(BLOCK_E=1, BLOCK_K=1024, num_warps=4))
 # (run 38, two interleaved passes): Qwen3-30B-A3B with it in both narrow shapes 2.209 / 2.207 ms per step against
 # 2.288 / 2.291 (down 11.6 -> 10.5 us, gate/up 15.5 -> 15.1 us per layer), hence on there; GLM-4.7-Flash with it
 # in FUSED_GATE_UP and FUSED_DOWN_WIDE_SHARED_IN_LOOP 2.909 / 2.911 against 2.909 / 2.909, so off for the wide
-# shapes (8 more registers in the down kernel for nothing). PREFETCH_DEPTH=2 (with PREFETCH_ALL): two tiles ahead
-# instead of one (A/B knob, not yet measured on a GPU).
+# shapes (8 more registers in the down kernel for nothing). Two tiles ahead instead of one (commit ce94827, removed)
+# lost everywhere, by the registers it takes (run 39, against 2.211 / 2.212 ms): Qwen3 down 2.316 (126 registers),
+# down with one column 2.343 (70), gate/up 2.455 (89-93); GLM-4.7-Flash down 2.912 / 2.914 against 2.897 / 2.901.
 FUSED_GATE_UP = tuned("FUSED_GATE_UP", dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
-                                            PREFETCH_DEPTH=1, ROW_SUMS=True))
+                                            ROW_SUMS=True))
 # Narrow experts' down kernel (Qwen3-30B-A3B): 2 output columns per program, i.e. 1024 programs of [16, 256] tiles
 # (56 registers on Triton 3.6, against 96 for 4 columns): H200 batch-1 decode chain 2.301 against 2.378 ms per step
 # (run 35; down 12.6 -> 11.7 us and gate/up 16.1 -> 15.5 us per layer in the timeline: the smaller programs find
 # room beside gate/up's sooner). 8 columns with 128-wide K tiles: 2.557 against 2.372 (run 33).
+# One column with PREFETCH_ALL: 2.267 / 2.270 against 2.211 / 2.212 (run 39). 3-D tiles loading each activation once
+# instead of once per column took 78-80 registers against 64 (offline compile), so were not run.
 FUSED_DOWN = tuned("FUSED_DOWN", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=True,
-                                      PREFETCH_DEPTH=1, ROW_SUMS=True))
+                                      ROW_SUMS=True))
 # Wide experts (I > NARROW_I: GLM-4.7-Flash 1536, GLM-5 2048): double-buffered down tiles, 2 output columns per
 # program. Run 5's sweep (results/kernels-h200-run5.json, block in a CUDA graph): GLM-4.7-Flash 31.8 vs 34.2 us with
 # FUSED_DOWN, GLM-5 179 vs 193 us; at Qwen3's 768 the plain loop won (27.7 vs 29.0 us).
 FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warps=4, PREFETCH=True,
-                                                PREFETCH_ALL=False, PREFETCH_DEPTH=1, ROW_SUMS=True))
+                                                PREFETCH_ALL=False, ROW_SUMS=True))
 # Wide experts whose shared expert has the routed width, so its down rows load in the routed loop (GLM-4.7-Flash,
 # GLM-4.5-Air, GLM-5): one output column per program (32 registers on Triton 3.6). H200 batch-1 decode chain,
 # against FUSED_DOWN_WIDE: GLM-4.7-Flash 2.913 / 2.902 ms per step against 2.947 / 2.941 (runs 36, 37),
@@ -266,13 +269,13 @@ FUSED_DOWN_WIDE = tuned("FUSED_DOWN_WIDE", dict(BLOCK_N=2, BLOCK_K=256, num_warp
 # against 2.129 ms (run 37) -- hence FUSED_DOWN_WIDE there.
 FUSED_DOWN_WIDE_SHARED_IN_LOOP = tuned("FUSED_DOWN_WIDE_SHARED_IN_LOOP",
                                        dict(BLOCK_N=1, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=False,
-                                            PREFETCH_DEPTH=1, ROW_SUMS=True))
+                                            ROW_SUMS=True))
 # Narrow experts (I <= 1024, e.g. Qwen3-30B-A3B's 768): 8-row blocks with double-buffered weight tiles measured
 # 27.5 us for the block against 29.8 with FUSED_GATE_UP (H200 run 5); at I = 1536 (GLM-4.7-Flash) they lost.
 # 4-row blocks: 2.306 / 2.308 against 2.288 / 2.291 ms (run 38).
 FUSED_GATE_UP_NARROW = tuned("FUSED_GATE_UP_NARROW",
                              dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PREFETCH=True, PREFETCH_ALL=True,
-                                  PREFETCH_DEPTH=1, ROW_SUMS=True))
+                                  ROW_SUMS=True))
 NARROW_I: int = 1024
 # Fused gate/up asking L2 for the chosen experts' down rows (``prefetch_l2``, only with HIGHSPEED_L2_PREFETCH=1
 # and HIGHSPEED_PREFETCH_DOWN=1): H200 run 6 measured batch-1 decode 10% slower with every prefetch on (Qwen3
@@ -324,31 +327,6 @@ def _acc_rows(acc, ROW_SUMS: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_tile(w_gate, w_up, x_row, nw_ptr, k, nmask, H, NORM: tl.constexpr, W_EVICT: tl.constexpr):
-    """Gate/up's loads for the K tile ``k``: the gate and up weight tiles, x's tile and (NORM) the norm weights'
-    (x's tile again without a norm: unused)."""
-    m2 = nmask[:, None] & (k < H)[None, :]
-    wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-    wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-    x_raw = tl.load(x_row + k, mask=k < H, other=0.0)
-    if NORM:
-        g_raw = tl.load(nw_ptr + k, mask=k < H, other=0.0)
-    else:
-        g_raw = x_raw
-    return wg, wu, x_raw, g_raw
-
-
-@triton.jit
-def _down_tile(w_rows, a_rows, k, rmask, I, W_EVICT: tl.constexpr):
-    """The down kernel's loads for the K tile ``k``: weight rows and activation rows, both given as [rows] row
-    pointers."""
-    m2 = rmask[:, None] & (k < I)[None, :]
-    w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-    a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0)
-    return w, a
-
-
-@triton.jit
 def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
                    stride_xt, stride_we, stride_ot, stride_st,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
@@ -391,8 +369,7 @@ def _fused_gate_up_kernel(
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
-    DEPTH2: tl.constexpr, ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr,
-    LINE: tl.constexpr, PF_ROWS: tl.constexpr,
+    ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, SHARED_L2: tl.constexpr,
     H_LINES: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -451,63 +428,47 @@ def _fused_gate_up_kernel(
         rstd = sumsq_rstd(parts, H, eps)
     acc_g = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
     acc_u = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
-    if DEPTH2:   # (with PREFETCH_ALL) two tiles ahead: the loads of tiles i + 1 and i + 2 in flight while i is used
+    if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
         k = tl.arange(0, BLOCK_K)
-        wg, wu, x_raw, g_raw = _gate_up_tile(w_gate, w_up, x_row, nw_ptr, k, nmask, H, NORM, W_EVICT)
-        wg1, wu1, x_raw1, g_raw1 = _gate_up_tile(w_gate, w_up, x_row, nw_ptr, k + BLOCK_K, nmask, H, NORM, W_EVICT)
-        for k0 in range(0, H, BLOCK_K):
-            k2 = k0 + 2 * BLOCK_K + tl.arange(0, BLOCK_K)
-            wg2, wu2, x_raw2, g_raw2 = _gate_up_tile(w_gate, w_up, x_row, nw_ptr, k2, nmask, H, NORM, W_EVICT)
+        m2 = nmask[:, None] & (k < H)[None, :]
+        wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        if PREFETCH_ALL:   # x's tile too: no L2 round trip of its own in any iteration
+            x_raw = tl.load(x_row + k, mask=k < H, other=0.0)
+            if NORM:
+                g_raw = tl.load(nw_ptr + k, mask=k < H, other=0.0)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        if PREFETCH_ALL:
             if NORM:
                 xv = norm_values(x_raw, g_raw, rstd, x_ptr.dtype.element_ty)
             else:
                 xv = x_raw.to(tl.float32)
-            acc_g = _acc_add(acc_g, wg, xv[None, :], ROW_SUMS)
-            acc_u = _acc_add(acc_u, wu, xv[None, :], ROW_SUMS)
-            wg, wu, x_raw, g_raw = wg1, wu1, x_raw1, g_raw1
-            wg1, wu1, x_raw1, g_raw1 = wg2, wu2, x_raw2, g_raw2
-    else:
-        if PREFETCH:  # software double buffering: the next weight tiles are in flight while this one is used
-            k = tl.arange(0, BLOCK_K)
-            m2 = nmask[:, None] & (k < H)[None, :]
+        else:
+            if NORM:
+                xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0),
+                                 tl.load(nw_ptr + k, mask=kmask, other=0.0), rstd, x_ptr.dtype.element_ty)
+            else:
+                xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            kn = k + BLOCK_K
+            mn = nmask[:, None] & (kn < H)[None, :]
+            wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+            wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
+            if PREFETCH_ALL:
+                x_raw = tl.load(x_row + kn, mask=kn < H, other=0.0)
+                if NORM:
+                    g_raw = tl.load(nw_ptr + kn, mask=kn < H, other=0.0)
+        else:
+            m2 = nmask[:, None] & kmask[None, :]
             wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
             wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-            if PREFETCH_ALL:   # x's tile too: no L2 round trip of its own in any iteration
-                x_raw = tl.load(x_row + k, mask=k < H, other=0.0)
-                if NORM:
-                    g_raw = tl.load(nw_ptr + k, mask=k < H, other=0.0)
-        for k0 in range(0, H, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < H
-            if PREFETCH_ALL:
-                if NORM:
-                    xv = norm_values(x_raw, g_raw, rstd, x_ptr.dtype.element_ty)
-                else:
-                    xv = x_raw.to(tl.float32)
-            else:
-                if NORM:
-                    xv = norm_values(tl.load(x_row + k, mask=kmask, other=0.0),
-                                     tl.load(nw_ptr + k, mask=kmask, other=0.0), rstd, x_ptr.dtype.element_ty)
-                else:
-                    xv = tl.load(x_row + k, mask=kmask, other=0.0).to(tl.float32)
-            if PREFETCH:
-                kn = k + BLOCK_K
-                mn = nmask[:, None] & (kn < H)[None, :]
-                wg_next = tl.load(w_gate + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
-                wu_next = tl.load(w_up + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
-                if PREFETCH_ALL:
-                    x_raw = tl.load(x_row + kn, mask=kn < H, other=0.0)
-                    if NORM:
-                        g_raw = tl.load(nw_ptr + kn, mask=kn < H, other=0.0)
-            else:
-                m2 = nmask[:, None] & kmask[None, :]
-                wg = tl.load(w_gate + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-                wu = tl.load(w_up + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-            acc_g = _acc_add(acc_g, wg, xv[None, :], ROW_SUMS)
-            acc_u = _acc_add(acc_u, wu, xv[None, :], ROW_SUMS)
-            if PREFETCH:
-                wg = wg_next
-                wu = wu_next
+        acc_g = _acc_add(acc_g, wg, xv[None, :], ROW_SUMS)
+        acc_u = _acc_add(acc_u, wu, xv[None, :], ROW_SUMS)
+        if PREFETCH:
+            wg = wg_next
+            wu = wu_next
     gate = _acc_rows(acc_g, ROW_SUMS)
     up = _acc_rows(acc_u, ROW_SUMS)
     act = gate * tl.sigmoid(gate) * up
@@ -527,7 +488,7 @@ def _fused_down_kernel(
     ADD_RESIDUAL: tl.constexpr,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
-    DEPTH2: tl.constexpr, ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
+    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on gate_up's routing and activations
         gdc_launch_dependents()
@@ -552,68 +513,47 @@ def _fused_down_kernel(
         s_rows = ws2_ptr + c[:, None].to(tl.int64) * stride_sn
         a_shared = act_ptr + t * stride_at + TOP_K * I
         acc_s = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
-    if DEPTH2:   # (with PREFETCH_ALL) two tiles ahead: the loads of tiles i + 1 and i + 2 in flight while i is used
+    if PREFETCH:
         k = tl.arange(0, BLOCK_K)
-        w, a_raw = _down_tile(w_rows, a_rows, k, rmask, I, W_EVICT)
-        w1, a_raw1 = _down_tile(w_rows, a_rows, k + BLOCK_K, rmask, I, W_EVICT)
-        if SHARED_IN_LOOP:   # the shared rows as [BLOCK_N] row pointers, its activations as BLOCK_N equal ones
-            s_row_ptrs = ws2_ptr + c.to(tl.int64) * stride_sn
-            a_sl_ptrs = a_shared + 0 * c
-            w_sl, a_sl_raw = _down_tile(s_row_ptrs, a_sl_ptrs, k, cmask, I, W_EVICT)
-            w_sl1, a_sl_raw1 = _down_tile(s_row_ptrs, a_sl_ptrs, k + BLOCK_K, cmask, I, W_EVICT)
-        for k0 in range(0, I, BLOCK_K):
-            k2 = k0 + 2 * BLOCK_K + tl.arange(0, BLOCK_K)
-            w2, a_raw2 = _down_tile(w_rows, a_rows, k2, rmask, I, W_EVICT)
+        m2 = rmask[:, None] & (k < I)[None, :]
+        w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        if PREFETCH_ALL:   # the activations and the shared rows too: no round trip of their own in any iteration
+            a_raw = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0)
             if SHARED_IN_LOOP:
-                w_sl2, a_sl_raw2 = _down_tile(s_row_ptrs, a_sl_ptrs, k2, cmask, I, W_EVICT)
-                acc_s = _acc_add(acc_s, w_sl, a_sl_raw.to(tl.float32), ROW_SUMS)
-                w_sl, a_sl_raw = w_sl1, a_sl_raw1
-                w_sl1, a_sl_raw1 = w_sl2, a_sl_raw2
-            acc = _acc_add(acc, w, a_raw.to(tl.float32), ROW_SUMS)
-            w, a_raw = w1, a_raw1
-            w1, a_raw1 = w2, a_raw2
-    else:
+                a_sl_raw = tl.load(a_shared + k, mask=k < I, other=0.0)
+                w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0,
+                               eviction_policy=W_EVICT)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        m2 = rmask[:, None] & (k < I)[None, :]
+        if PREFETCH_ALL:
+            a = a_raw.to(tl.float32)
+            if SHARED_IN_LOOP:
+                a_sl = a_sl_raw.to(tl.float32)
+                w_sl_cur = w_sl
+        else:
+            a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
         if PREFETCH:
-            k = tl.arange(0, BLOCK_K)
-            m2 = rmask[:, None] & (k < I)[None, :]
-            w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-            if PREFETCH_ALL:   # the activations and the shared rows too: no round trip of their own in any iteration
-                a_raw = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0)
-                if SHARED_IN_LOOP:
-                    a_sl_raw = tl.load(a_shared + k, mask=k < I, other=0.0)
-                    w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0,
-                                   eviction_policy=W_EVICT)
-        for k0 in range(0, I, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            m2 = rmask[:, None] & (k < I)[None, :]
+            kn = k + BLOCK_K
+            mn = rmask[:, None] & (kn < I)[None, :]
+            w_next = tl.load(w_rows[:, None] + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
             if PREFETCH_ALL:
-                a = a_raw.to(tl.float32)
+                a_raw = tl.load(a_rows[:, None] + kn[None, :], mask=mn, other=0.0)
                 if SHARED_IN_LOOP:
-                    a_sl = a_sl_raw.to(tl.float32)
-                    w_sl_cur = w_sl
-            else:
-                a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
-            if PREFETCH:
-                kn = k + BLOCK_K
-                mn = rmask[:, None] & (kn < I)[None, :]
-                w_next = tl.load(w_rows[:, None] + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
-                if PREFETCH_ALL:
-                    a_raw = tl.load(a_rows[:, None] + kn[None, :], mask=mn, other=0.0)
-                    if SHARED_IN_LOOP:
-                        a_sl_raw = tl.load(a_shared + kn, mask=kn < I, other=0.0)
-                        w_sl = tl.load(s_rows + kn[None, :], mask=cmask[:, None] & (kn < I)[None, :], other=0.0,
-                                       eviction_policy=W_EVICT)
-            else:
-                w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-            if SHARED_IN_LOOP:   # the shared expert has the routed width: its rows load in the same iterations
-                if not PREFETCH_ALL:
-                    a_sl = tl.load(a_shared + k, mask=k < I, other=0.0).to(tl.float32)
-                    w_sl_cur = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0,
-                                       eviction_policy=W_EVICT)
-                acc_s = _acc_add(acc_s, w_sl_cur, a_sl[None, :], ROW_SUMS)
-            acc = _acc_add(acc, w, a, ROW_SUMS)
-            if PREFETCH:
-                w = w_next
+                    a_sl_raw = tl.load(a_shared + kn, mask=kn < I, other=0.0)
+                    w_sl = tl.load(s_rows + kn[None, :], mask=cmask[:, None] & (kn < I)[None, :], other=0.0,
+                                   eviction_policy=W_EVICT)
+        else:
+            w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+        if SHARED_IN_LOOP:   # the shared expert has the routed width: its rows load in the same iterations
+            if not PREFETCH_ALL:
+                a_sl = tl.load(a_shared + k, mask=k < I, other=0.0).to(tl.float32)
+                w_sl_cur = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0,
+                                   eviction_policy=W_EVICT)
+            acc_s = _acc_add(acc_s, w_sl_cur, a_sl[None, :], ROW_SUMS)
+        acc = _acc_add(acc, w, a, ROW_SUMS)
+        if PREFETCH:
+            w = w_next
     per_row = _acc_rows(acc, ROW_SUMS) * wt
     out = tl.sum(tl.reshape(per_row, [SLOTS, BLOCK_N]), 0)
     if HAS_SHARED:
@@ -633,13 +573,10 @@ def _fused_down_kernel(
 
 
 def _loop_args(cfg: dict) -> dict:
-    """The expert kernels' loop constants from a launch shape (PREFETCH_ALL only applies with PREFETCH, a
-    PREFETCH_DEPTH of 2 only with PREFETCH_ALL)."""
+    """The expert kernels' loop constants from a launch shape (PREFETCH_ALL only applies with PREFETCH)."""
     prefetch = cfg.get("PREFETCH", False)
-    every = prefetch and cfg.get("PREFETCH_ALL", False)
-    return dict(BLOCK_K=cfg["BLOCK_K"], PREFETCH=prefetch, PREFETCH_ALL=every,
-                DEPTH2=every and cfg.get("PREFETCH_DEPTH", 1) >= 2, ROW_SUMS=cfg.get("ROW_SUMS", True),
-                num_warps=cfg["num_warps"])
+    return dict(BLOCK_K=cfg["BLOCK_K"], PREFETCH=prefetch, PREFETCH_ALL=prefetch and cfg.get("PREFETCH_ALL", False),
+                ROW_SUMS=cfg.get("ROW_SUMS", True), num_warps=cfg["num_warps"])
 
 
 def down_config(I: int, IS: int) -> dict:
