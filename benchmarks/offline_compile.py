@@ -126,8 +126,8 @@ def record_decode_layer(shape: str) -> list:
             norm_ops.FOLD_NORM = fold
         if qkv:
             lin.linear(x, torch.empty(qkv, H, dtype=dt))
-        # The A/B switches' variants: the shared expert's L2 prefetch (it needs PDL, which a CPU tensor lacks)
-        # and the self-normalising GEMV (MLA's q_b_proj reading q_a_layernorm's input: 768 -> 20 x 256).
+        # The A/B switches' variants: the shared expert's L2 prefetch (it needs PDL, which a CPU tensor lacks),
+        # the self-normalising GEMV (MLA's q_b_proj reading q_a_layernorm's input: 768 -> 20 x 256) and MoE.
         saved_switches = moe.SHARED_L2, moe.pdl, lin.SELF_NORM
         moe.SHARED_L2, moe.pdl, lin.SELF_NORM = 2, lambda t: {"PDL": True, "launch_pdl": True}, True
         try:
@@ -135,6 +135,10 @@ def record_decode_layer(shape: str) -> list:
                 moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
             lin.linear(DeferredNorm(torch.randn(1, 768, dtype=dt), torch.ones(768, dtype=dt), 1e-6),
                        torch.empty(5120, 768, dtype=dt))
+            # HIGHSPEED_FOLD_NORM=self: the next GEMV, router and gate/up take the row's sum of squares themselves.
+            lin.linear(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), torch.empty(H, H, dtype=dt))
+            moe.fused_moe(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), gate, w13, w2, k, shared_w13=ws13,
+                          shared_w2=ws2)
         finally:
             moe.SHARED_L2, moe.pdl, lin.SELF_NORM = saved_switches
     finally:

@@ -37,9 +37,16 @@ def add_rms_norm(
 # (``ResidualSum.sumsq``), so that its consumers fold the norm into their own kernels (``DeferredNorm``). Off
 # unless HIGHSPEED_FOLD_NORM=1: measured slower on the H200 (runs 8b/8c, batch-1 graph replay): Qwen3-30B-A3B
 # 2.55-2.60 ms folded against 2.47-2.48 ms with the norm launches, GLM-4.7-Flash 3.27-3.45 against 3.23-3.24 ms.
-# Under PDL the norm launch costs little: the next GEMV's weights are still streaming in while it runs. Off, the
-# residual add stays with the norm launch (``add_rms_norm``), exactly as before the fold existed.
-FOLD_NORM: bool = os.environ.get("HIGHSPEED_FOLD_NORM", "0") == "1"
+# Under PDL the norm launch costs little: the next GEMV's weights are still streaming in while it runs. Re-measured
+# in run 40 (Qwen3 2.377 against 2.220 ms, GLM-4.7-Flash 2.935-2.942 against 2.907): each consumer program of the
+# qkv GEMV reads all of the producer's partial sums (1024 from the down kernel), so the fold lengthened it.
+# HIGHSPEED_FOLD_NORM=self (FOLD_SELF): the producers add the residual, store no sums, and the consumers -- whole-row
+# GEMVs, the MoE router and gate/up, which load the whole row anyway -- take its sum of squares themselves, as
+# q_b_proj does for q_a_layernorm (linear.SELF_NORM). Not yet measured on a GPU. Off (0), the residual add stays
+# with the norm launch (``add_rms_norm``), exactly as before the fold existed.
+_FOLD = os.environ.get("HIGHSPEED_FOLD_NORM", "0")
+FOLD_NORM: bool = _FOLD in ("1", "self")
+FOLD_SELF: bool = _FOLD == "self"
 
 
 @dataclass

@@ -231,3 +231,68 @@ def test_residual_sum_objects(reference):
 
     with pytest.raises(TypeError):
         residual_of(y)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HIGHSPEED_FOLD_NORM=self: producers add the residual and store no sums; consumers take them from the row
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fold_self(monkeypatch):
+    """FOLD_NORM=self, and a DeferredNorm.run that counts its calls (none should happen: the consumers fold)."""
+    import highspeed.ops.norm as norm_ops
+
+    monkeypatch.setattr(norm_ops, "FOLD_SELF", True)
+    calls: list[int] = []
+    run = DeferredNorm.run
+    monkeypatch.setattr(DeferredNorm, "run", lambda self: calls.append(1) or run(self))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,bias", [(20, 40, False), (7, 37, True), (5, 300, True)])
+def test_gemv_fold_self(triton_module, reference, monkeypatch, fold_self, dtype, N, K, bias):
+    """The GEMV producer adds the residual and hands on no sums; the next whole-row GEMV normalises the row by its
+    own sum of squares, with no norm launch."""
+    lin = triton_module("linear")
+    small_gemv_tiles(lin, monkeypatch, False, whole=True)
+    a, r, nw = _inputs((1, K), dtype)
+    w_in = (torch.randn(K, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(K, device=DEVICE).to(dtype) if bias else None
+    rs = lin.linear(a, w_in, b, r)
+    assert rs.residual is None and rs.sumsq is None
+    assert rel_err(rs.x, reference(F.linear, a, w_in, b) + r) < REF_TOL[dtype]
+    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    norm = DeferredNorm(rs, nw, EPS)
+    y = lin.linear(norm, w)
+    ref = F.linear(reference(ref_rms_norm, rs.x, nw, EPS).double(), w.double())
+    assert rel_err(y, ref) < REF_TOL[dtype], rel_err(y, ref)
+    assert not fold_self and norm.residual_out is rs.x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_moe_fold_self(triton_module, reference, monkeypatch, fold_self, case, dtype):
+    """Router and gate/up normalise the row by its own sum of squares (no sums from the producer, no norm launch),
+    and the down kernel adds the residual and hands on no sums either."""
+    T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared = case
+    from highspeed.ops.moe import fused_moe as ref_fused_moe
+
+    moe = triton_module("moe")
+    _moe_tiles(moe, monkeypatch, T, True)
+    s, r2, nw = _inputs((T, H), dtype)
+    gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4
+    w13, w2 = _expert_weights(E, H, I, dtype)
+    b = torch.randn(E, device=DEVICE) * 0.5 if bias else None
+    ws13 = (torch.randn(2 * shared, H, device=DEVICE) / H**0.5).to(dtype) if shared else None
+    ws2 = (torch.randn(H, shared, device=DEVICE) / shared**0.5).to(dtype) if shared else None
+    rest = (gate, w13, w2, k, scoring, renorm, b, n_group, topk_group, scale, ws13, ws2)
+    norm = DeferredNorm(ResidualSum(s, None, None), nw, EPS)
+    out = moe.fused_moe(norm, *rest, r2)
+    assert not fold_self
+    assert out.residual is None and out.sumsq is None
+    block = reference(ref_fused_moe, reference(ref_rms_norm, s, nw, EPS), *rest)
+    assert rel_err(out.x, block + r2) < REF_TOL[dtype], rel_err(out.x, block + r2)
+    # The kernels really normalise: the row scaled by 3 gives the same block (RMSNorm is scale-invariant).
+    out3 = moe.fused_moe(DeferredNorm(ResidualSum((s.float() * 3).to(dtype), None, None), nw, EPS), *rest, r2)
+    assert rel_err(out3.x, block + r2) < REF_TOL[dtype] + 1e-3, rel_err(out3.x, block + r2)

@@ -23,7 +23,7 @@ import triton.language as tl
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2,
                                   tuned)
-from highspeed.ops.triton.norm import (fold_residual, foldable_norm, norm_values, residual_epilogue,
+from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
                                        self_normable, sumsq_load, sumsq_rstd)
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
@@ -254,4 +254,4 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
     y = y.view(*xin.shape[:-1], N)
     if residual is None:
         return y
-    return ResidualSum(y, None, ss_out) if add else ResidualSum(y, residual)
+    return folded_sum(y, ss_out) if add else ResidualSum(y, residual)

@@ -27,8 +27,8 @@ from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting,
                                   prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
 from highspeed.ops.triton.linear import tile_rows_dot, whole_rows_dot, whole_rows_load
-from highspeed.ops.triton.norm import (fold_residual, foldable_norm, norm_values, residual_epilogue, sumsq_load,
-                                       sumsq_rstd)
+from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
+                                       self_normable, sumsq_load, sumsq_rstd)
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
@@ -332,8 +332,9 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
                    WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr,
-                   BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-    # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss.
+                   BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss
+    # (SELF_NORM: the sums of squares of the whole row this program loads).
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -354,7 +355,8 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
         gdc_wait()
     x_row = x_ptr + t * stride_xt
     if WHOLE:
-        y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P, False)
+        y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P,
+                           SELF_NORM)
     else:
         y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
     tl.store(out_ptr + t * stride_ot + e, y, mask=emask)
@@ -365,7 +367,7 @@ def _fused_gate_up_kernel(
     x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr, nw_ptr, ss_ptr,
     H, I, IS, n_group, per_group, scaling, P, eps,
     stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at, stride_2e, stride_2n, stride_s2n, stride_st,
-    NORM: tl.constexpr, BLOCK_P: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, BLOCK_H: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
@@ -391,7 +393,12 @@ def _fused_gate_up_kernel(
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
     if NORM:   # x is the residual stream: its rms from the producer's partial sums, loaded with the logits
-        parts = sumsq_load(ss_ptr + t * stride_st, P, BLOCK_P)
+        if SELF_NORM:   # or from the whole row, loaded here too: its reduction overlaps the routing
+            hh = tl.arange(0, BLOCK_H)
+            parts = tl.load(x_ptr + t * stride_xt + hh, mask=hh < H, other=0.0).to(tl.float32)
+            parts = parts * parts
+        else:
+            parts = sumsq_load(ss_ptr + t * stride_st, P, BLOCK_P)
     blocks_per_expert = tl.cdiv(I, BLOCK_N)
     r = tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_TK)
@@ -605,9 +612,15 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     shared_l2 = SHARED_L2 if has_shared and launch["PDL"] else 0
     if shared_l2:
         prefetch = dict(prefetch, W_EVICT="evict_first")
-    nw, ss_in = (norm.weight, norm.sumsq) if norm is not None else (x, logits)   # unused pointers without a norm
-    norm_args = dict(NORM=norm is not None, BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None else 1)
-    P, eps = (ss_in.shape[-1], norm.eps) if norm is not None else (0, 0.0)
+    # A norm whose producer stored no sums of squares (HIGHSPEED_FOLD_NORM=self): router and gate/up take them from
+    # the row itself. Unused pointers without a norm (or without the sums).
+    self_norm = norm is not None and norm.sumsq is None
+    nw = norm.weight if norm is not None else x
+    ss_in = norm.sumsq if norm is not None and not self_norm else logits
+    parts = norm is not None and not self_norm
+    norm_args = dict(NORM=norm is not None, BLOCK_P=next_power_of_2(ss_in.shape[-1]) if parts else 1,
+                     SELF_NORM=self_norm, BLOCK_H=next_power_of_2(H) if self_norm else 1)
+    P, eps = (ss_in.shape[-1] if parts else 0, norm.eps) if norm is not None else (0, 0.0)
     cfg = ROUTER
     k1, k2 = lin.whole_split(H)
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
@@ -654,7 +667,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     )
     if residual is None:
         return out
-    return ResidualSum(out, None, ss_out) if add else ResidualSum(out, residual)
+    return folded_sum(out, ss_out) if add else ResidualSum(out, residual)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -905,7 +918,8 @@ def fused_moe(
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13 and shared_w2 come together")
     fused = 0 < T <= FUSED_MAX_TOKENS
-    if norm is not None and not (fused and lin.whole_rows(H) and foldable_norm(norm, norm.x)):
+    if norm is not None and not (fused and lin.whole_rows(H)
+                                 and (foldable_norm(norm, norm.x) or self_normable(norm, norm.x))):
         x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one
     if fused:
         xin = unnormed(x)

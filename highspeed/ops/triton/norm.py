@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.norm import DeferredNorm
+from highspeed.ops.norm import DeferredNorm, ResidualSum
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 
 
@@ -143,6 +143,14 @@ def self_normable(norm: DeferredNorm, x: torch.Tensor) -> bool:
     w = norm.weight
     return (norm.residual is None and norm.sumsq is None and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:]
             and w.is_contiguous() and x.stride(-1) == 1)
+
+
+def folded_sum(out: torch.Tensor, sumsq: torch.Tensor | None) -> ResidualSum:
+    """A producer's result once it added the residual: the residual stream, with its partial sums of squares for
+    the consumers to read -- none with HIGHSPEED_FOLD_NORM=self, whose consumers take the sums themselves."""
+    from highspeed.ops import norm as norm_ops
+
+    return ResidualSum(out, None, None if norm_ops.FOLD_SELF else sumsq)
 
 
 def fold_residual(residual: torch.Tensor | None, like: torch.Tensor, rows: int, cols: int) -> bool:
