@@ -24,7 +24,7 @@ from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2,
                                   tuned)
 from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
-                                       self_normable, sumsq_load, sumsq_rstd)
+                                       rstd_of, self_normable, sumsq_load, sumsq_rstd)
 
 MAX_WEIGHT_BYTES: int = 64 * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
@@ -97,7 +97,7 @@ def whole_rows_load(w_rows, rmask, K, K1: tl.constexpr, K2: tl.constexpr):
 
 @triton.jit
 def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr, ss_row, P, eps,
-                   NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr = False):
+                   NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr):
     """[rows] fp32 dot products of whole preloaded weight rows (w1: columns [0, K1), w2: [K1, K1 + K2), unused
     when K2 == 0) with the row at ``x_row`` -- with NORM, with its RMSNorm (weights ``nw_ptr``, the producer's
     partial sums of squares at ``ss_row``, or with SELF_NORM the sums of squares of the loaded row itself: every
@@ -118,7 +118,7 @@ def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr,
             if K2 > 0:
                 x2f = x2.to(tl.float32)
                 ssq += tl.sum(x2f * x2f, 0)
-            rstd = 1.0 / tl.sqrt(ssq / K + eps)
+            rstd = rstd_of(ssq, K, eps)
         else:
             rstd = sumsq_rstd(sumsq_load(ss_row, P, BLOCK_P), K, eps)
         xf1 = norm_values(x1, g1, rstd, x_row.dtype.element_ty)
@@ -173,8 +173,9 @@ def _gemv_row_kernel(
     PDL: tl.constexpr,
 ):
     # NORM (WHOLE only): x is the residual stream, normalised here (see ops/triton/norm.py); SELF_NORM: x is a
-    # norm's input without a residual, its sums of squares taken here from the whole row each program loads. ADD_RESIDUAL: y is
-    # added to the residual rows at res_ptr, and each program stores the sum of squares of its sums.
+    # norm's input without a residual, its sums of squares taken here from the whole row each program loads.
+    # ADD_RESIDUAL: y is added to the residual rows at res_ptr, and each program stores the sum of squares of its
+    # sums.
     if PDL:
         gdc_launch_dependents()
     m = tl.program_id(1).to(tl.int64)
@@ -239,16 +240,17 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
     add = fold_residual(residual, xin, M, N)
     ss_out = torch.empty(M, programs, dtype=torch.float32, device=xin.device) if add else None
     res = residual.reshape(M, N) if add else y       # unused pointers without them
-    ss_in = norm.sumsq if norm is not None and not self_norm else y
+    parts = norm is not None and not self_norm     # the producer's partial sums of squares are read
+    ss_in = norm.sumsq if parts else y
     ss_o = ss_out if ss_out is not None else y
     _gemv_row_kernel[(programs, M)](
         x2, weight, bias if bias is not None else weight, y, res, norm.weight if norm is not None else weight,
-        ss_in, ss_o, N, K, ss_in.shape[-1] if norm is not None and not self_norm else 0, norm.eps if norm is not None else 0.0,
+        ss_in, ss_o, N, K, ss_in.shape[-1] if parts else 0, norm.eps if norm is not None else 0.0,
         x2.stride(0), weight.stride(0), y.stride(0), res.stride(0), ss_in.stride(0), ss_o.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
         WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None, SELF_NORM=self_norm,
-        BLOCK_P=next_power_of_2(ss_in.shape[-1]) if norm is not None and not self_norm else 1,
+        BLOCK_P=next_power_of_2(ss_in.shape[-1]) if parts else 1,
         ADD_RESIDUAL=add, num_warps=cfg["num_warps"], **pdl(x2),
     )
     y = y.view(*xin.shape[:-1], N)

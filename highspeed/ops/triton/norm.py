@@ -39,7 +39,7 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+    rstd = rstd_of(tl.sum(xf * xf, 0), N, eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -114,9 +114,15 @@ def sumsq_load(ss_row, P, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def rstd_of(sumsq, K, eps):
+    """``1 / rms`` of a row of K elements from its sum of squares."""
+    return 1.0 / tl.sqrt(sumsq / K + eps)
+
+
+@triton.jit
 def sumsq_rstd(parts, K, eps):
     """``1 / rms`` of a row of K elements from its loaded partial sums of squares."""
-    return 1.0 / tl.sqrt(tl.sum(parts, 0) / K + eps)
+    return rstd_of(tl.sum(parts, 0), K, eps)
 
 
 @triton.jit
@@ -141,8 +147,8 @@ def self_normable(norm: DeferredNorm, x: torch.Tensor) -> bool:
     of squares itself: a norm of x alone (no residual to add, so nothing else to write) whose producer did not
     store them (then ``foldable_norm`` reads those)."""
     w = norm.weight
-    return (norm.residual is None and norm.sumsq is None and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:]
-            and w.is_contiguous() and x.stride(-1) == 1)
+    return (norm.residual is None and norm.sumsq is None and not norm.needs_grad() and w.dtype == x.dtype
+            and w.shape == x.shape[-1:] and w.is_contiguous() and x.stride(-1) == 1)
 
 
 def folded_sum(out: torch.Tensor, sumsq: torch.Tensor | None) -> ResidualSum:
