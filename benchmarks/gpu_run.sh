@@ -43,8 +43,10 @@ if [ "$MODE" = core ] || [ "$MODE" = all ]; then
   bench latency-glm-4.7-flash-b1-eager --preset glm-4.7-flash --random-weights --batch-size 1 --input-len 128 --output-len 64 --baseline eager
 fi
 if [ "$MODE" = ab ]; then
-  # AB_TESTS: the test paths to run first (default: all op tests and the GPU end-to-end tests).
-  timeout 330 python3 -m pytest -q -p no:cacheprovider ${AB_TESTS:-tests/ops tests/engine/test_gpu_e2e.py} 2>&1 \
+  # AB_TESTS: the test paths to run first (default: all op tests and the GPU end-to-end tests); AB_TEST_ENV:
+  # switches set for that test run only (e.g. AB_TEST_ENV="HIGHSPEED_FOLD_NORM=self"), so an off-by-default
+  # variant is checked end to end before it is timed.
+  env ${AB_TEST_ENV:-} timeout 330 python3 -m pytest -q -p no:cacheprovider ${AB_TESTS:-tests/ops tests/engine/test_gpu_e2e.py} 2>&1 \
     | tail -n 40 > "$OUT/gpu_tests.log"
   tail -n 4 "$OUT/gpu_tests.log"
   timeout 120 python3 benchmarks/kernel_regs.py > "$OUT/kernel_regs.json" 2>&1
