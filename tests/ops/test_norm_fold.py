@@ -51,17 +51,23 @@ def _check_sums(rs: ResidualSum, expected_s: torch.Tensor, dtype: torch.dtype) -
 # Batch-1 GEMV: producer, consumer, and the chain
 # ----------------------------------------------------------------------------------------------------------------
 
+def _gemv_producer(lin, reference, dtype: torch.dtype, K: int, bias: bool
+                   ) -> tuple[ResidualSum, torch.Tensor, torch.Tensor]:
+    """The GEMV as a producer: s = a @ w_in^T (+ b) + r. Returns (its ResidualSum, the reference s, a norm
+    weight for the consumer)."""
+    a, r, nw = _inputs((1, K), dtype)
+    w_in = (torch.randn(K, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(K, device=DEVICE).to(dtype) if bias else None
+    return lin.linear(a, w_in, b, r), reference(F.linear, a, w_in, b) + r, nw
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,bias", [(20, 40, False), (7, 37, True), (33, 48, False), (5, 300, True)])
 def test_gemv_producer_and_consumer(triton_module, reference, monkeypatch, dtype, N, K, bias):
     lin = triton_module("linear")
     small_gemv_tiles(lin, monkeypatch, False, whole=True)
-    a, r, nw = _inputs((1, K), dtype)
-    w_in = (torch.randn(K, K, device=DEVICE) / K**0.5).to(dtype)
-    b = torch.randn(K, device=DEVICE).to(dtype) if bias else None
     # Producer: s = a @ w_in^T (+ b) + r, with its sums of squares.
-    rs = lin.linear(a, w_in, b, r)
-    ref_s = reference(F.linear, a, w_in, b) + r
+    rs, ref_s, nw = _gemv_producer(lin, reference, dtype, K, bias)
     _check_sums(rs, ref_s, dtype)
     # Consumer: the norm of s, folded into the next GEMV.
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
@@ -161,22 +167,28 @@ def _moe_tiles(moe, monkeypatch, T: int, prefetch_all: bool = False) -> None:
             monkeypatch.setattr(moe, name, {**getattr(moe, name), "PREFETCH_ALL": prefetch_all})
 
 
-@pytest.mark.parametrize("prefetch_all", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", FUSED_CASES)
-def test_fused_moe_fold(triton_module, reference, monkeypatch, case, dtype, prefetch_all):
+def _moe_case(case: tuple, dtype: torch.dtype) -> tuple:
+    """The MoE block's arguments after x for a FUSED_CASES row: (gate, w13, w2, k, scoring, ..., ws13, ws2)."""
     T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared = case
-    from highspeed.ops.moe import fused_moe as ref_fused_moe
-
-    moe = triton_module("moe")
-    _moe_tiles(moe, monkeypatch, T, prefetch_all)
-    s, r2, nw = _inputs((T, H), dtype)
     gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4    # fp32 router, spread-out logits (no near-ties)
     w13, w2 = _expert_weights(E, H, I, dtype)
     b = torch.randn(E, device=DEVICE) * 0.5 if bias else None
     ws13 = (torch.randn(2 * shared, H, device=DEVICE) / H**0.5).to(dtype) if shared else None
     ws2 = (torch.randn(H, shared, device=DEVICE) / shared**0.5).to(dtype) if shared else None
-    rest = (gate, w13, w2, k, scoring, renorm, b, n_group, topk_group, scale, ws13, ws2)
+    return gate, w13, w2, k, scoring, renorm, b, n_group, topk_group, scale, ws13, ws2
+
+
+@pytest.mark.parametrize("prefetch_all", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_moe_fold(triton_module, reference, monkeypatch, case, dtype, prefetch_all):
+    T, H = case[0], case[2]
+    from highspeed.ops.moe import fused_moe as ref_fused_moe
+
+    moe = triton_module("moe")
+    _moe_tiles(moe, monkeypatch, T, prefetch_all)
+    s, r2, nw = _inputs((T, H), dtype)
+    rest = _moe_case(case, dtype)
     sq = s.double().pow(2)
     # The input as a producer leaves it: the row and its partial sums of squares (split unevenly on purpose).
     sumsq = torch.stack([sq[:, : H // 3].sum(-1), sq[:, H // 3:].sum(-1), torch.zeros(T, dtype=sq.dtype, device=DEVICE)], -1)
@@ -256,12 +268,9 @@ def test_gemv_fold_self(triton_module, reference, monkeypatch, fold_self, dtype,
     own sum of squares, with no norm launch."""
     lin = triton_module("linear")
     small_gemv_tiles(lin, monkeypatch, False, whole=True)
-    a, r, nw = _inputs((1, K), dtype)
-    w_in = (torch.randn(K, K, device=DEVICE) / K**0.5).to(dtype)
-    b = torch.randn(K, device=DEVICE).to(dtype) if bias else None
-    rs = lin.linear(a, w_in, b, r)
+    rs, ref_s, nw = _gemv_producer(lin, reference, dtype, K, bias)
     assert rs.residual is None and rs.sumsq is None
-    assert rel_err(rs.x, reference(F.linear, a, w_in, b) + r) < REF_TOL[dtype]
+    assert rel_err(rs.x, ref_s) < REF_TOL[dtype]
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
     norm = DeferredNorm(rs, nw, EPS)
     y = lin.linear(norm, w)
@@ -275,18 +284,13 @@ def test_gemv_fold_self(triton_module, reference, monkeypatch, fold_self, dtype,
 def test_fused_moe_fold_self(triton_module, reference, monkeypatch, fold_self, case, dtype):
     """Router and gate/up normalise the row by its own sum of squares (no sums from the producer, no norm launch),
     and the down kernel adds the residual and hands on no sums either."""
-    T, E, H, I, k, scoring, renorm, bias, n_group, topk_group, scale, shared = case
+    T, H = case[0], case[2]
     from highspeed.ops.moe import fused_moe as ref_fused_moe
 
     moe = triton_module("moe")
     _moe_tiles(moe, monkeypatch, T, True)
     s, r2, nw = _inputs((T, H), dtype)
-    gate = torch.randn(E, H, device=DEVICE) / H**0.5 * 4
-    w13, w2 = _expert_weights(E, H, I, dtype)
-    b = torch.randn(E, device=DEVICE) * 0.5 if bias else None
-    ws13 = (torch.randn(2 * shared, H, device=DEVICE) / H**0.5).to(dtype) if shared else None
-    ws2 = (torch.randn(H, shared, device=DEVICE) / shared**0.5).to(dtype) if shared else None
-    rest = (gate, w13, w2, k, scoring, renorm, b, n_group, topk_group, scale, ws13, ws2)
+    rest = _moe_case(case, dtype)
     norm = DeferredNorm(ResidualSum(s, None, None), nw, EPS)
     out = moe.fused_moe(norm, *rest, r2)
     assert not fold_self
