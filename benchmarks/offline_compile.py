@@ -126,13 +126,11 @@ def record_decode_layer(shape: str) -> list:
             norm_ops.FOLD_NORM = fold
         if qkv:
             lin.linear(x, torch.empty(qkv, H, dtype=dt))
-        # The A/B switches' variants: the shared expert's L2 prefetch (it needs PDL, which a CPU tensor lacks),
-        # the self-normalising GEMV (MLA's q_b_proj reading q_a_layernorm's input: 768 -> 20 x 256) and MoE.
-        saved_switches = moe.SHARED_L2, moe.pdl, lin.SELF_NORM
-        moe.SHARED_L2, moe.pdl, lin.SELF_NORM = 2, lambda t: {"PDL": True, "launch_pdl": True}, True
+        # The self-normalising variants: the GEMV (MLA's q_b_proj reading q_a_layernorm's input: 768 -> 20 x 256),
+        # and with HIGHSPEED_FOLD_NORM=self the next layer's GEMV, the router and gate/up.
+        saved_switch = lin.SELF_NORM
+        lin.SELF_NORM = True
         try:
-            if S:
-                moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2)
             lin.linear(DeferredNorm(torch.randn(1, 768, dtype=dt), torch.ones(768, dtype=dt), 1e-6),
                        torch.empty(5120, 768, dtype=dt))
             # HIGHSPEED_FOLD_NORM=self: the next GEMV, router and gate/up take the row's sum of squares themselves.
@@ -140,7 +138,7 @@ def record_decode_layer(shape: str) -> list:
             moe.fused_moe(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), gate, w13, w2, k, shared_w13=ws13,
                           shared_w2=ws2)
         finally:
-            moe.SHARED_L2, moe.pdl, lin.SELF_NORM = saved_switches
+            lin.SELF_NORM = saved_switch
     finally:
         for (mod, n), kern in saved.items():
             setattr(mod, n, kern)

@@ -283,14 +283,10 @@ NARROW_I: int = 1024
 # one extra read of the down weights per layer, the prefetched rows not surviving the 50 MB of gate/up weights
 # streamed meanwhile.
 PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
-# The shared expert's weights do not depend on the routing: with HIGHSPEED_SHARED_L2=1 its gate/up programs ask L2
-# for all their rows before the PDL wait (=2: and a share of its down rows), so they stream in during the router
-# and the routing ramp, when HBM idles, and the routed weights then load evict-first so those lines survive.
-# Measured slower on the H200 (run 38, GLM-4.7-Flash batch-1 decode chain, two passes): =1 2.920 / 2.924 ms per
-# step, =2 3.018 / 3.026, against 2.909 / 2.909. With =1 gate/up got 1.6 us per layer faster, but the router
-# (+0.6, its loads behind the prefetch) and down (+1.0) gave it back: router + gate/up + down summed to the same
-# 1422 us per step -- the expert window is bound by its bytes, wherever they are read. Off; the switch stays.
-SHARED_L2: int = int(os.environ.get("HIGHSPEED_SHARED_L2", "0"))
+# The shared expert's gate/up programs asking L2 for their rows before the PDL wait (HIGHSPEED_SHARED_L2, commit
+# a16bf88, removed): GLM-4.7-Flash 2.920 / 2.924 ms per step, and 3.018 / 3.026 with its down rows too, against
+# 2.909 / 2.909 (H200 run 38). Gate/up got 1.6 us per layer faster, the router and down slower by as much: the
+# expert window is bound by its bytes, wherever they are read (benchmarks/KERNEL_NOTES.md, runs 38-42).
 
 
 @triton.jit
@@ -332,7 +328,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
                    WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr,
-                   BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, PDL: tl.constexpr):
     # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss
     # (SELF_NORM: the sums of squares of the whole row this program loads).
     if PDL:
@@ -367,28 +363,16 @@ def _fused_gate_up_kernel(
     x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr, nw_ptr, ss_ptr,
     H, I, IS, n_group, per_group, scaling, P, eps,
     stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at, stride_2e, stride_2n, stride_s2n, stride_st,
-    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, BLOCK_H: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
     ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
-    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, SHARED_L2: tl.constexpr,
-    H_LINES: tl.constexpr, PDL: tl.constexpr,
+    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # everything here depends on the router's logits -- except the shared expert's weights
+    if PDL:  # everything here depends on the router's logits
         gdc_launch_dependents()
-        if SHARED_L2 > 0:   # (see SHARED_L2 above) the shared expert's programs ask L2 for their rows first
-            ps = tl.program_id(1) - TOP_K * tl.cdiv(I, BLOCK_N)
-            if ps >= 0:
-                ns = tl.minimum(ps * BLOCK_N + tl.arange(0, BLOCK_N), IS - 1)
-                lines = tl.minimum(tl.arange(0, H_LINES) * LINE, H - 1)
-                g_lines = ws13_ptr + ns[:, None].to(tl.int64) * stride_sn + lines[None, :]
-                prefetch_l2(g_lines)
-                prefetch_l2(g_lines + IS * stride_sn)
-                if SHARED_L2 > 1:   # and their share of its down rows, for the down kernel
-                    hs = tl.minimum(ps * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
-                    cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, IS - 1)
-                    prefetch_l2(ws2_ptr + hs[:, None].to(tl.int64) * stride_s2n + cols[None, :])
         gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
@@ -609,9 +593,6 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
     launch = pdl(x)
     prefetch = l2_prefetch(x)
-    shared_l2 = SHARED_L2 if has_shared and launch["PDL"] else 0
-    if shared_l2:
-        prefetch = dict(prefetch, W_EVICT="evict_first")
     # A norm whose producer stored no sums of squares (HIGHSPEED_FOLD_NORM=self): router and gate/up take them from
     # the row itself. Unused pointers without a norm (or without the sums).
     self_norm = norm is not None and norm.sumsq is None
@@ -619,7 +600,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     ss_in = norm.sumsq if norm is not None and not self_norm else logits
     parts = norm is not None and not self_norm
     norm_args = dict(NORM=norm is not None, BLOCK_P=next_power_of_2(ss_in.shape[-1]) if parts else 1,
-                     SELF_NORM=self_norm, BLOCK_H=next_power_of_2(H) if self_norm else 1)
+                     SELF_NORM=self_norm)
     P, eps = (ss_in.shape[-1] if parts else 0, norm.eps) if norm is not None else (0, 0.0)
     cfg = ROUTER
     k1, k2 = lin.whole_split(H)
@@ -650,7 +631,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, **_loop_args(cfg),
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
-        SHARED_L2=shared_l2, H_LINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)), **prefetch, **launch,
+        BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = down_config(I, IS)
