@@ -17,6 +17,7 @@ models no longer reached (benchmarks/KERNEL_NOTES.md).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -698,14 +699,20 @@ def _persistent_grid(args: tuple, kw: dict, device: torch.device) -> int:
     the interpreter, which runs programs one after another, one program does every item in order."""
     if interpreting() or device.type != "cuda":
         return 1
-    key = (device.index, tuple(sorted((n, v) for n, v in kw.items() if not isinstance(v, torch.Tensor))))
+    key = (device.index, tuple(a for a in args if not isinstance(a, torch.Tensor)),
+           tuple(sorted((n, v) for n, v in kw.items() if not isinstance(v, torch.Tensor))))
     if key not in _persistent_sizes:
         props = torch.cuda.get_device_properties(device)
-        compiled = _persistent_experts_kernel.warmup(*args, grid=(1,), **kw)
-        compiled._init_handles()
         threads = 32 * kw["num_warps"]
-        per_sm = min(getattr(props, "max_threads_per_multi_processor", 2048) // threads,
-                     getattr(props, "regs_per_multiprocessor", 65536) // (max(compiled.n_regs, 1) * threads))
+        regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+        try:
+            compiled = _persistent_experts_kernel.warmup(*args, grid=(1,), **kw)
+            compiled._init_handles()
+            regs = max(int(compiled.n_regs), 1)
+        except Exception as exc:   # noqa: BLE001 - any failure: assume the most registers a thread can have
+            warnings.warn(f"persistent experts: register count unavailable ({exc!r}); assuming 255")
+            regs = 255
+        per_sm = min(getattr(props, "max_threads_per_multi_processor", 2048) // threads, regs_per_sm // (regs * threads))
         if PERSISTENT["PER_SM"]:
             per_sm = min(per_sm, PERSISTENT["PER_SM"])
         _persistent_sizes[key] = props.multi_processor_count * max(per_sm, 1)
