@@ -4,7 +4,9 @@ without one, and report each kernel's registers and spills (from ``cuobjdump``, 
 The interpreter (CI) accepts code the GPU compiler rejects, and a register count decides how many programs are
 resident -- both are worth knowing before spending device time. Each op is called with CPU tensors at a real
 model shape while its kernels are replaced by recorders; the recorded launches are then compiled with
-``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` with PDL on. Honours the HIGHSPEED_TUNE_* overrides.
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` with PDL on. Honours the HIGHSPEED_TUNE_* overrides. Each
+line also carries a hash of the kernel's SASS: run it at two commits to see whether a refactor changed the code
+the card would run.
 
     python3 benchmarks/offline_compile.py [qwen3-30b-a3b|glm-4.7-flash ...]
 
@@ -14,6 +16,7 @@ a defaulted constexpr parameter of a jit helper), and 3.6's register counts are 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -57,7 +60,8 @@ def _type(v) -> str:
 
 def compile_launch(kernel, args: tuple, kw: dict) -> dict:
     """Compile one recorded launch for sm_90 as the JIT would specialise it (ints equal to 1 become constants,
-    16-divisible pointers and ints get the divisibility hint); returns registers, spills and shared memory."""
+    16-divisible pointers and ints get the divisibility hint); returns registers, spills, shared memory and a hash
+    of the SASS (to check that a refactor left a kernel's machine code as it was)."""
     sig, consts, attrs = {}, {}, {}
     # Keyword arguments the kernel does not declare constexpr are runtime ones (pointers, ints), as in the JIT.
     runtime = {p.name for p in kernel.params if not p.is_constexpr}
@@ -88,9 +92,13 @@ def compile_launch(kernel, args: tuple, kw: dict) -> dict:
             f.write(compiled.asm["cubin"])
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
     field = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else None  # noqa: E731
+    # The machine code without its addresses: equal hashes at two commits mean the card runs the same kernel.
+    code = [re.sub(r"/\*[0-9a-f]{4}\*/", "", line).strip() for line in sass.splitlines()
+            if re.search(r"/\*[0-9a-f]{4}\*/", line)]
     return dict(kernel=kernel.__name__, regs=field("REG"), stack=field("STACK"), shared=field("SHARED"),
-                num_warps=opts["num_warps"])
+                num_warps=opts["num_warps"], sass=hashlib.sha1("\n".join(code).encode()).hexdigest()[:12])
 
 
 def record_decode_layer(shape: str) -> list:
