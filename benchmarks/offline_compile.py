@@ -102,16 +102,18 @@ def compile_launch(kernel, args: tuple, kw: dict) -> dict:
 
 
 def record_decode_layer(shape: str) -> list:
-    """The MoE block (with and without the norm fold) and the GEMVs of one batch-1 decode layer, recorded."""
+    """The MoE block (with and without the norm fold), the GEMVs and the RMSNorms of one batch-1 decode layer,
+    recorded."""
     from highspeed.ops import norm as norm_ops
     from highspeed.ops.norm import DeferredNorm, ResidualSum
     from highspeed.ops.triton import linear as lin
     from highspeed.ops.triton import moe
+    from highspeed.ops.triton import norm as norm_kernels
 
     H, E, I, k, S, qkv, o_in = SHAPES[shape]
     launches: list = []
     kernels = {mod: [n for n, v in vars(mod).items() if isinstance(v, triton.runtime.jit.JITFunction)]
-               for mod in (lin, moe)}
+               for mod in (lin, moe, norm_kernels)}
     saved = {(mod, n): getattr(mod, n) for mod, names in kernels.items() for n in names}
     for (mod, n), kern in saved.items():
         setattr(mod, n, Recorder(kern, launches))
@@ -134,6 +136,8 @@ def record_decode_layer(shape: str) -> list:
             norm_ops.FOLD_NORM = fold
         if qkv:
             lin.linear(x, torch.empty(qkv, H, dtype=dt))
+        norm_kernels.add_rms_norm(x, r, nw, 1e-6)     # the residual norms, and a plain one (MLA's latent width)
+        norm_kernels.rms_norm(torch.randn(1, 768, dtype=dt), torch.ones(768, dtype=dt), 1e-6)
         # The self-normalising variants: the GEMV (MLA's q_b_proj reading q_a_layernorm's input: 768 -> 20 x 256),
         # and with HIGHSPEED_FOLD_NORM=self the next layer's GEMV, the router and gate/up.
         saved_switch = lin.SELF_NORM, moe.PERSISTENT_EXPERTS
