@@ -512,15 +512,31 @@ def _fused_gate_up_kernel(
                   stride_sn, stride_at, stride_2e, stride_2n, stride_s2n, stride_st, NORM, BLOCK_P, SELF_NORM, BLOCK_H,
                   TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RENORM, BLOCK_N,
                   BLOCK_K, PREFETCH, PREFETCH_ALL, ROW_SUMS, L2_PREFETCH, PF_DOWN, LINE, PF_ROWS, PF_LINES, W_EVICT,
-                  PARTIAL_PICKS, False,)
+                  PARTIAL_PICKS, False)
 
 
 @triton.jit
-def _wait_count(ptr, target):
-    """Spin until the int32 counter at ``ptr`` reaches ``target`` (acquire, GPU scope), then a CTA barrier so that
-    every thread's later loads come after it. Only for a launch whose programs are all resident at once."""
-    while tl.atomic_add(ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
+def _load_acquire(ptr):
+    """``ld.global.acquire.gpu`` of the int32 at ``ptr``: later loads of this thread see whatever the releasing
+    program wrote before its release."""
+    v = tl.inline_asm_elementwise("ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr + tl.zeros([1], tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    return tl.max(v, 0)
+
+
+@triton.jit
+def _wait_count(ptr, target, ACQUIRE_ASM: tl.constexpr):
+    """Spin until the int32 counter at ``ptr`` reaches ``target``, then a CTA barrier so that every thread's later
+    loads come after it. The spin reads with acquire loads (ACQUIRE_ASM; volatile loads under the interpreter,
+    which has no inline PTX), not atomics: hundreds of programs spinning with read-modify-writes on one address
+    would queue the producers' increments behind them (and an unused acquiring atomic is compiled away). Only for
+    a launch whose programs are all resident at once."""
+    if ACQUIRE_ASM:
+        while _load_acquire(ptr) < target:
+            pass
+    else:
+        while tl.load(ptr, volatile=True) < target:
+            pass
     tl.debug_barrier()
 
 
@@ -532,6 +548,7 @@ def _down_item(
     HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr, ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr,
     PERSISTENT: tl.constexpr, ACT_CACHE: tl.constexpr,
+    ACQUIRE_ASM: tl.constexpr,
 ):
     """Output column block ``nb`` of token ``t`` of the fused down projection. PERSISTENT (the persistent
     launch): it waits for the token's routing flag before reading the routing, and for ``n_done`` gate/up blocks
@@ -543,7 +560,7 @@ def _down_item(
     n = nb * BLOCK_N + rows % BLOCK_N
     rmask = (slot < TOP_K) & (n < H)
     if PERSISTENT:   # the token's routing, published by its gate/up block 0 (read from L2, not a stale L1 line)
-        _wait_count(flag_ptr + t, 1)
+        _wait_count(flag_ptr + t, 1, ACQUIRE_ASM)
     e = tl.load(ids_ptr + t * TOP_K + slot, mask=rmask, other=0, cache_modifier=ACT_CACHE).to(tl.int64)
     wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0, cache_modifier=ACT_CACHE)
     w_rows = w2_ptr + e * stride_we + n.to(tl.int64) * stride_wn
@@ -562,7 +579,7 @@ def _down_item(
         m2 = rmask[:, None] & (k < I)[None, :]
         w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
     if PERSISTENT:   # every gate/up block done: the activations exist (the first weight tile is already loading)
-        _wait_count(done_ptr, n_done)
+        _wait_count(done_ptr, n_done, ACQUIRE_ASM)
     if PREFETCH:
         if PREFETCH_ALL:   # the activations and the shared rows too: no round trip of their own in any iteration
             a_raw = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0, cache_modifier=ACT_CACHE)
@@ -633,7 +650,7 @@ def _fused_down_kernel(
     _down_item(tl.program_id(0).to(tl.int64), tl.program_id(1), ids_ptr, ids_ptr, 0,
                act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr, res_ptr, ss_ptr, H, I, IS, stride_at, stride_we,
                stride_wn, stride_sn, stride_ot, stride_rt, stride_st, ADD_RESIDUAL, TOP_K, SLOTS, HAS_SHARED,
-               SHARED_IN_LOOP, BLOCK_N, BLOCK_K, PREFETCH, PREFETCH_ALL, ROW_SUMS, W_EVICT, False, "",)
+               SHARED_IN_LOOP, BLOCK_N, BLOCK_K, PREFETCH, PREFETCH_ALL, ROW_SUMS, W_EVICT, False, "", False)
 
 
 @triton.jit
@@ -651,7 +668,8 @@ def _persistent_experts_kernel(
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, d_ADD_RESIDUAL: tl.constexpr,
     d_TOP_K: tl.constexpr, d_SLOTS: tl.constexpr, d_HAS_SHARED: tl.constexpr, d_SHARED_IN_LOOP: tl.constexpr,
     d_BLOCK_N: tl.constexpr, d_BLOCK_K: tl.constexpr, d_PREFETCH: tl.constexpr, d_PREFETCH_ALL: tl.constexpr,
-    d_ROW_SUMS: tl.constexpr, d_W_EVICT: tl.constexpr, PDL: tl.constexpr,
+    d_ROW_SUMS: tl.constexpr, d_W_EVICT: tl.constexpr, ACQUIRE_ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Gate/up and down in one launch of resident programs (HIGHSPEED_PERSISTENT_EXPERTS; see PERSISTENT_EXPERTS).
     Items: T * gu_per_tok gate/up blocks, then T * dn_per_tok down column blocks; program i takes items i, i + P,
@@ -679,7 +697,7 @@ def _persistent_experts_kernel(
                        d_act_ptr, d_w2_ptr, d_ws2_ptr, d_wts_ptr, d_ids_ptr, d_out_ptr, d_res_ptr, d_ss_ptr, d_H, d_I,
                        d_IS, d_stride_at, d_stride_we, d_stride_wn, d_stride_sn, d_stride_ot, d_stride_rt, d_stride_st,
                        d_ADD_RESIDUAL, d_TOP_K, d_SLOTS, d_HAS_SHARED, d_SHARED_IN_LOOP, d_BLOCK_N, d_BLOCK_K,
-                       d_PREFETCH, d_PREFETCH_ALL, d_ROW_SUMS, d_W_EVICT, True, ".cg",)
+                       d_PREFETCH, d_PREFETCH_ALL, d_ROW_SUMS, d_W_EVICT, True, ".cg", ACQUIRE_ASM)
 
 
 # Gate/up and down as ONE launch of resident programs (``_persistent_experts_kernel``; A/B switch
@@ -810,7 +828,8 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     if persistent:
         warps = dn_kw.pop("num_warps")
         gu_kw.pop("num_warps")
-        kw = dict(**gu_kw, **{"d_" + key: v for key, v in dn_kw.items()}, num_warps=warps, **launch)
+        kw = dict(**gu_kw, **{"d_" + key: v for key, v in dn_kw.items()}, ACQUIRE_ASM=not interpreting(),
+                  num_warps=warps, **launch)
         args = (cnt, T, gu_blocks, programs, *gu_args, *dn_args)
         _persistent_experts_kernel[(_persistent_grid(args, kw, dev),)](*args, **kw)
     else:
