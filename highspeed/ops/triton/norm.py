@@ -133,22 +133,27 @@ def norm_values(x, nw, rstd, OUT_TY: tl.constexpr):
     return (normed * nw.to(tl.float32)).to(OUT_TY).to(tl.float32)
 
 
+def _norm_of_ready_row(norm: DeferredNorm, x: torch.Tensor) -> bool:
+    """What both ways of folding a ``DeferredNorm`` into the kernel reading ``x`` need: the residual already
+    added, no autograd to see through the kernel, and a weight and row the kernel can read as they are."""
+    w = norm.weight
+    return (norm.residual is None and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:]
+            and w.is_contiguous() and x.stride(-1) == 1)
+
+
 def foldable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
     """Whether a consumer kernel can fold this ``DeferredNorm`` of its input ``x``: its producer stored the
     sums of squares, and the residual is already added."""
-    w, ss = norm.weight, norm.sumsq
-    return (ss is not None and norm.residual is None and not norm.needs_grad() and w.dtype == x.dtype
-            and w.shape == x.shape[-1:] and w.is_contiguous() and ss.is_contiguous() and ss.dim() == 2
-            and ss.shape[0] == x.numel() // max(1, x.shape[-1]) and x.stride(-1) == 1)
+    ss = norm.sumsq
+    return (ss is not None and _norm_of_ready_row(norm, x) and ss.is_contiguous() and ss.dim() == 2
+            and ss.shape[0] == x.numel() // max(1, x.shape[-1]))
 
 
 def self_normable(norm: DeferredNorm, x: torch.Tensor) -> bool:
     """Whether a whole-row consumer kernel can fold this ``DeferredNorm`` of its input ``x`` by taking the sums
     of squares itself: a norm of x alone (no residual to add, so nothing else to write) whose producer did not
     store them (then ``foldable_norm`` reads those)."""
-    w = norm.weight
-    return (norm.residual is None and norm.sumsq is None and not norm.needs_grad() and w.dtype == x.dtype
-            and w.shape == x.shape[-1:] and w.is_contiguous() and x.stride(-1) == 1)
+    return norm.sumsq is None and _norm_of_ready_row(norm, x)
 
 
 def folded_sum(out: torch.Tensor, sumsq: torch.Tensor | None) -> ResidualSum:
