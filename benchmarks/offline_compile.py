@@ -140,7 +140,7 @@ def record_decode_layer(shape: str) -> list:
         norm_kernels.rms_norm(torch.randn(1, 768, dtype=dt), torch.ones(768, dtype=dt), 1e-6)
         # The self-normalising variants: the GEMV (MLA's q_b_proj reading q_a_layernorm's input: 768 -> 20 x 256),
         # and with HIGHSPEED_FOLD_NORM=self the next layer's GEMV, the router and gate/up.
-        saved_switch = lin.SELF_NORM, moe.PERSISTENT_EXPERTS
+        saved_switch = lin.SELF_NORM
         lin.SELF_NORM = True
         try:
             lin.linear(DeferredNorm(torch.randn(1, 768, dtype=dt), torch.ones(768, dtype=dt), 1e-6),
@@ -149,11 +149,8 @@ def record_decode_layer(shape: str) -> list:
             lin.linear(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), torch.empty(H, H, dtype=dt))
             moe.fused_moe(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), gate, w13, w2, k, shared_w13=ws13,
                           shared_w2=ws2)
-            # HIGHSPEED_PERSISTENT_EXPERTS=1: gate/up and down in one launch (with the residual add).
-            moe.PERSISTENT_EXPERTS = True
-            moe.fused_moe(x, gate, w13, w2, k, shared_w13=ws13, shared_w2=ws2, residual=r)
         finally:
-            lin.SELF_NORM, moe.PERSISTENT_EXPERTS = saved_switch
+            lin.SELF_NORM = saved_switch
     finally:
         for (mod, n), kern in saved.items():
             setattr(mod, n, kern)

@@ -279,19 +279,16 @@ def test_gemv_fold_self(triton_module, reference, monkeypatch, fold_self, dtype,
     assert not fold_self and norm.residual_out is rs.x
 
 
-@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", FUSED_CASES)
-def test_fused_moe_fold_self(triton_module, reference, monkeypatch, fold_self, case, dtype, persistent):
+def test_fused_moe_fold_self(triton_module, reference, monkeypatch, fold_self, case, dtype):
     """Router and gate/up normalise the row by its own sum of squares (no sums from the producer, no norm launch),
-    and the down kernel adds the residual and hands on no sums either -- also with gate/up and down in one
-    persistent launch (PERSISTENT_EXPERTS)."""
+    and the down kernel adds the residual and hands on no sums either."""
     T, H = case[0], case[2]
     from highspeed.ops.moe import fused_moe as ref_fused_moe
 
     moe = triton_module("moe")
     _moe_tiles(moe, monkeypatch, T, True)
-    monkeypatch.setattr(moe, "PERSISTENT_EXPERTS", persistent)
     s, r2, nw = _inputs((T, H), dtype)
     rest = _moe_case(case, dtype)
     norm = DeferredNorm(ResidualSum(s, None, None), nw, EPS)

@@ -152,20 +152,17 @@ FUSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch", [False, True, "all", "persistent"])
+@pytest.mark.parametrize("prefetch", [False, True, "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
 def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype, T, E, H, I, k, scoring, renorm,
                           bias, n_group, topk_group, scale, shared):
     """The decode path (router + routing + experts + shared expert in three launches) against the reference;
-    ``prefetch``: plain loops, double-buffered weight tiles, everything one iteration ahead (PREFETCH_ALL), or that
-    with gate/up and down in one persistent launch (PERSISTENT_EXPERTS; one program under the interpreter)."""
-    persistent = prefetch == "persistent"
-    prefetch_all, prefetch = prefetch in ("all", "persistent"), bool(prefetch)
+    ``prefetch``: plain loops, double-buffered weight tiles, or everything one iteration ahead (PREFETCH_ALL)."""
+    prefetch_all, prefetch = prefetch == "all", bool(prefetch)
     from highspeed.ops.moe import fused_moe as ref_fused_moe
 
     moe = triton_module("moe")
-    monkeypatch.setattr(moe, "PERSISTENT_EXPERTS", persistent)
     monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", T)
     monkeypatch.setattr(moe, "PARTIAL_PICKS", prefetch)     # gate/up: picks up to its own slot, or all k
     monkeypatch.setattr(moe.lin, "WHOLE_ROWS", prefetch)    # the router: whole-row preload, or the tile loop

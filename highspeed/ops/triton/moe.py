@@ -17,7 +17,6 @@ models no longer reached (benchmarks/KERNEL_NOTES.md).
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import triton
@@ -329,8 +328,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
                    WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr,
-                   BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, cnt_ptr, N_CNT: tl.constexpr,
-                   PDL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, PDL: tl.constexpr):
     # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss
     # (SELF_NORM: the sums of squares of the whole row this program loads).
     if PDL:
@@ -351,9 +349,6 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
         w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
     if PDL:
         gdc_wait()
-    if N_CNT > 0:   # the persistent expert launch's counters, zeroed for it (it waits for this kernel)
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(cnt_ptr + tl.arange(0, N_CNT), tl.zeros([N_CNT], dtype=tl.int32))
     x_row = x_ptr + t * stride_xt
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P,
@@ -364,33 +359,23 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
 
 
 @triton.jit
-def _store_routing(logits_row, ivec, wts_row, ids_row, n_group, per_group, scaling,
-                   TOP_K: tl.constexpr, BLOCK_TK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
-                   SIGMOID: tl.constexpr, RENORM: tl.constexpr):
-    """The routing weights of the picks ``ivec``, stored with the picks for the down kernel."""
-    kk = tl.arange(0, BLOCK_TK)
-    wvec = _route_weights(logits_row, ivec, n_group, per_group, scaling, TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG,
-                          SIGMOID, RENORM)
-    tl.store(wts_row + kk, wvec, mask=kk < TOP_K)
-    tl.store(ids_row + kk, ivec, mask=kk < TOP_K)
-
-
-@triton.jit
-def _gate_up_item(
-    t, p, flag_ptr,
-    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr, nw_ptr, ss_ptr, H, I,
-    IS, n_group, per_group, scaling, P, eps, stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at,
-    stride_2e, stride_2n, stride_s2n, stride_st, NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr,
-    BLOCK_H: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_GROUPS: tl.constexpr, RENORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr, ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr,
-    PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr, PF_LINES: tl.constexpr, W_EVICT: tl.constexpr,
-    PARTIAL_PICKS: tl.constexpr, PUBLISH: tl.constexpr,
+def _fused_gate_up_kernel(
+    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr, nw_ptr, ss_ptr,
+    H, I, IS, n_group, per_group, scaling, P, eps,
+    stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at, stride_2e, stride_2n, stride_s2n, stride_st,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
+    ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
+    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One row block ``p`` of token ``t`` of the fused gate/up (TOP_K * blocks_per_expert routed blocks, then the
-    shared expert's). PUBLISH (the persistent launch): block 0 stores the routing right after routing and raises the
-    token's flag at ``flag_ptr`` (release), so the down items can load their weights before the activations exist."""
+    if PDL:  # everything here depends on the router's logits
+        gdc_launch_dependents()
+        gdc_wait()
+    t = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
     if NORM:   # x is the residual stream: its rms from the producer's partial sums, loaded with the logits
         if SELF_NORM:   # or from the whole row, loaded here too: its reduction overlaps the routing
             hh = tl.arange(0, BLOCK_H)
@@ -411,12 +396,6 @@ def _gate_up_item(
         ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
                           TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
-        if PUBLISH:
-            if p == 0:   # every pick made (picks = TOP_K for block 0): publish them now, before this block's rows
-                _store_routing(logits_ptr + t * stride_lt, ivec, wts_ptr + t * TOP_K, ids_ptr + t * TOP_K, n_group,
-                               per_group, scaling, TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
-                tl.debug_barrier()   # every thread's stores before the one thread's release (cumulative)
-                tl.atomic_add(flag_ptr + t, 1, sem="release", scope="gpu")
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
         out_cols = slot * I + n
@@ -485,84 +464,35 @@ def _gate_up_item(
     up = _acc_rows(acc_u, ROW_SUMS)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
-    if p == 0 and not PUBLISH:   # the routing for the down kernel, off every other program's critical path
-        _store_routing(logits_ptr + t * stride_lt, ivec, wts_ptr + t * TOP_K, ids_ptr + t * TOP_K, n_group, per_group,
-                       scaling, TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
+    if p == 0:   # the routing for the down kernel; its weights are off every other program's critical path
+        wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
+                              TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
+        tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
+        tl.store(ids_ptr + t * TOP_K + kk, ivec, mask=kk < TOP_K)
 
 
 @triton.jit
-def _fused_gate_up_kernel(
-    x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr, nw_ptr, ss_ptr, H, I,
-    IS, n_group, per_group, scaling, P, eps, stride_xt, stride_lt, stride_we, stride_wn, stride_sn, stride_at,
-    stride_2e, stride_2n, stride_s2n, stride_st, NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr,
-    BLOCK_H: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_TK: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_GROUPS: tl.constexpr, RENORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr, ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr,
-    PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr, PF_LINES: tl.constexpr, W_EVICT: tl.constexpr,
-    PARTIAL_PICKS: tl.constexpr, PDL: tl.constexpr,
+def _fused_down_kernel(
+    act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr, res_ptr, ss_ptr,
+    H, I, IS,
+    stride_at, stride_we, stride_wn, stride_sn, stride_ot, stride_rt, stride_st,
+    ADD_RESIDUAL: tl.constexpr,
+    TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
+    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # everything here depends on the router's logits
+    if PDL:  # everything here depends on gate_up's routing and activations
         gdc_launch_dependents()
         gdc_wait()
-    # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
-    _gate_up_item(tl.program_id(0).to(tl.int64), tl.program_id(1), ids_ptr,
-                  x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr, nw_ptr,
-                  ss_ptr, H, I, IS, n_group, per_group, scaling, P, eps, stride_xt, stride_lt, stride_we, stride_wn,
-                  stride_sn, stride_at, stride_2e, stride_2n, stride_s2n, stride_st, NORM, BLOCK_P, SELF_NORM, BLOCK_H,
-                  TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RENORM, BLOCK_N,
-                  BLOCK_K, PREFETCH, PREFETCH_ALL, ROW_SUMS, L2_PREFETCH, PF_DOWN, LINE, PF_ROWS, PF_LINES, W_EVICT,
-                  PARTIAL_PICKS, False)
-
-
-@triton.jit
-def _load_acquire(ptr):
-    """``ld.global.acquire.gpu`` of the int32 at ``ptr``: later loads of this thread see whatever the releasing
-    program wrote before its release."""
-    v = tl.inline_asm_elementwise("ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr + tl.zeros([1], tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    return tl.max(v, 0)
-
-
-@triton.jit
-def _wait_count(ptr, target, ACQUIRE_ASM: tl.constexpr):
-    """Spin until the int32 counter at ``ptr`` reaches ``target``, then a CTA barrier so that every thread's later
-    loads come after it. The spin reads with acquire loads (ACQUIRE_ASM; volatile loads under the interpreter,
-    which has no inline PTX), not atomics: hundreds of programs spinning with read-modify-writes on one address
-    would queue the producers' increments behind them (and an unused acquiring atomic is compiled away). Only for
-    a launch whose programs are all resident at once."""
-    if ACQUIRE_ASM:
-        while _load_acquire(ptr) < target:
-            pass
-    else:
-        while tl.load(ptr, volatile=True) < target:
-            pass
-    tl.debug_barrier()
-
-
-@triton.jit
-def _down_item(
-    t, nb, flag_ptr, done_ptr, n_done,
-    act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr, res_ptr, ss_ptr, H, I, IS, stride_at, stride_we, stride_wn,
-    stride_sn, stride_ot, stride_rt, stride_st, ADD_RESIDUAL: tl.constexpr, TOP_K: tl.constexpr, SLOTS: tl.constexpr,
-    HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr, ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr,
-    PERSISTENT: tl.constexpr, ACT_CACHE: tl.constexpr,
-    ACQUIRE_ASM: tl.constexpr,
-):
-    """Output column block ``nb`` of token ``t`` of the fused down projection. PERSISTENT (the persistent
-    launch): it waits for the token's routing flag before reading the routing, and for ``n_done`` gate/up blocks
-    at ``done_ptr`` once its first weight tile is loading; ACT_CACHE ".cg" reads what other programs of the same
-    launch wrote from L2, never from a stale L1 line."""
+    t = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
     # Tile rows are (slot, output column) pairs: every chosen expert's rows of this column block at once.
     rows = tl.arange(0, SLOTS * BLOCK_N)
     slot = rows // BLOCK_N
     n = nb * BLOCK_N + rows % BLOCK_N
     rmask = (slot < TOP_K) & (n < H)
-    if PERSISTENT:   # the token's routing, published by its gate/up block 0 (read from L2, not a stale L1 line)
-        _wait_count(flag_ptr + t, 1, ACQUIRE_ASM)
-    e = tl.load(ids_ptr + t * TOP_K + slot, mask=rmask, other=0, cache_modifier=ACT_CACHE).to(tl.int64)
-    wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0, cache_modifier=ACT_CACHE)
+    e = tl.load(ids_ptr + t * TOP_K + slot, mask=rmask, other=0).to(tl.int64)
+    wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0)
     w_rows = w2_ptr + e * stride_we + n.to(tl.int64) * stride_wn
     a_rows = act_ptr + t * stride_at + slot * I
     acc = _acc_zeros(SLOTS * BLOCK_N, BLOCK_K, ROW_SUMS)
@@ -578,13 +508,10 @@ def _down_item(
         k = tl.arange(0, BLOCK_K)
         m2 = rmask[:, None] & (k < I)[None, :]
         w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
-    if PERSISTENT:   # every gate/up block done: the activations exist (the first weight tile is already loading)
-        _wait_count(done_ptr, n_done, ACQUIRE_ASM)
-    if PREFETCH:
         if PREFETCH_ALL:   # the activations and the shared rows too: no round trip of their own in any iteration
-            a_raw = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0, cache_modifier=ACT_CACHE)
+            a_raw = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0)
             if SHARED_IN_LOOP:
-                a_sl_raw = tl.load(a_shared + k, mask=k < I, other=0.0, cache_modifier=ACT_CACHE)
+                a_sl_raw = tl.load(a_shared + k, mask=k < I, other=0.0)
                 w_sl = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0,
                                eviction_policy=W_EVICT)
     for k0 in range(0, I, BLOCK_K):
@@ -596,22 +523,22 @@ def _down_item(
                 a_sl = a_sl_raw.to(tl.float32)
                 w_sl_cur = w_sl
         else:
-            a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0, cache_modifier=ACT_CACHE).to(tl.float32)
+            a = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0).to(tl.float32)
         if PREFETCH:
             kn = k + BLOCK_K
             mn = rmask[:, None] & (kn < I)[None, :]
             w_next = tl.load(w_rows[:, None] + kn[None, :], mask=mn, other=0.0, eviction_policy=W_EVICT)
             if PREFETCH_ALL:
-                a_raw = tl.load(a_rows[:, None] + kn[None, :], mask=mn, other=0.0, cache_modifier=ACT_CACHE)
+                a_raw = tl.load(a_rows[:, None] + kn[None, :], mask=mn, other=0.0)
                 if SHARED_IN_LOOP:
-                    a_sl_raw = tl.load(a_shared + kn, mask=kn < I, other=0.0, cache_modifier=ACT_CACHE)
+                    a_sl_raw = tl.load(a_shared + kn, mask=kn < I, other=0.0)
                     w_sl = tl.load(s_rows + kn[None, :], mask=cmask[:, None] & (kn < I)[None, :], other=0.0,
                                    eviction_policy=W_EVICT)
         else:
             w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
         if SHARED_IN_LOOP:   # the shared expert has the routed width: its rows load in the same iterations
             if not PREFETCH_ALL:
-                a_sl = tl.load(a_shared + k, mask=k < I, other=0.0, cache_modifier=ACT_CACHE).to(tl.float32)
+                a_sl = tl.load(a_shared + k, mask=k < I, other=0.0).to(tl.float32)
                 w_sl_cur = tl.load(s_rows + k[None, :], mask=cmask[:, None] & (k < I)[None, :], other=0.0,
                                    eviction_policy=W_EVICT)
             acc_s = _acc_add(acc_s, w_sl_cur, a_sl[None, :], ROW_SUMS)
@@ -624,7 +551,7 @@ def _down_item(
         if not SHARED_IN_LOOP:
             for k0 in range(0, IS, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
-                a_sh = tl.load(a_shared + ks, mask=ks < IS, other=0.0, cache_modifier=ACT_CACHE).to(tl.float32)
+                a_sh = tl.load(a_shared + ks, mask=ks < IS, other=0.0).to(tl.float32)
                 w_sh = tl.load(s_rows + ks[None, :], mask=cmask[:, None] & (ks < IS)[None, :], other=0.0, eviction_policy=W_EVICT)
                 acc_s = _acc_add(acc_s, w_sh, a_sh[None, :], ROW_SUMS)
         out += _acc_rows(acc_s, ROW_SUMS)
@@ -634,107 +561,6 @@ def _down_item(
         tl.store(ss_ptr + t * stride_st + nb, part)
     else:
         tl.store(out_ptr + t * stride_ot + c, out.to(out_ptr.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _fused_down_kernel(
-    act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr, res_ptr, ss_ptr, H, I, IS, stride_at, stride_we, stride_wn,
-    stride_sn, stride_ot, stride_rt, stride_st, ADD_RESIDUAL: tl.constexpr, TOP_K: tl.constexpr, SLOTS: tl.constexpr,
-    HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr, ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    if PDL:  # everything here depends on gate_up's routing and activations
-        gdc_launch_dependents()
-        gdc_wait()
-    _down_item(tl.program_id(0).to(tl.int64), tl.program_id(1), ids_ptr, ids_ptr, 0,
-               act_ptr, w2_ptr, ws2_ptr, wts_ptr, ids_ptr, out_ptr, res_ptr, ss_ptr, H, I, IS, stride_at, stride_we,
-               stride_wn, stride_sn, stride_ot, stride_rt, stride_st, ADD_RESIDUAL, TOP_K, SLOTS, HAS_SHARED,
-               SHARED_IN_LOOP, BLOCK_N, BLOCK_K, PREFETCH, PREFETCH_ALL, ROW_SUMS, W_EVICT, False, "", False)
-
-
-@triton.jit
-def _persistent_experts_kernel(
-    cnt_ptr, T, gu_per_tok, dn_per_tok, x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr,
-    w2_ptr, ws2_ptr, nw_ptr, ss_ptr, H, I, IS, n_group, per_group, scaling, P, eps, stride_xt, stride_lt, stride_we,
-    stride_wn, stride_sn, stride_at, stride_2e, stride_2n, stride_s2n, stride_st, d_act_ptr, d_w2_ptr, d_ws2_ptr,
-    d_wts_ptr, d_ids_ptr, d_out_ptr, d_res_ptr, d_ss_ptr, d_H, d_I, d_IS, d_stride_at, d_stride_we, d_stride_wn,
-    d_stride_sn, d_stride_ot, d_stride_rt, d_stride_st, NORM: tl.constexpr, BLOCK_P: tl.constexpr,
-    SELF_NORM: tl.constexpr, BLOCK_H: tl.constexpr, TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
-    BLOCK_TK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr, SIGMOID: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr, ROW_SUMS: tl.constexpr,
-    L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
-    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, d_ADD_RESIDUAL: tl.constexpr,
-    d_TOP_K: tl.constexpr, d_SLOTS: tl.constexpr, d_HAS_SHARED: tl.constexpr, d_SHARED_IN_LOOP: tl.constexpr,
-    d_BLOCK_N: tl.constexpr, d_BLOCK_K: tl.constexpr, d_PREFETCH: tl.constexpr, d_PREFETCH_ALL: tl.constexpr,
-    d_ROW_SUMS: tl.constexpr, d_W_EVICT: tl.constexpr, ACQUIRE_ASM: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """Gate/up and down in one launch of resident programs (HIGHSPEED_PERSISTENT_EXPERTS; see PERSISTENT_EXPERTS).
-    Items: T * gu_per_tok gate/up blocks, then T * dn_per_tok down column blocks; program i takes items i, i + P,
-    i + 2P, ... Counters at cnt_ptr (zeroed by the router): [0, T) each token's routing published, [T] gate/up
-    blocks done. Gate/up items wait on nothing, and every program reaches its down items only after its gate/up
-    ones, so with all programs resident every wait ends."""
-    if PDL:  # everything here depends on the router's logits
-        gdc_launch_dependents()
-        gdc_wait()
-    n_gu = T * gu_per_tok
-    for i in range(tl.program_id(0), n_gu + T * dn_per_tok, tl.num_programs(0)):
-        if i < n_gu:
-            _gate_up_item((i // gu_per_tok).to(tl.int64), i % gu_per_tok, cnt_ptr,
-                          x_ptr, logits_ptr, bias_ptr, w13_ptr, ws13_ptr, act_ptr, wts_ptr, ids_ptr, w2_ptr, ws2_ptr,
-                          nw_ptr, ss_ptr, H, I, IS, n_group, per_group, scaling, P, eps, stride_xt, stride_lt,
-                          stride_we, stride_wn, stride_sn, stride_at, stride_2e, stride_2n, stride_s2n, stride_st,
-                          NORM, BLOCK_P, SELF_NORM, BLOCK_H, TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID,
-                          HAS_BIAS, USE_GROUPS, RENORM, BLOCK_N, BLOCK_K, PREFETCH, PREFETCH_ALL, ROW_SUMS,
-                          L2_PREFETCH, PF_DOWN, LINE, PF_ROWS, PF_LINES, W_EVICT, PARTIAL_PICKS, True,)
-            tl.debug_barrier()   # every thread's activation stores before the one thread's release (cumulative)
-            tl.atomic_add(cnt_ptr + T, 1, sem="release", scope="gpu")
-        else:
-            j = i - n_gu
-            _down_item((j // dn_per_tok).to(tl.int64), j % dn_per_tok, cnt_ptr, cnt_ptr + T, n_gu,
-                       d_act_ptr, d_w2_ptr, d_ws2_ptr, d_wts_ptr, d_ids_ptr, d_out_ptr, d_res_ptr, d_ss_ptr, d_H, d_I,
-                       d_IS, d_stride_at, d_stride_we, d_stride_wn, d_stride_sn, d_stride_ot, d_stride_rt, d_stride_st,
-                       d_ADD_RESIDUAL, d_TOP_K, d_SLOTS, d_HAS_SHARED, d_SHARED_IN_LOOP, d_BLOCK_N, d_BLOCK_K,
-                       d_PREFETCH, d_PREFETCH_ALL, d_ROW_SUMS, d_W_EVICT, True, ".cg", ACQUIRE_ASM)
-
-
-# Gate/up and down as ONE launch of resident programs (``_persistent_experts_kernel``; A/B switch
-# HIGHSPEED_PERSISTENT_EXPERTS=1, not yet measured on a GPU). Under PDL the down programs become resident only as
-# gate/up's leave, and then all wait for the whole grid; the HBM idles through gate/up's tail and the down
-# programs' first round trips. Here a program that finishes its gate/up blocks loads its first down tile at once
-# (the routing is published right after block 0 routes) and waits on a counter for the activations only.
-# PER_SM: programs per SM (0: as many as the compiled kernel's registers allow, which every wait needs).
-PERSISTENT_EXPERTS: bool = os.environ.get("HIGHSPEED_PERSISTENT_EXPERTS", "0") == "1"
-PERSISTENT = tuned("PERSISTENT_EXPERTS", dict(PER_SM=0))
-_persistent_sizes: dict = {}
-
-
-def _persistent_grid(args: tuple, kw: dict, device: torch.device) -> int:
-    """Programs of the persistent launch: all must be resident at once (a program waiting on a block of another
-    that never starts would wait forever), so SMs x the programs per SM that the kernel's registers allow. Under
-    the interpreter, which runs programs one after another, one program does every item in order."""
-    if interpreting() or device.type != "cuda":
-        return 1
-    key = (device.index, tuple(a for a in args if not isinstance(a, torch.Tensor)),
-           tuple(sorted((n, v) for n, v in kw.items() if not isinstance(v, torch.Tensor))))
-    if key not in _persistent_sizes:
-        props = torch.cuda.get_device_properties(device)
-        threads = 32 * kw["num_warps"]
-        regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
-        try:
-            compiled = _persistent_experts_kernel.warmup(*args, grid=(1,), **kw)
-            compiled._init_handles()
-            regs = max(int(compiled.n_regs), 1)
-        except Exception as exc:   # noqa: BLE001 - any failure: assume the most registers a thread can have
-            warnings.warn(f"persistent experts: register count unavailable ({exc!r}); assuming 255")
-            regs = 255
-        per_sm = min(getattr(props, "max_threads_per_multi_processor", 2048) // threads, regs_per_sm // (regs * threads))
-        if PERSISTENT["PER_SM"]:
-            per_sm = min(per_sm, PERSISTENT["PER_SM"])
-        _persistent_sizes[key] = props.multi_processor_count * max(per_sm, 1)
-    return _persistent_sizes[key]
 
 
 def _loop_args(cfg: dict) -> dict:
@@ -776,10 +602,6 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     norm_args = dict(NORM=norm is not None, BLOCK_P=next_power_of_2(ss_in.shape[-1]) if parts else 1,
                      SELF_NORM=self_norm)
     P, eps = (ss_in.shape[-1] if parts else 0, norm.eps) if norm is not None else (0, 0.0)
-    gu_cfg = FUSED_GATE_UP_NARROW if I <= NARROW_I else FUSED_GATE_UP
-    dn_cfg = down_config(I, IS)
-    persistent = PERSISTENT_EXPERTS and gu_cfg["num_warps"] == dn_cfg["num_warps"]
-    cnt = torch.empty(next_power_of_2(T + 1), dtype=torch.int32, device=dev) if persistent else None
     cfg = ROUTER
     k1, k2 = lin.whole_split(H)
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
@@ -788,12 +610,11 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
         WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args,
-        cnt_ptr=cnt if persistent else logits, N_CNT=cnt.numel() if persistent else 0,
     )
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
-    cfg = gu_cfg
+    cfg = FUSED_GATE_UP_NARROW if I <= NARROW_I else FUSED_GATE_UP
     bn = cfg["BLOCK_N"]
     ws13 = shared_w13 if has_shared else w13     # dummy pointer without a shared expert (never read)
     bias = correction_bias if correction_bias is not None else logits
@@ -801,39 +622,30 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     # Down rows to prefetch per program: an expert's H rows shared by its row-block programs (the shared expert's
     # by its own, which may be fewer: the rows are clamped, so a short share just repeats the last row).
     bpe = min(triton.cdiv(I, bn), triton.cdiv(IS, bn)) if has_shared else triton.cdiv(I, bn)
-    gu_blocks = k * triton.cdiv(I, bn) + triton.cdiv(IS, bn)
-    gu_args = (x, logits, bias, w13, ws13, act, weights, ids, w2, ws2, nw, ss_in,
-               H, I, IS, n_group, E // n_group, float(scaling), P, eps,
-               x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
-               w2.stride(0), w2.stride(1), ws2.stride(0), ss_in.stride(0))
-    gu_kw = dict(**norm_args, **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
-                 BLOCK_N=bn, **_loop_args(cfg),
-                 PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
-                 PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)),
-                 PARTIAL_PICKS=PARTIAL_PICKS, BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch)
-    if not persistent:
-        _fused_gate_up_kernel[(T, gu_blocks)](*gu_args, **gu_kw, **launch)
+    _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
+        x, logits, bias, w13, ws13, act, weights, ids, w2, ws2, nw, ss_in,
+        H, I, IS, n_group, E // n_group, float(scaling), P, eps,
+        x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
+        w2.stride(0), w2.stride(1), ws2.stride(0), ss_in.stride(0), **norm_args,
+        **{("BLOCK_TK" if key == "BLOCK_K" else key): v for key, v in meta.items()},
+        BLOCK_N=bn, **_loop_args(cfg),
+        PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
+        PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
+        BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
+    )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
-    cfg = dn_cfg
+    cfg = down_config(I, IS)
     programs = triton.cdiv(H, cfg["BLOCK_N"])
     add = fold_residual(residual, x, T, H)
     ss_out = torch.empty(T, programs, dtype=torch.float32, device=dev) if add else None
     res = residual if add else out
     ss_o = ss_out if ss_out is not None else logits
-    dn_args = (act, w2, ws2, weights, ids, out, res, ss_o, H, I, IS,
-               act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0))
-    dn_kw = dict(ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared,
-                 SHARED_IN_LOOP=has_shared and IS == I, BLOCK_N=cfg["BLOCK_N"], **_loop_args(cfg),
-                 W_EVICT=prefetch["W_EVICT"])
-    if persistent:
-        warps = dn_kw.pop("num_warps")
-        gu_kw.pop("num_warps")
-        kw = dict(**gu_kw, **{"d_" + key: v for key, v in dn_kw.items()}, ACQUIRE_ASM=not interpreting(),
-                  num_warps=warps, **launch)
-        args = (cnt, T, gu_blocks, programs, *gu_args, *dn_args)
-        _persistent_experts_kernel[(_persistent_grid(args, kw, dev),)](*args, **kw)
-    else:
-        _fused_down_kernel[(T, programs)](*dn_args, **dn_kw, **launch)
+    _fused_down_kernel[(T, programs)](
+        act, w2, ws2, weights, ids, out, res, ss_o, H, I, IS,
+        act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
+        ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
+        BLOCK_N=cfg["BLOCK_N"], **_loop_args(cfg), W_EVICT=prefetch["W_EVICT"], **launch,
+    )
     if residual is None:
         return out
     return folded_sum(out, ss_out) if add else ResidualSum(out, residual)
