@@ -28,6 +28,7 @@ def _seed_and_fold(monkeypatch) -> None:
     import highspeed.ops.norm as norm_ops
 
     monkeypatch.setattr(norm_ops, "FOLD_NORM", True)
+    monkeypatch.setattr(norm_ops, "FOLD_SELF", False)   # the partial-sum fold, also under HIGHSPEED_FOLD_NORM=self
 
 
 def _inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
