@@ -159,19 +159,16 @@ def record_decode_layer(shape: str) -> list:
 
 def record_attention() -> list:
     """Qwen3-30B-A3B's batch-1 decode attention (32 q / 4 kv heads x 128, QK-norm + RoPE from the raw
-    projections) and a 512-wide MLA latent (GLM-4.7-Flash's, then its W_UV GEMV, also merging the splits itself:
-    HIGHSPEED_MLA_MERGE_INTO_W_UV), over a 200-key sequence in a graph sized for 384."""
+    projections) and a 512-wide MLA latent (GLM-4.7-Flash's), over a 200-key sequence in a graph sized for 384."""
     from highspeed.context import AttentionContext
     from highspeed.ops.rope import build_cos_sin_cache
     from highspeed.ops.triton import attention as att
 
     launches: list = []
-    saved = att._paged_attn_kernel, att._combine_kernel, att._num_sms, att.t_mla_proj._latent_to_v_kernel
+    saved = att._paged_attn_kernel, att._combine_kernel, att._num_sms
     att._paged_attn_kernel = Recorder(saved[0], launches)
     att._combine_kernel = Recorder(saved[1], launches)
-    att.t_mla_proj._latent_to_v_kernel = Recorder(saved[3], launches)
     att._num_sms = lambda device: 132   # an H200's SMs: the split plan of the real launch
-    merge = att.MERGE_INTO_W_UV
     try:
         dt = torch.bfloat16
         ctx = AttentionContext(query_lens=[1], seq_lens=[200], query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
@@ -185,12 +182,9 @@ def record_attention() -> list:
                                  torch.zeros(1, dtype=torch.int64), build_cos_sin_cache(128, 1024, 1e6).float(), 128,
                                  False, cache, cache.clone(), ctx, 0.1, torch.ones(128, dtype=dt),
                                  torch.ones(128, dtype=dt), 1e-6)
-        for att.MERGE_INTO_W_UV in ("0", "1"):
-            att.mla_attention_to_v(torch.zeros(1, 20, 576, dtype=dt), torch.zeros(30, 16, 576, dtype=dt), ctx, 0.1,
-                                   512, None, torch.empty(20, 256, 512, dtype=dt), torch.empty(1, 20, 256, dtype=dt))
+        att.mla_attention(torch.zeros(1, 20, 576, dtype=dt), torch.zeros(30, 16, 576, dtype=dt), ctx, 0.1, 512)
     finally:
-        att._paged_attn_kernel, att._combine_kernel, att._num_sms, att.t_mla_proj._latent_to_v_kernel = saved
-        att.MERGE_INTO_W_UV = merge
+        att._paged_attn_kernel, att._combine_kernel, att._num_sms = saved
     return launches
 
 

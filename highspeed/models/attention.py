@@ -14,11 +14,11 @@ from torch import nn
 
 from highspeed.context import AttentionContext, get_context
 from highspeed.models.layers import LayerNorm, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Sources
-from highspeed.ops import (dsa_topk_indices, mla_attention_to_v, rope, rope_paged_attention,
+from highspeed.ops import (dsa_topk_indices, mla_attention, rope, rope_paged_attention,
                             write_kv)
 from highspeed.ops.attention import causal_mask, dense_attention, topk_mask
 from highspeed.ops.dsa import indexer_topk
-from highspeed.ops.mla_proj import absorb_q_rope_write
+from highspeed.ops.mla_proj import absorb_q_rope_write, latent_to_v
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, residual_of
 
 
@@ -246,8 +246,10 @@ class MLAttention(nn.Module):
             topk = aux.get("dsa_topk")
 
         if ctx.uses_cache:
+            out_latent = mla_attention(q_abs, cache, ctx, self.scale, lat, topk)
             # Written head-major into a token-major [T, H, V], so o_proj's reshape needs no copy.
-            out = mla_attention_to_v(q_abs, cache, ctx, self.scale, lat, topk, w_uv, q.new_empty(t, h, self.v_dim))
+            out = q.new_empty(t, h, self.v_dim)
+            latent_to_v(out_latent, w_uv, out)
         else:
             k_nope, v = self.kv_b_proj(c).view(t, h, -1).split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, None, :].expand(t, h, self.rope_dim)], dim=-1)

@@ -15,7 +15,6 @@ import torch
 
 from highspeed.context import AttentionContext
 from highspeed.ops.dispatch import triton_kernel
-from highspeed.ops.mla_proj import latent_to_v
 from highspeed.ops.rope import rope_and_write_kv
 
 
@@ -106,27 +105,6 @@ def rope_paged_attention(
     q_rot, _ = rope_and_write_kv(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache,
                                  ctx.slot_mapping, q_norm_weight, k_norm_weight, None, eps)
     return paged_attention(q_rot, k_cache, v_cache, ctx, scale)
-
-
-def mla_attention_to_v(
-    q: torch.Tensor,
-    latent_cache: torch.Tensor,
-    ctx: AttentionContext,
-    scale: float,
-    kv_lora_rank: int,
-    topk_indices: torch.Tensor | None,
-    w_uv: torch.Tensor,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """``mla_attention`` then ``latent_to_v`` (highspeed.ops.mla_proj) of its output through ``w_uv[H, V, L]`` into
-    ``out[T, H, V]`` (written in place, also returned).
-
-    On CUDA, a decode whose attention splits the keys may leave the merge of the splits to the W_UV GEMV, each of
-    whose programs reads its own head's partials (HIGHSPEED_MLA_MERGE_INTO_W_UV): one launch less per layer."""
-    kernel = triton_kernel("attention", "mla_attention_to_v", q)
-    if kernel is not None:
-        return kernel(q, latent_cache, ctx, scale, kv_lora_rank, topk_indices, w_uv, out)
-    return latent_to_v(mla_attention(q, latent_cache, ctx, scale, kv_lora_rank, topk_indices), w_uv, out)
 
 
 def topk_mask(topk_indices: torch.Tensor, seq_len: int) -> torch.Tensor:

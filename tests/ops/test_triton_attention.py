@@ -194,39 +194,6 @@ def test_mla_attention_short_decode(h200_grid, reference, monkeypatch, slens, ma
         assert int(buf.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("mode", ["1", "early", "0"])
-@pytest.mark.parametrize("slens,max_len,H,L,R,V,topk", [
-    ([40], 200, 20, 512, 64, 256, None),   # GLM-4.7-Flash's shape, one sequence
-    ([30, 70], 96, 20, 32, 16, 24, None),  # a token pair: each W_UV program merges two tokens' splits
-    ([150, 170], 256, 5, 64, 16, 8, 160),  # DSA top-k
-    ([5, 9, 30], 96, 4, 32, 16, 8, None),  # three tokens: more than W_UV's kernel takes, so the merge launch
-])
-def test_mla_attention_to_v(h200_grid, reference, monkeypatch, mode, slens, max_len, H, L, R, V, topk):
-    """Split MLA decode then W_UV: with HIGHSPEED_MLA_MERGE_INTO_W_UV the GEMV merges the splits itself (no merge
-    launch: _combine_kernel would fail), equal to the reference attention followed by W_UV."""
-    attn = h200_grid
-    monkeypatch.setattr(attn, "MERGE_INTO_W_UV", mode)
-    merged = []
-    into_w_uv = attn.t_mla_proj.latent_to_v_merge
-    monkeypatch.setattr(attn.t_mla_proj, "latent_to_v_merge", lambda *a: merged.append(1) or into_w_uv(*a))
-    expect = mode != "0" and len(slens) <= attn.t_mla_proj.MAX_T
-    if expect:
-        monkeypatch.setattr(attn, "_combine_kernel", None)
-    bs = 16
-    nb = sum((s + bs - 1) // bs for s in slens) + 2
-    ctx = make_ctx([1] * len(slens), slens, bs, nb)
-    q = torch.randn(len(slens), H, L + R, device=DEVICE)
-    cache = torch.randn(nb, bs, L + R, device=DEVICE)
-    w_uv = torch.randn(H, V, L, device=DEVICE) * L**-0.5
-    ti = _topk_indices([1] * len(slens), slens, topk) if topk else None
-    scale = (L + R) ** -0.5
-    out = torch.full((len(slens), H, V), float("nan"), device=DEVICE)
-    got = attn.mla_attention_to_v(q, cache, _graph_ctx(ctx, max_len), scale, L, ti, w_uv, out)
-    ref = torch.einsum("thl,hvl->thv", reference(ref_mla_attention, q, cache, ctx, scale, L, ti), w_uv)
-    assert got is out and rel_err(got, ref) < TOL[torch.float32], rel_err(got, ref)
-    assert bool(merged) == expect
-
-
 def test_split_plan(triton_module):
     """Decode at small grids splits down to one tile per program; prefill and long contexts keep the old rule
     (>= 4 tiles per split, at most 64 splits, about 4 programs per SM)."""

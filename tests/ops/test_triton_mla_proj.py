@@ -153,33 +153,3 @@ def test_absorb_q_rope_write_reference(reference):
             reference(rope_and_write_kv, **kw)
         out_list += [q_abs, latent]
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and got[1].abs().sum() > 0
-
-
-def ref_merge(part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Split attention's partials [T, H, S, L] merged by their log2-sum-exps [T, H, S] (dead splits: -inf)."""
-    w = torch.softmax(lse.double() * torch.log(torch.tensor(2.0, dtype=torch.float64)), dim=-1)
-    w = torch.where(lse.isinf(), 0.0, w).nan_to_num()   # all splits dead: a zero row, as the kernels give
-    return torch.einsum("ths,thsl->thl", w, torch.where(lse.isinf()[..., None], 0.0, part.double()))
-
-
-@pytest.mark.parametrize("T", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H,S,L,V", [(3, 12, 40, 20), (2, 5, 64, 16), (1, 64, 48, 9), (4, 1, 16, 16)])
-def test_latent_to_v_merge(mla, monkeypatch, T, dtype, H, S, L, V):
-    """W_UV's GEMV fed by split attention's partials: every program merges its head's splits. Dead splits
-    (lse = -inf) hold NaN, as unwritten memory may, and must not leak; one (token, head) has no live split."""
-    monkeypatch.setattr(mla, "MERGE_ELEMS", 1024)   # [splits, BLOCK_L] tiles of 1024: 64 splits take 3 L steps
-    a = make(T, H, 8, L, V, dtype)
-    part = torch.randn(T, H, S, L, device=DEVICE)
-    lse = torch.randn(T, H, S, device=DEVICE) * 4
-    dead = torch.rand(T, H, S, device=DEVICE) < 0.3
-    dead[0, 0] = True
-    lse[dead] = float("-inf")
-    part[dead] = float("nan")
-    assert mla.merge_fits(T, H, S, L, a["w_uv"], a["out"]) == (T <= mla.MAX_T)
-    if T > mla.MAX_T:
-        return
-    got = mla.latent_to_v_merge(part, lse, a["w_uv"], a["out"])
-    ref = torch.einsum("thl,hvl->thv", ref_merge(part, lse), a["w_uv"].double())
-    assert got is a["out"] and not got.isnan().any() and rel_err(got, ref) < TOL[dtype], rel_err(got, ref)
-    assert (got[0, 0] == 0).all()

@@ -33,7 +33,6 @@ import triton.language as tl
 
 from highspeed.context import AttentionContext
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl, tuned
-from highspeed.ops.triton import mla_proj as t_mla_proj
 from highspeed.ops.triton import rope as t_rope
 from highspeed.ops.triton.rope import _rope_lanes, _rope_tile
 
@@ -100,15 +99,6 @@ DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 #                                                       the merge +3.2: its loads queue behind o_proj's instead).
 # HIGHSPEED_COMBINE_LATE_TRIGGER = mla (default) | 1 (always) | 0 (never).
 _LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
-
-
-# Split MLA decode merged by the W_UV GEMV after it (mla_proj.latent_to_v_merge; ``mla_attention_to_v``) instead of
-# _combine_kernel: one launch less per layer. HIGHSPEED_MLA_MERGE_INTO_W_UV = 0 (off) | 1 (the attention launch lets
-# W_UV's launch only as it ends, as the merge does for MLA, see below) | early (at its start: W_UV preloads its
-# weights during attention).
-MERGE_INTO_W_UV: str = os.environ.get("HIGHSPEED_MLA_MERGE_INTO_W_UV", "0")
-if MERGE_INTO_W_UV not in ("0", "1", "early"):
-    raise ValueError(f"HIGHSPEED_MLA_MERGE_INTO_W_UV={MERGE_INTO_W_UV!r}: expected 0, 1 or early")
 
 
 def combine_late_trigger(v_is_k: bool) -> bool:
@@ -273,13 +263,10 @@ def _paged_attn_kernel(
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr,
-    LATE_TRIGGER: tl.constexpr,
 ):
     if PDL:
-        # LATE_TRIGGER: no early trigger, so the dependent launches as the last program ends (MERGE_INTO_W_UV).
-        if not LATE_TRIGGER:
-            gdc_launch_dependents()
         # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels.
+        gdc_launch_dependents()
         gdc_wait()
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -631,10 +618,7 @@ def _attend(
     *, num_kv_heads: int, d_a: int, d_b: int, d_v: int, v_is_k: bool, cfg: dict,
     topk_indices: torch.Tensor | None,
     kv_strides: tuple[int, int, int], v_strides: tuple[int, int, int], rope: dict | None = None,
-    w_uv_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor | None:
-    """The attention output [T, Hq, d_v]; or, given ``w_uv_out`` = (w_uv, out) (MLA) and a split decode whose
-    partials ``mla_proj.latent_to_v_merge`` can take, None: that GEMV merged the splits into out (MERGE_INTO_W_UV)."""
+) -> torch.Tensor:
     if ctx.block_tables is None:
         raise ValueError("Triton paged attention needs ctx.block_tables (a context with a KV cache)")
     T, Hq, _ = q.shape
@@ -676,8 +660,6 @@ def _attend(
     if split and decode and _merge_fits(num_splits, merge_m * block_dv):
         counters = _split_counters(q.device, base_programs)
     fused = counters is not None
-    into_w_uv = (split and not fused and decode and w_uv_out is not None
-                 and t_mla_proj.merge_fits(T, Hq, num_splits, d_v, *w_uv_out))
     if split:
         part = torch.empty(T, Hq, num_splits, d_v, dtype=torch.float32, device=q.device)
         lse = torch.empty(T, Hq, num_splits, dtype=torch.float32, device=q.device)
@@ -718,13 +700,9 @@ def _attend(
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
-        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast,
-        LATE_TRIGGER=into_w_uv and MERGE_INTO_W_UV == "1", **r_consts,
+        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, **r_consts,
         **launch,
     )
-    if into_w_uv:
-        t_mla_proj.latent_to_v_merge(part, lse, *w_uv_out)
-        return None
     if split and not fused:
         cdv = min(128, next_power_of_2(d_v))
         _combine_kernel[(T * Hq, triton.cdiv(d_v, cdv))](
@@ -807,11 +785,9 @@ def _mla_config(kv_lora_rank: int, ctx: AttentionContext, num_heads: int) -> dic
 
 
 def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionContext, scale: float,
-                  kv_lora_rank: int, topk_indices: torch.Tensor | None = None,
-                  w_uv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                  kv_lora_rank: int, topk_indices: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA: q [T, H, L + R] against keys [c | k_pe] and values c of latent_cache
-    [num_blocks, block_size, L + R] -> [T, H, L]; ``topk_indices`` [T, k] (DSA) restricts the keys. With
-    ``w_uv_out`` (see _attend) None where W_UV's GEMV took the split partials."""
+    [num_blocks, block_size, L + R] -> [T, H, L]; ``topk_indices`` [T, k] (DSA) restricts the keys."""
     T, H, D = q.shape
     L = kv_lora_rank
     R = D - L
@@ -827,19 +803,8 @@ def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionCon
         num_kv_heads=1, d_a=L, d_b=R, d_v=L, v_is_k=True,
         # 512-wide latents: smaller key tiles and more warps, to hold [rows, 512] accumulators in registers.
         cfg=_mla_config(L, ctx, H), topk_indices=topk_indices,
-        kv_strides=kv_strides, v_strides=kv_strides, w_uv_out=w_uv_out,
+        kv_strides=kv_strides, v_strides=kv_strides,
     )
-
-
-def mla_attention_to_v(q: torch.Tensor, latent_cache: torch.Tensor, ctx: AttentionContext, scale: float,
-                       kv_lora_rank: int, topk_indices: torch.Tensor | None, w_uv: torch.Tensor,
-                       out: torch.Tensor) -> torch.Tensor:
-    """Same contract as ``highspeed.ops.attention.mla_attention_to_v``."""
-    latent = mla_attention(q, latent_cache, ctx, scale, kv_lora_rank, topk_indices,
-                           (w_uv, out) if MERGE_INTO_W_UV != "0" else None)
-    if latent is not None:
-        t_mla_proj.latent_to_v(latent, w_uv, out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -209,37 +209,12 @@ def _absorb_rope_kernel(
 
 
 @triton.jit
-def _split_weights(lse_ptr, t, head, n_splits, stride_lt, stride_lh, BLOCK_S: tl.constexpr):
-    """Each split's share of (token t, head)'s softmax, from the splits' log2-sum-exps: exp2(lse - max) / sum, 0 for
-    a dead split (lse = -inf: past the sequence's end or nothing visible), as in attention's _combine_kernel."""
-    sp = tl.arange(0, BLOCK_S)
-    lse = tl.load(lse_ptr + t * stride_lt + head * stride_lh + sp, mask=sp < n_splits, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
-    den = tl.sum(w, 0)
-    return w / tl.where(den == 0.0, 1.0, den)
-
-
-@triton.jit
-def _merged_latent(part_ptr, t, head, n_splits, ws, k, kmask, stride_pt, stride_ph, stride_ps, BLOCK_S: tl.constexpr):
-    """Columns k of (token t, head)'s attention output: its split partials weighted by ``ws`` (_split_weights)."""
-    sp = tl.arange(0, BLOCK_S)
-    parts = tl.load(part_ptr + t * stride_pt + head * stride_ph + sp[:, None] * stride_ps + k[None, :],
-                    mask=(sp < n_splits)[:, None] & kmask[None, :], other=0.0)
-    # A dead split's partial was never written (uninitialised memory, maybe NaN): drop it, not just weight it 0.
-    return tl.sum(tl.where((ws > 0.0)[:, None], parts, 0.0) * ws[:, None], 0)
-
-
-@triton.jit
 def _latent_to_v_kernel(
-    x_ptr, w_ptr, o_ptr, lse_ptr, T, V, L, n_splits,
-    stride_xt, stride_xh, stride_xs, stride_wh, stride_wv, stride_ot, stride_oh, stride_lt, stride_lh,
-    TWO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, ONE_STEP: tl.constexpr, MERGE: tl.constexpr,
-    BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, w_ptr, o_ptr, T, V, L,
+    stride_xt, stride_xh, stride_wh, stride_wv, stride_ot, stride_oh,
+    TWO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, ONE_STEP: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[t, h, v] = sum_l x[t, h, l] * w[h, v, l]; grid (V blocks, H, token pairs). ONE_STEP: L <= BLOCK_L.
-    MERGE: x is split attention's fp32 partials [T, H, n_splits, L] (stride_xs apart) with their log2-sum-exps in
-    lse [T, H, n_splits]; each program merges the rows it needs (``latent_to_v_merge``)."""
+    """out[t, h, v] = sum_l x[t, h, l] * w[h, v, l]; grid (V blocks, H, token pairs). ONE_STEP: L <= BLOCK_L."""
     if PDL:
         gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -253,9 +228,6 @@ def _latent_to_v_kernel(
         gdc_wait()
     x0 = x_ptr + t0 * stride_xt + head * stride_xh
     n1 = tl.minimum(T - 1 - t0, 1)   # 1 if the pair has a second token, as in _absorb_q_kernel
-    if MERGE:
-        ws0 = _split_weights(lse_ptr, t0, head, n_splits, stride_lt, stride_lh, BLOCK_S)
-        ws1 = _split_weights(lse_ptr, t0 + n1, head, n_splits, stride_lt, stride_lh, BLOCK_S)
     acc0 = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_V], dtype=tl.float32)
     for l0 in range(0, BLOCK_L if ONE_STEP else L, BLOCK_L):
@@ -267,17 +239,10 @@ def _latent_to_v_kernel(
             k_next = k + BLOCK_L
             w_next = tl.load(w_rows + k_next[None, :], mask=rmask[:, None] & (k_next < L)[None, :], other=0.0)
         wf = w.to(tl.float32)
-        if MERGE:
-            xv0 = _merged_latent(x_ptr, t0, head, n_splits, ws0, k, kmask, stride_xt, stride_xh, stride_xs, BLOCK_S)
-        else:
-            xv0 = tl.load(x0 + k, mask=kmask, other=0.0).to(tl.float32)
+        xv0 = tl.load(x0 + k, mask=kmask, other=0.0).to(tl.float32)
         acc0 += tl.sum(wf * xv0[None, :], 1)
         if TWO:
-            if MERGE:
-                xv1 = _merged_latent(x_ptr, t0 + n1, head, n_splits, ws1, k, k < L * n1, stride_xt, stride_xh,
-                                     stride_xs, BLOCK_S)
-            else:
-                xv1 = tl.load(x0 + stride_xt + k, mask=k < L * n1, other=0.0).to(tl.float32)
+            xv1 = tl.load(x0 + stride_xt + k, mask=k < L * n1, other=0.0).to(tl.float32)
             acc1 += tl.sum(wf * xv1[None, :], 1)
         w = w_next
     o0 = o_ptr + t0 * stride_ot + head * stride_oh + rows
@@ -323,49 +288,10 @@ def latent_to_v(latent: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> 
     (T, H, L), V = latent.shape, out.shape[-1]
     block_v, block_l = latent_to_v_config(H, V, L)
     _latent_to_v_kernel[(triton.cdiv(V, block_v), H, triton.cdiv(T, 2))](
-        latent, w_uv, out, latent, T, V, L, 1,
-        latent.stride(0), latent.stride(1), 0, w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1), 0, 0,
+        latent, w_uv, out, T, V, L,
+        latent.stride(0), latent.stride(1), w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
         TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, ONE_STEP="latent_to_v" in ONE_STEP_OPS and L <= block_l,
-        MERGE=False, BLOCK_S=1, num_warps=NUM_WARPS, **pdl(latent),
-    )
-    return out
-
-
-# Split MLA decode attention merged by the W_UV GEMV (``latent_to_v_merge``): each program reads the split partials
-# of its own head, so the merge launch (_combine_kernel, ~2.6 us of GLM-4.7-Flash's decode chain per layer on the
-# H200, run 43) goes. The partials are fp32 [splits, L] per head, read by every V block of the head from L2, hence
-# wider V blocks than latent_to_v's (fewer re-reads). MERGE_ELEMS bounds the [splits, BLOCK_L] tile in registers,
-# BLOCK_L (0: no further bound) the registers too: GLM-4.7-Flash's shape (12 splits, L 512, V 256) on Triton 3.6
-# takes 210 registers with BLOCK_V 32 on 8 warps over the whole L (one program per SM), 96 with BLOCK_L 256 (two),
-# 59 with 128 (four steps, each an L2 round trip for the partials; offline compile, not yet timed).
-# HIGHSPEED_TUNE_LATENT_TO_V_MERGE="BLOCK_V=..,BLOCK_L=..,NUM_WARPS=.." for A/Bs in the decode chain.
-LATENT_MERGE = tuned("LATENT_TO_V_MERGE", dict(BLOCK_V=32, BLOCK_L=256, NUM_WARPS=8))
-MERGE_ELEMS: int = 8192
-
-
-def merge_fits(T: int, H: int, S: int, L: int, w_uv: torch.Tensor, out: torch.Tensor) -> bool:
-    """Can ``latent_to_v_merge`` take split partials [T, H, S, L] (unit stride in L) for w_uv [H, V, L] into
-    out [T, H, V]?"""
-    return (0 < T <= MAX_T and w_uv.dim() == 3 and w_uv.shape[0] == H and w_uv.shape[2] == L
-            and out.shape == (T, H, w_uv.shape[1]) and w_uv.dtype == out.dtype and out.dtype in _DTYPES
-            and w_uv.stride(-1) == 1 and out.stride(-1) == 1 and next_power_of_2(S) <= MERGE_ELEMS // 16)
-
-
-def latent_to_v_merge(part: torch.Tensor, lse: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[t, h] = w_uv[h] @ (attention output of (t, h)), that output being the merge of split attention's fp32
-    partials part [T, H, S, L] by their log2-sum-exps lse [T, H, S] (as attention's _combine_kernel merges them)."""
-    assert merge_fits(*part.shape, w_uv, out) and part.stride(-1) == 1 and lse.shape == part.shape[:3]
-    assert lse.stride(-1) == 1
-    (T, H, S, L), V = part.shape, out.shape[-1]
-    block_s = next_power_of_2(S)
-    block_l = max(16, min(next_power_of_2(L), MERGE_ELEMS // block_s, LATENT_MERGE["BLOCK_L"] or MERGE_ELEMS))
-    block_v = max(2, min(next_power_of_2(V), LATENT_MERGE["BLOCK_V"]))
-    _latent_to_v_kernel[(triton.cdiv(V, block_v), H, triton.cdiv(T, 2))](
-        part, w_uv, out, lse, T, V, L, S,
-        part.stride(0), part.stride(1), part.stride(2), w_uv.stride(0), w_uv.stride(1), out.stride(0),
-        out.stride(1), lse.stride(0), lse.stride(1),
-        TWO=T > 1, BLOCK_V=block_v, BLOCK_L=block_l, ONE_STEP=False, MERGE=True, BLOCK_S=block_s,
-        num_warps=LATENT_MERGE["NUM_WARPS"], **pdl(part),
+        num_warps=NUM_WARPS, **pdl(latent),
     )
     return out
 
