@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", choices=["none", "eager"], default="none",
                    help="eager: the plain-torch path (no Triton, no CUDA graphs) for the speedup")
     p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (seeded) instead of greedy: times the sampling kernels too")
     p.add_argument("--output-json", default=None, help="write the record here (default: benchmarks/results/...)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--profile-out", default=None, help="write a per-kernel device-time table of decode steps here")
@@ -184,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
     def generate(batch: list[list[int]], out_len: int) -> tuple[float, list[float], int]:
-        _add_greedy(engine, batch, f"b{time.monotonic_ns()}", out_len)
+        _add_greedy(engine, batch, f"b{time.monotonic_ns()}", out_len, args.temperature)
         # Step time = the interval between consecutive step() returns, as a serving loop sees it. No device
         # synchronize per step: the engine enqueues step N+1 before reading step N's tokens, and a synchronize here
         # would serialise the host's preparation with the device's work (records up to run 5 did that, so their
@@ -237,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     rec = base_record(
         bench="latency", preset=args.preset or os.path.basename(os.path.normpath(args.model)),
         num_layers=int(hf["num_hidden_layers"]), batch_size=args.batch_size, input_len=args.input_len,
-        output_len=args.output_len, dtype=str(dtype).replace("torch.", ""), device=device_name(device),
+        output_len=args.output_len, temperature=args.temperature, dtype=str(dtype).replace("torch.", ""),
+        device=device_name(device),
         path="eager-torch" if eager else ("cuda-graphs+triton" if engine.cuda_graphs else
                                           "triton-eager" if device.type == "cuda" else "torch-cpu"),
         tok_s=round(tok_s_user * args.batch_size, 2), tok_s_per_user=round(tok_s_user, 2),
@@ -251,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         # The replay's share counts the replayed step's own experts (the probe's before this field existed).
         device_bandwidth_fraction=round(bytes_replay / (device_ms / 1e3) / bw, 4) if device_ms else None,
     )
-    print(f"{rec['preset']} b={args.batch_size} [{rec['path']}]: {rec['tok_s_per_user']:.1f} tok/s/user, "
+    print(f"{rec['preset']} b={args.batch_size}{f' T={args.temperature:g}' if args.temperature else ''} [{rec['path']}]: {rec['tok_s_per_user']:.1f} tok/s/user, "
           f"{rec['tok_s']:.1f} tok/s total, {rec['ms_per_token']:.3f} ms/step, {bytes_step / 1e9:.3f} GB/step, "
           f"{rec['achieved_gb_s']:.0f} GB/s = {rec['bandwidth_fraction']:.1%} of copy bw {rec['copy_bandwidth']:.0f} GB/s, "
           f"ttft {ttft * 1e3:.1f} ms; host {rec['host_ms_per_step']} ms/step"
@@ -265,13 +268,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_greedy(engine: Any, batch: list[list[int]], prefix: str, max_tokens: int) -> list[str]:
-    """Add the prompts as greedy requests that ignore EOS; their ids."""
+def _add_greedy(engine: Any, batch: list[list[int]], prefix: str, max_tokens: int,
+                temperature: float = 0.0) -> list[str]:
+    """Add the prompts as requests that ignore EOS, greedy (or sampled at ``temperature``, seeded); their ids."""
     from highspeed.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ids = [f"{prefix}-{i}" for i in range(len(batch))]
-    for rid, p in zip(ids, batch):
+    for i, (rid, p) in enumerate(zip(ids, batch)):
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i, ignore_eos=True)
         engine.add_request(rid, p, params)
     return ids
 
@@ -325,6 +329,11 @@ def _graph_replay_ms(engine: Any, batch: int) -> float | None:
     # on random weights the sequences' last tokens can coincide and route to far fewer experts than a real batch
     # (a suspected cause of Qwen3-30B-A3B batch 32 replaying in 14.2 ms while its steps took 17.3 ms, run 7).
     graphs.ids.random_(0, engine.vocab_size)
+    # Every row as padding: the back-to-back replays here and in the timeline then write no cache row and leave
+    # the positions where they are (a graph that ends in greedy_advance moves live rows one token on per replay,
+    # past the context the graph and the cache were sized for). The replays still read the whole context; from the
+    # second on, the ids are the previous replay's argmax.
+    graphs.freeze()
     for _ in range(3):
         g.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

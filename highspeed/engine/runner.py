@@ -5,6 +5,7 @@ and (on CUDA) the captured decode graphs.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 from highspeed.context import AttentionContext, use_context
 from highspeed.engine.kv_cache import allocate_kv_caches, copy_blocks
 from highspeed.engine.scheduler import SchedulerOutput
-from highspeed.ops.sampling import SamplingTensors, logprobs_topk, sample
+from highspeed.ops.sampling import SamplingTensors, greedy_advance, logprobs_topk, sample
 from highspeed.sampling import SamplingParams
 
 
@@ -45,11 +46,21 @@ class HostLengthsUnavailable(list):
     __iter__ = __getitem__ = __len__ = _fail  # type: ignore[assignment]
 
 
+# The decode graphs end with the next step's inputs (``greedy_advance``): the argmax of the logits written into the
+# token ids, the live rows' positions, slots and lengths one token on. A steady greedy step (the same sequences, one
+# token further) is then one graph replay and the samples' copy to the host, where the host otherwise added to the
+# positions and lengths, copied the last samples into the ids, cast the logits to fp32 and took their argmax (five
+# launches, ~24 us per step on the H200 beside Qwen3-30B-A3B's 2.22 ms replay, run 43). Steps that sample with a
+# temperature use the graph's bf16 logits as before. HIGHSPEED_GRAPH_GREEDY=0: the graph ends at the fp32 logits.
+GREEDY_IN_GRAPH: bool = os.environ.get("HIGHSPEED_GRAPH_GREEDY", "1") != "0"
+
+
 class CudaGraphDecoder:
     """Decode steps captured as CUDA graphs for a ladder of batch sizes: one launch per step from the host.
 
     Inputs live in static buffers that each replay reads; a batch of b sequences runs in the smallest captured
-    graph of size >= b, the extra rows padded (slot -1: nothing written; context of one token).
+    graph of size >= b, the extra rows padded (slot -1: nothing written; context of one token). With
+    GREEDY_IN_GRAPH each replay leaves the buffers holding the next steady step's inputs.
     """
 
     def __init__(self, runner: "ModelRunner", batch_sizes: list[int], max_blocks_per_seq: int, max_model_len: int):
@@ -80,21 +91,35 @@ class CudaGraphDecoder:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        model = self.runner.model
         pool = None
         for b in reversed(self.sizes):
             ctx = self._ctx(b)
             with use_context(ctx):
-                for _ in range(2):   # warm up: Triton compiles, allocator settles
-                    model.compute_logits(model(self.ids[:b], self.pos[:b]))
+                for _ in range(2):   # warm up: Triton compiles, allocator settles (every slot is -1: no advance)
+                    self._step(b)
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    logits = model.compute_logits(model(self.ids[:b], self.pos[:b])).float()
+                    logits = self._step(b)
             pool = g.pool()
             self.graphs[b] = g
             self.logits[b] = logits
         torch.cuda.synchronize()
+
+    def _step(self, b: int) -> torch.Tensor:
+        """What a graph of b rows runs: the model, the logits, and (GREEDY_IN_GRAPH) the next step's inputs."""
+        model = self.runner.model
+        logits = model.compute_logits(model(self.ids[:b], self.pos[:b]))
+        if not GREEDY_IN_GRAPH:
+            return logits.float()
+        greedy_advance(logits, self.ids[:b], self.pos_slots[:, :b], self.seq_lens[:b])
+        return logits
+
+    def freeze(self) -> None:
+        """For replaying graphs back to back (benchmarks): every row becomes padding (slot -1), so a replay writes
+        no cache row and moves no input on; the next real step refills the inputs."""
+        self.slots.fill_(-1)
+        self._last = None
 
     def size_for(self, b: int) -> int | None:
         for s in self.sizes:
@@ -118,8 +143,9 @@ class CudaGraphDecoder:
         last = self._last
         if (last is not None and last[1] == g and last[0] == key and last[2] == tlens
                 and all(p == q + 1 for p, q in zip(pos, last[3]))):
-            self.pos_slots[:, :b].add_(1)
-            self.seq_lens[:b].add_(1)
+            if not GREEDY_IN_GRAPH:   # otherwise the last replay moved them on already
+                self.pos_slots[:, :b].add_(1)
+                self.seq_lens[:b].add_(1)
         else:
             slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
             host = runner._host([pos, slots], torch.int64)
@@ -137,7 +163,8 @@ class CudaGraphDecoder:
         ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
         if (prev is not None and prev.tokens is not None and prev.tokens.shape[0] >= b and all(t == -1 for t in ids)
                 and all(prev.row_of_seq.get(k) == i for i, k in enumerate(key))):
-            self.ids[:b].copy_(prev.tokens[:b])
+            if prev.tokens.data_ptr() != self.ids.data_ptr():   # else the graph wrote them there itself
+                self.ids[:b].copy_(prev.tokens[:b])
         else:
             self.ids[:b].copy_(runner._input_ids(ids, prev, key))
         runner.host_time_s += time.perf_counter() - t0
@@ -245,12 +272,15 @@ class ModelRunner:
         copy_blocks(self.model, out.block_copies)
         t0 = time.perf_counter()
         logits = None
+        graph_tokens = None
         if self.graphs is not None and self._graphable(out):
             logits = self._run_graph(out, prev)        # one row per item
             self.graph_steps += 1
             items = [s.item for s in specs]
             if specs and items != list(range(len(out.items))):
                 logits = logits.index_select(0, self._to_dev(items, torch.int64))
+            elif GREEDY_IN_GRAPH:
+                graph_tokens = self.graphs.ids[:len(items)]   # the graph's argmax, one per item
         else:
             input_ids, positions, ctx, rows_of_item = self._prepare(out, prev)
             self.host_time_s += time.perf_counter() - t0
@@ -263,7 +293,7 @@ class ModelRunner:
         flight = InFlight(out=out, specs=specs, owners=owners)
         if not specs or logits is None:
             return flight
-        self._sample(logits, flight)
+        self._sample(logits, flight, graph_tokens)
         flight.start_readback()
         for row, seq in enumerate(owners):
             flight.row_of_seq.setdefault(seq.seq_id, row)
@@ -302,12 +332,15 @@ class ModelRunner:
         assert self.graphs is not None
         return self.graphs.run(out.items, prev, self)
 
-    def _sample(self, logits: torch.Tensor, flight: "InFlight") -> None:
+    def _sample(self, logits: torch.Tensor, flight: "InFlight", graph_tokens: torch.Tensor | None = None) -> None:
+        """Sample one token per spec; ``graph_tokens``: the argmax the decode graph already took (GREEDY_IN_GRAPH)."""
         specs = flight.specs
         p = [s.params for s in specs]
         if all(x.temperature == 0 for x in p) and all(x.logprobs is None for x in p):
-            flight.tokens = logits.argmax(dim=-1)   # greedy batch: one kernel, no sampling tensors to build
+            # Greedy batch: one kernel (or none), no sampling tensors to build.
+            flight.tokens = graph_tokens if graph_tokens is not None else logits.argmax(dim=-1)
             return
+        logits = logits.float()
         st = SamplingTensors.build(
             temperature=[x.temperature for x in p], top_k=[x.top_k for x in p], top_p=[x.top_p for x in p],
             min_p=[x.min_p for x in p], seeds=[s.seed for s in specs], steps=[s.step for s in specs],
@@ -338,7 +371,8 @@ class InFlight:
         assert self.tokens is not None
         dev = [self.tokens, *(self.logprobs or ())]
         if self.tokens.device.type != "cuda":
-            self._host = dev
+            # A copy, as on CUDA: the tokens may be the decode graph's input buffer, which the next step rewrites.
+            self._host = [t.clone() for t in dev]
             return
         self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in dev]
         for h, d in zip(self._host, dev):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from highspeed.ops.dispatch import triton_kernel
+
 _M32 = 0xFFFFFFFF
 
 
@@ -87,7 +89,11 @@ def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """[B, V] float32 logits -> [B] int64 tokens. Greedy rows take the argmax of the raw logits."""
+    """[B, V] float32 logits -> [B] int64 tokens. Greedy rows take the argmax of the raw logits. On CUDA the
+    Triton kernels (highspeed/ops/triton/sampling.py) give the same tokens."""
+    kernel = triton_kernel("sampling", "sample", logits)
+    if kernel is not None:
+        return kernel(logits, st)
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         return greedy
@@ -107,3 +113,21 @@ def logprobs_topk(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[t
         vals = lp.new_empty(lp.shape[0], 0)
         ids = tokens.new_empty(lp.shape[0], 0)
     return chosen, vals, ids
+
+
+def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """The tail of a greedy decode step, for the next one: ``ids[b] = argmax(logits[b])`` (the first index among
+    ties, as torch.argmax), and every live row (``pos_slots[1, b] >= 0``: a slot to write) one token further:
+    position, slot and length + 1. Padding rows (slot -1) stay as they are.
+
+    ``logits`` [B, V] (any float dtype: the argmax of bf16 logits is that of their fp32 copies), ``ids`` [B] int64,
+    ``pos_slots`` [2, B] int64 (positions, slots), ``seq_lens`` [B] int32, all written in place. The CUDA-graph
+    decoder runs this inside its graph (highspeed/engine/runner.py), so a steady greedy step is one replay."""
+    kernel = triton_kernel("sampling", "greedy_advance", logits)
+    if kernel is not None:
+        kernel(logits, ids, pos_slots, seq_lens)
+        return
+    ids.copy_(logits.argmax(dim=-1))
+    live = pos_slots[1] >= 0
+    pos_slots += live
+    seq_lens += live

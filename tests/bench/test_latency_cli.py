@@ -29,6 +29,18 @@ def test_bench_latency_record(tmp_path: Path) -> None:
     assert rec["bytes_per_step"] > rec["non_expert_bytes"]
 
 
+def test_bench_latency_sampled(tmp_path: Path) -> None:
+    """--temperature: the requests sample (seeded), and the record says at what temperature."""
+    out = tmp_path / "rec.json"
+    subprocess.run(
+        [sys.executable, "-m", "highspeed", "bench", "latency", "--model", str(DEMO), "--input-len", "8",
+         "--output-len", "4", "--warmup-tokens", "2", "--temperature", "0.8", "--output-json", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    rec = json.loads(out.read_text())
+    assert rec["temperature"] == 0.8 and rec["tok_s"] > 0
+
+
 def test_distinct_experts_of_the_replayed_inputs() -> None:
     """``_distinct_experts_replay`` runs the graph's static inputs once, eagerly, under the graph's context, and
     counts what the MoE layers route them to (here a CPU stand-in for the graphs: a cache-less context)."""

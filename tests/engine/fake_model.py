@@ -100,9 +100,8 @@ class EagerReplay:
         from highspeed.context import use_context
 
         d, b = self.decoder, self.b
-        model = d.runner.model
         with use_context(d._ctx(b)):
-            d.logits[b].copy_(model.compute_logits(model(d.ids[:b], d.pos[:b])))
+            d.logits[b].copy_(d._step(b))   # what the captured graph runs, incl. its tail (greedy_advance)
 
 
 def install_eager_graphs(engine: LLMEngine, sizes=(1, 2, 4, 8)) -> None:

@@ -178,10 +178,15 @@ def test_priority_runs_first_and_waits_are_bounded(tmp_path):
     e.pool.check_whole()
 
 
+@pytest.mark.parametrize("in_graph", [True, False])
 @pytest.mark.parametrize("blocks", [None, 20])
-def test_graph_decode_buffers_track_every_step(tmp_path, blocks):
-    """The decode-graph path (static buffers advanced on the device in steady decode, refilled when the batch
-    changes) with overlapped steps gives the plain path's tokens, across prefix hits, joins and preemption."""
+def test_graph_decode_buffers_track_every_step(tmp_path, monkeypatch, blocks, in_graph):
+    """The decode-graph path (static buffers advanced on the device in steady decode -- by the graph's own tail,
+    GREEDY_IN_GRAPH, or by the host -- refilled when the batch changes) with overlapped steps gives the plain
+    path's tokens, across prefix hits, joins and preemption."""
+    import highspeed.engine.runner as runner
+
+    monkeypatch.setattr(runner, "GREEDY_IN_GRAPH", in_graph)
     prompts = _prompts(13, 7, lo=5, hi=30, shared=8)
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) for _ in prompts]
     ref = _tokens(run_all(make_engine(tmp_path, block_size=4), prompts, [copy.copy(p) for p in params]))

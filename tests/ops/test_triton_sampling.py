@@ -71,3 +71,40 @@ def test_sample_model_vocab(triton_module, reference):
     for kw in (dict(top_k=False, top_p=False, min_p=True), dict(top_k=True, top_p=True, min_p=False)):
         st = _params(32, seed=5, **kw)
         assert torch.equal(sampling.sample(logits, st), reference(ref_sample, logits, st))
+
+
+@pytest.mark.parametrize("B,V,top_k,top_p,min_p", CASES)
+def test_sample_many_chunks(triton_module, reference, monkeypatch, B, V, top_k, top_p, min_p):
+    """16-column chunks: up to hundreds per row, so the pick across chunks and min-p's row maximum (gathered from
+    the chunks) are exercised; ties across chunks go to the first column, as in torch.argmax."""
+    sampling = triton_module("sampling")
+    monkeypatch.setattr(sampling, "CHUNK", 16)
+    logits = (torch.randn(B, V, device=DEVICE) * 3).round()   # integers: many exact ties, across chunks too
+    st = _params(B, top_k=top_k, top_p=top_p, min_p=min_p, seed=V)
+    assert torch.equal(sampling.sample(logits, st), reference(ref_sample, logits, st))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,V", [(1, 151), (5, 40), (3, 16)])
+def test_greedy_advance(triton_module, reference, monkeypatch, dtype, B, V):
+    """The CUDA-graph decode tail: ids = argmax (first among ties; an all -inf row gives 0), and the rows with a
+    slot one token further; padding rows (slot -1) untouched. Equal to the torch reference."""
+    from highspeed.ops.sampling import greedy_advance as ref_greedy_advance
+
+    sampling = triton_module("sampling")
+    monkeypatch.setattr(sampling, "CHUNK", 16)
+    logits = (torch.randn(B, V, device=DEVICE) * 2).round().to(dtype)
+    logits[-1, :] = float("-inf") if B > 1 else logits[-1, :]
+    pos_slots = torch.stack([torch.arange(B) * 7 + 3, torch.arange(B) * 16 + 5]).to(DEVICE)
+    pos_slots[1, 1::2] = -1   # padding rows
+    seq_lens = (pos_slots[0] + 1).int()
+    got = [torch.full((B,), -5, dtype=torch.int64, device=DEVICE), pos_slots.clone(), seq_lens.clone()]
+    sampling.greedy_advance(logits, *got)
+    want = [torch.full((B,), -5, dtype=torch.int64, device=DEVICE), pos_slots.clone(), seq_lens.clone()]
+    reference(ref_greedy_advance, logits, *want)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), (g, w)
+    assert torch.equal(got[0], logits.float().argmax(-1))
+    live = pos_slots[1] >= 0
+    assert torch.equal(got[1], pos_slots + live) and torch.equal(got[2], seq_lens + live)
+    assert (got[1][:, ~live] == pos_slots[:, ~live]).all()
