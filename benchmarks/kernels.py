@@ -228,6 +228,18 @@ def bench_sampling(r: Runner) -> None:
                   triton_ms=bench(lambda: t_sampling.sample(logits, st)),
                   graph_ms=bench_graph(lambda: t_sampling.sample(logits, st)) if mode != "top_k+top_p" else None,
                   ref_ms=bench(lambda: ref_call(ops_sample, logits, st)), bytes=2 * B * V * 4)
+    # The decode graph's greedy tail (argmax of the bf16 logits into the ids, inputs moved on) against what the host
+    # ran around the graph before: the fp32 cast, then torch's argmax.
+    for B in (1, 32):
+        logits = (torch.randn(B, V, device=DEV) * 4).bfloat16()
+        ids = torch.zeros(B, dtype=torch.int64, device=DEV)
+        pos_slots = torch.full((2, B), -1, dtype=torch.int64, device=DEV)   # padding rows: nothing moves on
+        seq_lens = torch.ones(B, dtype=torch.int32, device=DEV)
+        t_sampling.greedy_advance(logits, ids, pos_slots, seq_lens)
+        r.add(kernel="greedy_advance", case=f"B={B} V={V} bf16",
+              ids_equal=bool((ids == logits.float().argmax(-1)).all()),
+              graph_ms=bench_graph(lambda: t_sampling.greedy_advance(logits, ids, pos_slots, seq_lens)),
+              ref_ms=bench_graph(lambda: logits.float().argmax(-1)), bytes=B * V * 2)
 
 
 def bench_norm(r: Runner) -> None:
