@@ -55,12 +55,19 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def uniform_of_hash(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 uniforms (2k + 1) / 2**24 for k = h >> 9: strictly inside (0, 1), every value exact
+    in float32. (The 32-bit (h + 0.5) / 2**32 rounded the top 2**-25 of hashes to 1.0: their Gumbel noise was +inf,
+    so about one row in 200 of a 150K vocabulary sampled a uniformly random token -- or, beside a filtered -inf
+    logit, NaN, which torch's argmax takes.)"""
+    return ((h >> 9).to(torch.float32) * 2 + 1) * 2.0**-24
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] uniforms in (0, 1), a pure function of (seed, step, column)."""
     row = _mix32(_mix32(seeds ^ (seeds >> 32)) ^ _mix32(steps * 0x9E3779B9 + 0x632BE5AB))
     cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    h = _mix32(row[:, None] ^ _mix32(cols * 0x85EBCA6B + 0x1B873593)[None, :])
-    return (h.to(torch.float64) + 0.5).div_(2.0**32).to(torch.float32)
+    return uniform_of_hash(_mix32(row[:, None] ^ _mix32(cols * 0x85EBCA6B + 0x1B873593)[None, :]))
 
 
 def apply_filters(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

@@ -42,6 +42,8 @@ def test_pdl_kernel_waits_first(fname, kernel):
     listed parameter pointers."""
     waited = False
     for stmt in kernel.body:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue   # the docstring
         src = ast.unparse(stmt)
         if "gdc_wait()" in src:
             waited = True

@@ -108,3 +108,16 @@ def test_greedy_advance(triton_module, reference, monkeypatch, dtype, B, V):
     live = pos_slots[1] >= 0
     assert torch.equal(got[1], pos_slots + live) and torch.equal(got[2], seq_lens + live)
     assert (got[1][:, ~live] == pos_slots[:, ~live]).all()
+
+
+def test_uniforms_stay_inside_the_unit_interval():
+    """The extreme hashes give uniforms strictly inside (0, 1), so the Gumbel noise -log(-log(u)) is finite: a
+    hash of 2**32 - 1 once rounded to u = 1.0, +inf noise, and the sampler then took that column whatever its
+    probability (or NaN beside a filtered logit)."""
+    from highspeed.ops.sampling import uniform_of_hash
+
+    h = torch.tensor([0, 1, 511, 512, 2**31, 2**32 - 2**7, 2**32 - 1], dtype=torch.int64)
+    u = uniform_of_hash(h)
+    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all()), u
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+    assert u[0] == 2.0**-24 and u[-1] == 1 - 2.0**-24

@@ -79,7 +79,7 @@ def _chunk_sample_kernel(
     PREFILTERED: tl.constexpr, USE_MIN_P: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISE_LOG: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Chunk c of a sampled row r (greedy rows return at once): the best Gumbel score and its column."""
+    """Chunk c of a sampled row r (greedy rows do nothing): the best Gumbel score and its column."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -106,7 +106,7 @@ def _chunk_sample_kernel(
                                float("-inf"))
                 z = tl.where(z < cut, float("-inf"), z)
         h = _mix32(row_hash ^ _mix32(cols.to(tl.int64) * 0x85EBCA6B + 0x1B873593))
-        u = ((h.to(tl.float64) + 0.5) / 4294967296.0).to(tl.float32)
+        u = ((h >> 9).to(tl.float32) * 2.0 + 1.0) * (1.0 / 16777216.0)   # as uniform_of_hash: inside (0, 1)
         score = tl.where(cmask, z - _log(-_log(u, PRECISE_LOG), PRECISE_LOG), float("-inf"))
         tl.store(sval_ptr + row * n_chunks + c, tl.max(score, 0))
         tl.store(sidx_ptr + row * n_chunks + c, c.to(tl.int64) * CHUNK + tl.argmax(score, 0))
