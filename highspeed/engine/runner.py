@@ -109,9 +109,9 @@ class CudaGraphDecoder:
     def _step(self, b: int) -> torch.Tensor:
         """What a graph of b rows runs: the model, the logits, and (GREEDY_IN_GRAPH) the next step's inputs."""
         model = self.runner.model
-        logits = model.compute_logits(model(self.ids[:b], self.pos[:b]))
+        logits = model.compute_logits(model(self.ids[:b], self.pos[:b]), float32=not GREEDY_IN_GRAPH)
         if not GREEDY_IN_GRAPH:
-            return logits.float()
+            return logits
         greedy_advance(logits, self.ids[:b], self.pos_slots[:, :b], self.seq_lens[:b])
         return logits
 

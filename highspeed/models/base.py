@@ -70,8 +70,11 @@ class CausalLM(nn.Module):
             hidden = layer(positions, hidden, aux)
         return self.model.norm(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head.weight).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """The lm_head's logits, in fp32 unless ``float32`` is False (the decode graph's greedy tail takes the
+        argmax of the model-dtype logits: the same token, without a cast of the whole vocabulary per step)."""
+        logits = linear(hidden, self.lm_head.weight)
+        return logits.float() if float32 else logits
 
     def forward_mtp(self, input_ids: torch.Tensor, positions: torch.Tensor, previous_hidden: torch.Tensor) -> torch.Tensor:
         """MTP draft step: ``input_ids`` are the tokens t_{i+1}, ``previous_hidden`` the main model's post-norm

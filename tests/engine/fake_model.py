@@ -50,7 +50,7 @@ class HashModel(nn.Module):
                 out[qsl[i] + j] = float((vals[:upto] * w).sum().item() % 9973)
         return out[:, None]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         h = hidden[:, 0].long()
         nxt = (h * 31 + 7) % VOCAB
         return torch.nn.functional.one_hot(nxt, VOCAB).float() * 10.0 + torch.linspace(0, 1, VOCAB)[None] * 0.01
