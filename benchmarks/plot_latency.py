@@ -21,8 +21,8 @@ def main(out: str, *patterns: str) -> None:
     for path in paths:
         with open(path, encoding="utf-8") as f:
             r = json.load(f)
-        if r.get("path") != "cuda-graphs+triton" or "HIGHSPEED_" in r.get("command", ""):
-            continue   # the default configuration only (A/B records carry their switch in the command)
+        if r.get("path") != "cuda-graphs+triton" or "HIGHSPEED_" in r.get("command", "") or r.get("temperature"):
+            continue   # greedy, default configuration only (A/B records carry their switch in the command)
         key = (r["preset"], r["batch_size"])
         if key not in latest or r.get("date", "") > latest[key].get("date", ""):
             latest[key] = r
