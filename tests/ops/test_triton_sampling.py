@@ -121,3 +121,14 @@ def test_uniforms_stay_inside_the_unit_interval():
     assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all()), u
     assert torch.isfinite(-torch.log(-torch.log(u))).all()
     assert u[0] == 2.0**-24 and u[-1] == 1 - 2.0**-24
+
+
+def test_sampling_tensors_fields():
+    """Each packed field holds its own list (the kernels and the reference read the same fields, so a swap would
+    pass every comparison between them)."""
+    st = SamplingTensors.build([0.0, 0.7], [0, 40], [1.0, 0.9], [0.0, 0.05], [3, 2**64 - 1], [11, 12], DEVICE)
+    assert st.temperature.tolist() == pytest.approx([0.0, 0.7]) and st.top_p.tolist() == pytest.approx([1.0, 0.9])
+    assert st.min_p.tolist() == pytest.approx([0.0, 0.05]) and st.top_k.tolist() == [0, 40]
+    assert st.seeds.tolist() == [3, 2**63 - 1] and st.steps.tolist() == [11, 12]
+    assert st.temperature.dtype == torch.float32 and st.steps.dtype == torch.int64
+    assert not st.all_greedy and st.any_top_k and st.any_top_p and st.any_min_p
