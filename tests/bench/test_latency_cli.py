@@ -9,14 +9,19 @@ from pathlib import Path
 DEMO = Path(__file__).resolve().parents[2] / "highspeed" / "demo" / "model"
 
 
-def test_bench_latency_record(tmp_path: Path) -> None:
+def _bench(tmp_path: Path, *args: str) -> dict:
+    """Run ``highspeed bench latency`` on the built-in model with these arguments; the record it wrote."""
     out = tmp_path / "rec.json"
     subprocess.run(
-        [sys.executable, "-m", "highspeed", "bench", "latency", "--model", str(DEMO), "--batch-size", "2",
-         "--input-len", "16", "--output-len", "6", "--warmup-tokens", "2", "--output-json", str(out)],
+        [sys.executable, "-m", "highspeed", "bench", "latency", "--model", str(DEMO), "--warmup-tokens", "2", *args,
+         "--output-json", str(out)],
         check=True, capture_output=True, text=True, timeout=300,
     )
-    rec = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_latency_record(tmp_path: Path) -> None:
+    rec = _bench(tmp_path, "--batch-size", "2", "--input-len", "16", "--output-len", "6")
     for key in ("preset", "batch_size", "device", "tok_s", "bytes_per_token", "copy_bandwidth", "bandwidth_fraction",
                 "date", "commit", "command"):
         assert key in rec, key
@@ -31,13 +36,7 @@ def test_bench_latency_record(tmp_path: Path) -> None:
 
 def test_bench_latency_sampled(tmp_path: Path) -> None:
     """--temperature: the requests sample (seeded), and the record says at what temperature."""
-    out = tmp_path / "rec.json"
-    subprocess.run(
-        [sys.executable, "-m", "highspeed", "bench", "latency", "--model", str(DEMO), "--input-len", "8",
-         "--output-len", "4", "--warmup-tokens", "2", "--temperature", "0.8", "--output-json", str(out)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    rec = json.loads(out.read_text())
+    rec = _bench(tmp_path, "--input-len", "8", "--output-len", "4", "--temperature", "0.8")
     assert rec["temperature"] == 0.8 and rec["tok_s"] > 0
 
 
