@@ -110,9 +110,8 @@ class CudaGraphDecoder:
         """What a graph of b rows runs: the model, the logits, and (GREEDY_IN_GRAPH) the next step's inputs."""
         model = self.runner.model
         logits = model.compute_logits(model(self.ids[:b], self.pos[:b]), float32=not GREEDY_IN_GRAPH)
-        if not GREEDY_IN_GRAPH:
-            return logits
-        greedy_advance(logits, self.ids[:b], self.pos_slots[:, :b], self.seq_lens[:b])
+        if GREEDY_IN_GRAPH:
+            greedy_advance(logits, self.ids[:b], self.pos_slots[:, :b], self.seq_lens[:b])
         return logits
 
     def freeze(self) -> None:
