@@ -98,6 +98,9 @@ DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 #   GQA (it feeds o_proj, 17 MB in Qwen3-30B-A3B):    late 2.488 against 2.399 (attention -1.8 us per layer, but
 #                                                       the merge +3.2: its loads queue behind o_proj's instead).
 # HIGHSPEED_COMBINE_LATE_TRIGGER = mla (default) | 1 (always) | 0 (never).
+# The merge's launch shape: one program per (token, head, BLOCK_DV-wide slice of Dv). HIGHSPEED_TUNE_COMBINE for
+# A/Bs in the decode chain (not yet swept there).
+COMBINE = tuned("COMBINE", dict(BLOCK_DV=128, num_warps=4))
 _LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
 
 
@@ -704,13 +707,13 @@ def _attend(
         **launch,
     )
     if split and not fused:
-        cdv = min(128, next_power_of_2(d_v))
+        cdv = min(COMBINE["BLOCK_DV"], next_power_of_2(d_v))
         _combine_kernel[(T * Hq, triton.cdiv(d_v, cdv))](
             part, lse, out, Hq, num_splits,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             D_V=d_v, BLOCK_S=next_power_of_2(num_splits), BLOCK_DV=cdv, LATE_TRIGGER=combine_late_trigger(v_is_k),
-            num_warps=4, **pdl(q),
+            num_warps=COMBINE["num_warps"], **pdl(q),
         )
     return out
 
