@@ -53,7 +53,8 @@ if [ "$MODE" = ab ]; then
   env ${AB_TEST_ENV:-} timeout 330 python3 -m pytest -q -p no:cacheprovider $PAR ${AB_TESTS:-tests/ops tests/engine/test_gpu_e2e.py} 2>&1 \
     | tail -n 40 > "$OUT/gpu_tests.log"
   tail -n 4 "$OUT/gpu_tests.log"
-  timeout 120 python3 benchmarks/kernel_regs.py > "$OUT/kernel_regs.json" 2>&1
+  # AB_REGS=0: skip the register counts (when the kernels are unchanged and device time is short).
+  [ "${AB_REGS:-1}" = 1 ] && timeout 120 python3 benchmarks/kernel_regs.py > "$OUT/kernel_regs.json" 2>&1
   # Each run also writes what each kernel adds to the replayed graph (bench latency --timeline-out).
   TL=benchmarks/results/timelines; mkdir -p $TL
   for p in ${AB_MODELS:-qwen3-30b-a3b glm-4.7-flash}; do   # AB_MODELS: other presets, e.g. deepseek-v2-lite
