@@ -194,6 +194,16 @@ def test_mla_attention_short_decode(h200_grid, reference, monkeypatch, slens, ma
         assert int(buf.abs().sum()) == 0
 
 
+def test_combine_slices(triton_module):
+    """The merge's Dv slice: the shapes run 48 measured (Qwen3-30B-A3B batch 1: 32 heads x 128 -> 32-wide;
+    GLM-4.7-Flash: 20 x 512 -> 64-wide), and wide grids keep 128 (batch 8 of Qwen3: 256 rows)."""
+    attn = triton_module("attention")
+    assert attn.combine_block_dv(32, 128) == 32
+    assert attn.combine_block_dv(20, 512) == 64
+    assert attn.combine_block_dv(256, 128) == 128 and attn.combine_block_dv(64, 512) == 128
+    assert attn.combine_block_dv(1, 16) == 16   # never wider than Dv, never split below 32
+
+
 def test_split_plan(triton_module):
     """Decode at small grids splits down to one tile per program; prefill and long contexts keep the old rule
     (>= 4 tiles per split, at most 64 splits, about 4 programs per SM)."""

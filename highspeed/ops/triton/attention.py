@@ -98,9 +98,20 @@ DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 #   GQA (it feeds o_proj, 17 MB in Qwen3-30B-A3B):    late 2.488 against 2.399 (attention -1.8 us per layer, but
 #                                                       the merge +3.2: its loads queue behind o_proj's instead).
 # HIGHSPEED_COMBINE_LATE_TRIGGER = mla (default) | 1 (always) | 0 (never).
-# The merge's launch shape: one program per (token, head, BLOCK_DV-wide slice of Dv). HIGHSPEED_TUNE_COMBINE for
-# A/Bs in the decode chain (not yet swept there).
-COMBINE = tuned("COMBINE", dict(BLOCK_DV=128, num_warps=4))
+# The merge's launch shape: one program per (token, head, BLOCK_DV-wide slice of Dv), the slice halved (down to 32)
+# until there are MIN_PROGRAMS programs. The merge is a latency-bound read of every split's partial; more, smaller
+# programs issue those reads in parallel. H200 run 48, batch 1, decode chain: Qwen3-30B-A3B (32 heads x 128) 2.228
+# ms per step with 128-wide slices, 2.196 with 64, 2.192 with 32; GLM-4.7-Flash (20 heads x 512) 2.919-2.921 with
+# 128, 2.901-2.903 with 64, 2.973-2.974 with 256, 2.937-2.938 with 512 on 8 warps. HIGHSPEED_TUNE_COMBINE for A/Bs.
+COMBINE = tuned("COMBINE", dict(BLOCK_DV=128, MIN_PROGRAMS=128, num_warps=4))
+
+
+def combine_block_dv(rows: int, d_v: int) -> int:
+    """The merge's Dv slice for ``rows`` (token, head) pairs of width ``d_v`` (see COMBINE)."""
+    cdv = min(COMBINE["BLOCK_DV"], next_power_of_2(d_v))
+    while cdv > 32 and rows * triton.cdiv(d_v, cdv) < COMBINE["MIN_PROGRAMS"]:
+        cdv //= 2
+    return cdv
 _LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
 
 
@@ -707,7 +718,7 @@ def _attend(
         **launch,
     )
     if split and not fused:
-        cdv = min(COMBINE["BLOCK_DV"], next_power_of_2(d_v))
+        cdv = combine_block_dv(T * Hq, d_v)
         _combine_kernel[(T * Hq, triton.cdiv(d_v, cdv))](
             part, lse, out, Hq, num_splits,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
