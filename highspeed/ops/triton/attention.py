@@ -98,6 +98,14 @@ DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 #   GQA (it feeds o_proj, 17 MB in Qwen3-30B-A3B):    late 2.488 against 2.399 (attention -1.8 us per layer, but
 #                                                       the merge +3.2: its loads queue behind o_proj's instead).
 # HIGHSPEED_COMBINE_LATE_TRIGGER = mla (default) | 1 (always) | 0 (never).
+_LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
+
+
+def combine_late_trigger(v_is_k: bool) -> bool:
+    """Whether the merge of this attention (``v_is_k``: MLA, values are the latent keys) triggers late."""
+    return _LATE_TRIGGER_ENV == "1" or (_LATE_TRIGGER_ENV == "mla" and v_is_k)
+
+
 # The merge's launch shape: one program per (token, head, BLOCK_DV-wide slice of Dv), the slice halved (down to 32)
 # until there are MIN_PROGRAMS programs. The merge is a latency-bound read of every split's partial; more, smaller
 # programs issue those reads in parallel. H200 run 48, batch 1, decode chain: Qwen3-30B-A3B (32 heads x 128) 2.228
@@ -112,12 +120,6 @@ def combine_block_dv(rows: int, d_v: int) -> int:
     while cdv > 32 and rows * triton.cdiv(d_v, cdv) < COMBINE["MIN_PROGRAMS"]:
         cdv //= 2
     return cdv
-_LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
-
-
-def combine_late_trigger(v_is_k: bool) -> bool:
-    """Whether the merge of this attention (``v_is_k``: MLA, values are the latent keys) triggers late."""
-    return _LATE_TRIGGER_ENV == "1" or (_LATE_TRIGGER_ENV == "mla" and v_is_k)
 
 
 _COUNTERS = 4096   # per device; a launch needs one per (query tile, head block) and splits only tiny grids
