@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
     def generate(batch: list[list[int]], out_len: int) -> tuple[float, list[float], int]:
-        _add_greedy(engine, batch, f"b{time.monotonic_ns()}", out_len, args.temperature)
+        _add_requests(engine, batch, f"b{time.monotonic_ns()}", out_len, args.temperature)
         # Step time = the interval between consecutive step() returns, as a serving loop sees it. No device
         # synchronize per step: the engine enqueues step N+1 before reading step N's tokens, and a synchronize here
         # would serialise the host's preparation with the device's work (records up to run 5 did that, so their
@@ -254,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
         # The replay's share counts the replayed step's own experts (the probe's before this field existed).
         device_bandwidth_fraction=round(bytes_replay / (device_ms / 1e3) / bw, 4) if device_ms else None,
     )
-    print(f"{rec['preset']} b={args.batch_size}{f' T={args.temperature:g}' if args.temperature else ''} [{rec['path']}]: {rec['tok_s_per_user']:.1f} tok/s/user, "
+    temp = f" T={args.temperature:g}" if args.temperature else ""
+    print(f"{rec['preset']} b={args.batch_size}{temp} [{rec['path']}]: {rec['tok_s_per_user']:.1f} tok/s/user, "
           f"{rec['tok_s']:.1f} tok/s total, {rec['ms_per_token']:.3f} ms/step, {bytes_step / 1e9:.3f} GB/step, "
           f"{rec['achieved_gb_s']:.0f} GB/s = {rec['bandwidth_fraction']:.1%} of copy bw {rec['copy_bandwidth']:.0f} GB/s, "
           f"ttft {ttft * 1e3:.1f} ms; host {rec['host_ms_per_step']} ms/step"
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_greedy(engine: Any, batch: list[list[int]], prefix: str, max_tokens: int,
+def _add_requests(engine: Any, batch: list[list[int]], prefix: str, max_tokens: int,
                 temperature: float = 0.0) -> list[str]:
     """Add the prompts as requests that ignore EOS, greedy (or sampled at ``temperature``, seeded); their ids."""
     from highspeed.sampling import SamplingParams
@@ -289,7 +290,7 @@ def _finish_prefill(engine: Any) -> None:
 
 def _distinct_experts_decode(engine: Any, probe: list[list[int]]) -> int:
     """Prefill the probe prompts, then count distinct experts over one eager decode step of the whole batch."""
-    ids = _add_greedy(engine, probe, "probe", 8)   # 8 tokens: alive through a chunked prefill
+    ids = _add_requests(engine, probe, "probe", 8)   # 8 tokens: alive through a chunked prefill
     graphs, engine.runner.graphs = engine.runner.graphs, None
     overlap, engine.overlap = engine.overlap, False
     try:
@@ -361,7 +362,7 @@ def _write_timeline(engine: Any, graph: Any, batch: list[list[int]], path: str, 
             return
         f.write(timeline.format_table(rows, replay_ms) + "\n\n")
         f.write(timeline.layer_listing(kernels, 2 * per_replay + per_replay // 2, 40) + "\n\n")
-        _add_greedy(engine, batch, "timeline", steps + 8)
+        _add_requests(engine, batch, "timeline", steps + 8)
         _finish_prefill(engine)
         engine.step()   # one decode step in flight, as in the serving loop
         f.write(f"real decode steps, batch {len(batch)}:\n")
@@ -376,7 +377,7 @@ def _profile_decode(engine: Any, batch: list[list[int]], path: str, steps: int =
     step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    _add_greedy(engine, batch, "prof", steps + 4)
+    _add_requests(engine, batch, "prof", steps + 4)
     graphs, engine.runner.graphs = engine.runner.graphs, None
     try:
         _finish_prefill(engine)
