@@ -51,7 +51,8 @@ class HostLengthsUnavailable(list):
 # token further) is then one graph replay and the samples' copy to the host, where the host otherwise added to the
 # positions and lengths, copied the last samples into the ids, cast the logits to fp32 and took their argmax (five
 # launches, ~24 us per step on the H200 beside Qwen3-30B-A3B's 2.22 ms replay, run 43). Steps that sample with a
-# temperature use the graph's bf16 logits as before. HIGHSPEED_GRAPH_GREEDY=0: the graph ends at the fp32 logits.
+# temperature cast the graph's bf16 logits to fp32 outside it. HIGHSPEED_GRAPH_GREEDY=0: the graph ends at the fp32
+# logits.
 GREEDY_IN_GRAPH: bool = os.environ.get("HIGHSPEED_GRAPH_GREEDY", "1") != "0"
 
 
