@@ -57,9 +57,12 @@ ONE_STEP_OPS: frozenset[str] = frozenset(
 if not ONE_STEP_OPS <= {"absorb_q", "latent_to_v"}:
     raise ValueError(f"HIGHSPEED_MLA_PROJ_ONE_STEP={_ONE_STEP_ENV!r}: expected 0, 1, absorb_q or latent_to_v")
 ABSORB_MAX_ELEMS: int = 4 * 2**20
-# HIGHSPEED_TUNE_LATENT_TO_V="TILE=8192,MIN_PROGRAMS=256" for A/Bs in the decode chain: GLM-4.7-Flash's 640 W_UV
-# programs are not all resident beside the MLA attention, which delays o_proj's early launch (run 16 timeline).
-_LATENT_TO_V = tuned("LATENT_TO_V", dict(TILE=4096, MIN_PROGRAMS=512))
+# W_UV's launch shape: rows of TILE / BLOCK_L per program, fewer while the grid is below MIN_PROGRAMS. GLM-4.7-Flash's
+# 640 programs of [8, 512] (TILE=4096, MIN_PROGRAMS=512) were not all resident beside the MLA attention and the
+# merge, which delayed o_proj's early launch (run 16 timeline). 320 programs of [16, 512]: H200 batch-1 decode
+# chain 2.880 / 2.877 ms per step against 2.896 / 2.898 (run 49, after the merge's narrower slices; run 17, before
+# them, had it 0.5% slower). HIGHSPEED_TUNE_LATENT_TO_V="TILE=..,MIN_PROGRAMS=.." for A/Bs.
+_LATENT_TO_V = tuned("LATENT_TO_V", dict(TILE=8192, MIN_PROGRAMS=256))
 LATENT_TO_V_KNOBS = (_LATENT_TO_V["TILE"], _LATENT_TO_V["MIN_PROGRAMS"])
 LATENT_TO_V_LARGE_KNOBS = (2048, 264)   # W_UV of at least LARGE_ELEMS elements
 LARGE_ELEMS: int = 4 * 2**20
