@@ -1,4 +1,4 @@
-"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention) for a Hopper GPU (sm_90) on a machine
+"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention, the graph's greedy tail) for a Hopper GPU (sm_90) on a machine
 without one, and report each kernel's registers and spills (from ``cuobjdump``, shipped with Triton).
 
 The interpreter (CI) accepts code the GPU compiler rejects, and a register count decides how many programs are
@@ -188,10 +188,29 @@ def record_attention() -> list:
     return launches
 
 
+def record_graph_tail(vocab: int = 151936) -> list:
+    """The decode graph's tail (``greedy_advance``) at batch 1, with the host ring and without."""
+    from highspeed.ops.triton import sampling
+
+    launches: list = []
+    saved = sampling._chunk_max_kernel, sampling._pick_kernel
+    sampling._chunk_max_kernel, sampling._pick_kernel = (Recorder(k, launches) for k in saved)
+    try:
+        i64 = torch.int64
+        for ring in (None, torch.zeros(4, 8, dtype=i64)):
+            sampling.greedy_advance(torch.zeros(1, vocab, dtype=torch.bfloat16), torch.zeros(1, dtype=i64),
+                                    torch.zeros(2, 1, dtype=i64), torch.ones(1, dtype=torch.int32), ring,
+                                    None if ring is None else torch.zeros(1, dtype=i64))
+    finally:
+        sampling._chunk_max_kernel, sampling._pick_kernel = saved
+    return launches
+
+
 def main(shapes: list[str]) -> None:
     for shape in shapes:
         seen = set()
-        launches = record_decode_layer(shape) + (record_attention() if shape == "qwen3-30b-a3b" else [])
+        launches = record_decode_layer(shape) + (record_attention() + record_graph_tail()
+                                                 if shape == "qwen3-30b-a3b" else [])
         for kernel, args, kw in launches:
             key = (kernel.__name__, tuple(sorted((n, str(v)) for n, v in kw.items())))
             if key in seen:

@@ -54,6 +54,16 @@ class HostLengthsUnavailable(list):
 # temperature cast the graph's bf16 logits to fp32 outside it. HIGHSPEED_GRAPH_GREEDY=0: the graph ends at the fp32
 # logits.
 GREEDY_IN_GRAPH: bool = os.environ.get("HIGHSPEED_GRAPH_GREEDY", "1") != "0"
+# With GREEDY_IN_GRAPH the graph's last kernel also writes the tokens into a ring of RING_ROWS rows in pinned host
+# memory (row = a replay count kept on the device, bumped once per replay), and the host reads a step's row after
+# the step's event. The alternative, a device-to-host copy launched behind each replay, left the device idle around
+# it: in real Qwen3-30B-A3B / GLM-4.7-Flash steps on the H200 the copy ended 5.8-7.4 us after the replay, and the next
+# replay's first kernel started 4-6 us after that, against 1.3 us between back-to-back replays (run 50 timelines).
+# At most one step is in flight while the host reads another, so two rows would do; the host's count follows the
+# device's because every replay goes through CudaGraphDecoder.run, which sets the device count whenever it refills
+# the inputs. HIGHSPEED_HOST_RING=0: the copy (the A/B baseline).
+HOST_RING: bool = os.environ.get("HIGHSPEED_HOST_RING", "1") != "0"
+RING_ROWS: int = 4
 
 
 class CudaGraphDecoder:
@@ -81,6 +91,8 @@ class CudaGraphDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._last: tuple | None = None   # (seq ids, graph size, block-table lengths, positions) of the last replay
+        self.ring, self.ring_count = _host_ring(dev, m) if GREEDY_IN_GRAPH and HOST_RING else (None, None)
+        self.replays = 0   # the host's copy of ring_count after the last replay
 
     def _ctx(self, b: int) -> AttentionContext:
         return AttentionContext(
@@ -112,8 +124,13 @@ class CudaGraphDecoder:
         model = self.runner.model
         logits = model.compute_logits(model(self.ids[:b], self.pos[:b]), float32=not GREEDY_IN_GRAPH)
         if GREEDY_IN_GRAPH:
-            greedy_advance(logits, self.ids[:b], self.pos_slots[:, :b], self.seq_lens[:b])
+            greedy_advance(logits, self.ids[:b], self.pos_slots[:, :b], self.seq_lens[:b], self.ring, self.ring_count)
         return logits
+
+    def host_tokens(self, b: int) -> torch.Tensor | None:
+        """The ring row the last replay wrote its first b tokens to (None without a ring): read it only after
+        that replay's event."""
+        return None if self.ring is None else self.ring[self.replays % RING_ROWS, :b]
 
     def freeze(self) -> None:
         """For replaying graphs back to back (benchmarks): every row becomes padding (slot -1), so a replay writes
@@ -147,6 +164,8 @@ class CudaGraphDecoder:
                 self.pos_slots[:, :b].add_(1)
                 self.seq_lens[:b].add_(1)
         else:
+            if self.ring_count is not None:   # resynchronise: replays outside run() (benchmarks) moved it too
+                self.ring_count.fill_(self.replays)
             slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
             host = runner._host([pos, slots], torch.int64)
             self.pos[:g].fill_(0)       # padding rows: position 0, slot -1 (nothing written)
@@ -169,7 +188,30 @@ class CudaGraphDecoder:
             self.ids[:b].copy_(runner._input_ids(ids, prev, key))
         runner.host_time_s += time.perf_counter() - t0
         self.graphs[g].replay()
+        self.replays += 1
         return self.logits[g][:b]
+
+
+def _host_ring(device: torch.device, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ring [RING_ROWS, rows] int64, its count [1] int64 on the device) for greedy_advance, or (None, None) where
+    the device cannot write the ring itself: on CUDA the ring is pinned host memory, written by the Triton kernel,
+    and one call checks that it lands. On the CPU (tests stand the graphs in with eager runs) a plain tensor."""
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    if device.type != "cuda":
+        return torch.zeros((RING_ROWS, rows), dtype=torch.int64), count
+    try:
+        ring = torch.full((RING_ROWS, rows), -1, dtype=torch.int64, pin_memory=True)
+        logits = torch.zeros((1, 8), dtype=torch.float32, device=device)
+        logits[0, 5] = 1.0
+        pos_slots = torch.full((2, 1), -1, dtype=torch.int64, device=device)
+        greedy_advance(logits, torch.zeros(1, dtype=torch.int64, device=device), pos_slots,
+                       torch.ones(1, dtype=torch.int32, device=device), ring, count)
+        torch.cuda.synchronize(device)
+        if int(ring[1, 0]) == 5:
+            return ring, count
+    except (RuntimeError, ValueError):   # no Triton (the reference cannot write host memory), or an unmapped ring
+        pass
+    return None, None
 
 
 class ModelRunner:
@@ -272,7 +314,7 @@ class ModelRunner:
         copy_blocks(self.model, out.block_copies)
         t0 = time.perf_counter()
         logits = None
-        graph_tokens = None
+        graph_tokens = host_tokens = None
         if self.graphs is not None and self._graphable(out):
             logits = self._run_graph(out, prev)        # one row per item
             self.graph_steps += 1
@@ -281,6 +323,7 @@ class ModelRunner:
                 logits = logits.index_select(0, self._to_dev(items, torch.int64))
             elif GREEDY_IN_GRAPH:
                 graph_tokens = self.graphs.ids[:len(items)]   # the graph's argmax, one per item
+                host_tokens = self.graphs.host_tokens(len(items))
         else:
             input_ids, positions, ctx, rows_of_item = self._prepare(out, prev)
             self.host_time_s += time.perf_counter() - t0
@@ -294,6 +337,8 @@ class ModelRunner:
         if not specs or logits is None:
             return flight
         self._sample(logits, flight, graph_tokens)
+        if flight.tokens is graph_tokens:
+            flight.host_tokens = host_tokens
         flight.start_readback()
         for row, seq in enumerate(owners):
             flight.row_of_seq.setdefault(seq.seq_id, row)
@@ -361,14 +406,22 @@ class InFlight:
     tokens: torch.Tensor | None = None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     row_of_seq: dict[int, int] = field(default_factory=dict)
+    host_tokens: torch.Tensor | None = None   # where the decode graph wrote the tokens to host memory itself
     _host: list[torch.Tensor] = field(default_factory=list)
     _done: "torch.cuda.Event | None" = None
 
     def start_readback(self) -> None:
         """Enqueue the samples' copy to pinned host memory right behind the sampling kernels, with an event after
         it. A plain `.tolist()` later would wait for the whole stream, including the next step already enqueued
-        behind this one, and the device would idle while the host read and scheduled."""
+        behind this one, and the device would idle while the host read and scheduled. Tokens the graph wrote to
+        its host ring (``host_tokens``) need the event alone."""
         assert self.tokens is not None
+        if self.host_tokens is not None and self.logprobs is None:
+            self._host = [self.host_tokens]   # read (copied) in finish_readback, after the event
+            if self.tokens.device.type == "cuda":
+                self._done = torch.cuda.Event()
+                self._done.record()
+            return
         dev = [self.tokens, *(self.logprobs or ())]
         if self.tokens.device.type != "cuda":
             # A copy, as on CUDA: the tokens may be the decode graph's input buffer, which the next step rewrites.
@@ -384,4 +437,7 @@ class InFlight:
         """The samples on the host: waits for this step's copy alone, not for any step enqueued after it."""
         if self._done is not None:
             self._done.synchronize()
+        if self.host_tokens is not None and self._host and self._host[0] is self.host_tokens:
+            # A view of the ring, which a later replay rewrites: copy it out now (the host's own memory, no device op).
+            self._host = [self.host_tokens.clone()]
         return self._host

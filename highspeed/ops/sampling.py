@@ -125,19 +125,29 @@ def logprobs_topk(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[t
     return chosen, vals, ids
 
 
-def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Tensor, seq_lens: torch.Tensor) -> None:
+def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Tensor, seq_lens: torch.Tensor,
+                   host_ring: torch.Tensor | None = None, ring_count: torch.Tensor | None = None) -> None:
     """The tail of a greedy decode step, for the next one: ``ids[b] = argmax(logits[b])`` (the first index among
     ties, as torch.argmax), and every live row (``pos_slots[1, b] >= 0``: a slot to write) one token further:
     position, slot and length + 1. Padding rows (slot -1) stay as they are.
 
     ``logits`` [B, V] (any float dtype: the argmax of bf16 logits is that of their fp32 copies), ``ids`` [B] int64,
     ``pos_slots`` [2, B] int64 (positions, slots), ``seq_lens`` [B] int32, all written in place. The CUDA-graph
-    decoder runs this inside its graph (highspeed/engine/runner.py), so a steady greedy step is one replay."""
+    decoder runs this inside its graph (highspeed/engine/runner.py), so a steady greedy step is one replay.
+
+    With ``host_ring`` [K, >= B] int64 and ``ring_count`` [1] int64: the count goes one up and the tokens are also
+    written to ``host_ring[count % K, :B]``. On CUDA the ring is pinned host memory that the kernel writes itself, so
+    the host reads a step's tokens after its event with no copy launched behind the graph (the Triton kernel only:
+    the reference would need the count on the host)."""
     kernel = triton_kernel("sampling", "greedy_advance", logits)
     if kernel is not None:
-        kernel(logits, ids, pos_slots, seq_lens)
+        kernel(logits, ids, pos_slots, seq_lens, host_ring, ring_count)
         return
     ids.copy_(logits.argmax(dim=-1))
+    if host_ring is not None:
+        assert ring_count is not None
+        ring_count += 1
+        host_ring[:, :ids.shape[0]].index_copy_(0, ring_count % host_ring.shape[0], ids[None])
     live = pos_slots[1] >= 0
     pos_slots += live
     seq_lens += live

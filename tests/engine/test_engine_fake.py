@@ -178,6 +178,26 @@ def test_priority_runs_first_and_waits_are_bounded(tmp_path):
     e.pool.check_whole()
 
 
+def test_graph_host_ring_survives_replays_outside_the_engine(tmp_path):
+    """Greedy graph steps return their tokens through the decoder's host ring (row = a replay count on the device).
+    Replays the engine does not make (a benchmark's, after freeze()) move that count; the next refill of the inputs
+    sets it back to the host's, so a later batch still reads its own tokens."""
+    prompts = _prompts(21, 3, lo=5, hi=20)
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True) for _ in prompts]
+    ref = _tokens(run_all(make_engine(tmp_path, block_size=4), prompts, [copy.copy(p) for p in params]))
+    e = make_engine(tmp_path, block_size=4, async_scheduling=True, enable_prefix_caching=False)
+    install_eager_graphs(e)
+    dec = e.runner.graphs
+    assert dec.ring is not None
+    assert _tokens(run_all(e, prompts, [copy.copy(p) for p in params])) == ref
+    steps = e.runner.graph_steps
+    dec.freeze()
+    for _ in range(3):
+        dec.graphs[4].replay()
+    assert _tokens(run_all(e, prompts, [copy.copy(p) for p in params])) == ref
+    assert e.runner.graph_steps >= 2 * steps > 0
+
+
 @pytest.mark.parametrize("in_graph", [True, False])
 @pytest.mark.parametrize("blocks", [None, 20])
 def test_graph_decode_buffers_track_every_step(tmp_path, monkeypatch, blocks, in_graph):

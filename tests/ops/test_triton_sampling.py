@@ -84,11 +84,13 @@ def test_sample_many_chunks(triton_module, reference, monkeypatch, B, V, top_k, 
     assert torch.equal(sampling.sample(logits, st), reference(ref_sample, logits, st))
 
 
+@pytest.mark.parametrize("ring", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,V", [(1, 151), (5, 40), (3, 16)])
-def test_greedy_advance(triton_module, reference, monkeypatch, dtype, B, V):
+def test_greedy_advance(triton_module, reference, monkeypatch, dtype, B, V, ring):
     """The CUDA-graph decode tail: ids = argmax (first among ties; an all -inf row gives 0), and the rows with a
-    slot one token further; padding rows (slot -1) untouched. Equal to the torch reference."""
+    slot one token further; padding rows (slot -1) untouched. With a host ring: the count one up and the tokens in
+    ring row count % K, the other rows and columns untouched. Equal to the torch reference."""
     from highspeed.ops.sampling import greedy_advance as ref_greedy_advance
 
     sampling = triton_module("sampling")
@@ -99,12 +101,20 @@ def test_greedy_advance(triton_module, reference, monkeypatch, dtype, B, V):
     pos_slots[1, 1::2] = -1   # padding rows
     seq_lens = (pos_slots[0] + 1).int()
     got = [torch.full((B,), -5, dtype=torch.int64, device=DEVICE), pos_slots.clone(), seq_lens.clone()]
-    sampling.greedy_advance(logits, *got)
     want = [torch.full((B,), -5, dtype=torch.int64, device=DEVICE), pos_slots.clone(), seq_lens.clone()]
+    if ring:   # K = 3 rows, wider than the batch; the count moves 7 -> 8, so row 2 takes the tokens
+        for args in (got, want):
+            args += [torch.full((3, B + 2), -9, dtype=torch.int64, device=DEVICE),
+                     torch.tensor([7], dtype=torch.int64, device=DEVICE)]
+    sampling.greedy_advance(logits, *got)
     reference(ref_greedy_advance, logits, *want)
     for g, w in zip(got, want):
         assert torch.equal(g, w), (g, w)
     assert torch.equal(got[0], logits.float().argmax(-1))
+    if ring:
+        host_ring, count = got[3], got[4]
+        assert int(count) == 8 and torch.equal(host_ring[2, :B], got[0])
+        assert (host_ring[:2] == -9).all() and (host_ring[2, B:] == -9).all()
     live = pos_slots[1] >= 0
     assert torch.equal(got[1], pos_slots + live) and torch.equal(got[2], seq_lens + live)
     assert (got[1][:, ~live] == pos_slots[:, ~live]).all()

@@ -59,13 +59,18 @@ CHUNK: int = 2048
 
 
 @triton.jit
-def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, V, n_chunks, stride_x, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """Chunk c of row r: its largest logit and that logit's first column."""
+def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, count_ptr, V, n_chunks, stride_x, CHUNK: tl.constexpr,
+                      COUNT: tl.constexpr, PDL: tl.constexpr):
+    """Chunk c of row r: its largest logit and that logit's first column. COUNT: program (0, 0) also moves the
+    host ring's count one up, for _pick_kernel (the next launch) to read."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
+    if COUNT:
+        if (c == 0) & (row == 0):
+            tl.store(count_ptr, tl.load(count_ptr) + 1)
     cols = c * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
     tl.store(val_ptr + row * n_chunks + c, tl.max(x, 0))
@@ -114,12 +119,14 @@ def _chunk_sample_kernel(
 
 @triton.jit
 def _pick_kernel(
-    val_ptr, idx_ptr, sval_ptr, sidx_ptr, temp_ptr, out_ptr, pos_slots_ptr, seq_lens_ptr, n_chunks, stride_ps,
-    SAMPLED: tl.constexpr, ADVANCE: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
+    val_ptr, idx_ptr, sval_ptr, sidx_ptr, temp_ptr, out_ptr, pos_slots_ptr, seq_lens_ptr, ring_ptr, count_ptr,
+    n_chunks, stride_ps, stride_ring, ring_len,
+    SAMPLED: tl.constexpr, ADVANCE: tl.constexpr, RING: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
 ):
     """Row r's token: its best chunk's column (the first among equal bests), from the greedy partials or, for a
     sampled row (SAMPLED and a temperature), from the Gumbel ones. ADVANCE: then the row's position, slot and
-    length + 1 if it has a slot (>= 0; padding rows have -1)."""
+    length + 1 if it has a slot (>= 0; padding rows have -1). RING: the token also goes to row (count % ring_len)
+    of the host ring (pinned host memory: the store crosses to the host, which reads it after the step's event)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -135,7 +142,10 @@ def _pick_kernel(
         i = tl.where(greedy, i, tl.load(sidx_ptr + part, mask=cmask, other=0))
     # The first chunk holding the maximum (chunks are in column order; an all -inf row gives chunk 0's column).
     first = tl.min(tl.where(v == tl.max(v, 0), cs, BLOCK_C), 0)
-    tl.store(out_ptr + row, tl.sum(tl.where(cs == first, i, 0), 0))
+    token = tl.sum(tl.where(cs == first, i, 0), 0)
+    tl.store(out_ptr + row, token)
+    if RING:
+        tl.store(ring_ptr + (tl.load(count_ptr) % ring_len) * stride_ring + row, token)
     if ADVANCE:
         slot = tl.load(pos_slots_ptr + stride_ps + row)
         live = slot >= 0
@@ -144,12 +154,13 @@ def _pick_kernel(
         tl.store(seq_lens_ptr + row, tl.load(seq_lens_ptr + row) + 1, mask=live)
 
 
-def _chunk_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _chunk_max(logits: torch.Tensor, count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     B, V = logits.shape
     n = triton.cdiv(V, CHUNK)
     val = torch.empty(B, n, dtype=torch.float32, device=logits.device)
     idx = torch.empty(B, n, dtype=torch.int64, device=logits.device)
-    _chunk_max_kernel[(n, B)](logits, val, idx, V, n, logits.stride(0), CHUNK=CHUNK, num_warps=4, **pdl(logits))
+    _chunk_max_kernel[(n, B)](logits, val, idx, val if count is None else count, V, n, logits.stride(0),
+                              CHUNK=CHUNK, COUNT=count is not None, num_warps=4, **pdl(logits))
     return val, idx, n
 
 
@@ -175,18 +186,27 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
             PREFILTERED=prefiltered, USE_MIN_P=st.any_min_p and not prefiltered, CHUNK=CHUNK, BLOCK_C=block_c,
             PRECISE_LOG=PRECISE_LOG, num_warps=8, **pdl(logits),
         )
-    _pick_kernel[(B,)](val, idx, sval, sidx, st.temperature, out, out, out, n, 0,
-                       SAMPLED=not st.all_greedy, ADVANCE=False, BLOCK_C=block_c, num_warps=1, **pdl(logits))
+    _pick_kernel[(B,)](val, idx, sval, sidx, st.temperature, out, out, out, out, out, n, 0, 0, 1,
+                       SAMPLED=not st.all_greedy, ADVANCE=False, RING=False, BLOCK_C=block_c, num_warps=1,
+                       **pdl(logits))
     return out
 
 
-def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Tensor, seq_lens: torch.Tensor) -> None:
+def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Tensor, seq_lens: torch.Tensor,
+                   host_ring: torch.Tensor | None = None, ring_count: torch.Tensor | None = None) -> None:
     """Same contract as ``highspeed.ops.sampling.greedy_advance``."""
     B, V = logits.shape
     if (B == 0 or logits.stride(-1) != 1 or ids.shape != (B,) or ids.dtype != torch.int64 or not ids.is_contiguous()
             or pos_slots.shape != (2, B) or pos_slots.stride(1) != 1 or seq_lens.shape != (B,)
             or not seq_lens.is_contiguous()):
         raise ValueError("greedy_advance: logits [B, V] unit-stride, ids [B] int64, pos_slots [2, B], seq_lens [B]")
-    val, idx, n = _chunk_max(logits)
-    _pick_kernel[(B,)](val, idx, val, idx, val, ids, pos_slots, seq_lens, n, pos_slots.stride(0),
-                       SAMPLED=False, ADVANCE=True, BLOCK_C=next_power_of_2(n), num_warps=1, **pdl(logits))
+    ring = host_ring is not None
+    if ring and (ring_count is None or host_ring.dim() != 2 or host_ring.shape[1] < B or host_ring.stride(1) != 1
+                 or host_ring.dtype != torch.int64 or ring_count.dtype != torch.int64):
+        raise ValueError("greedy_advance: host_ring [K, >= B] int64 unit-stride rows, ring_count [1] int64")
+    val, idx, n = _chunk_max(logits, ring_count if ring else None)
+    _pick_kernel[(B,)](val, idx, val, idx, val, ids, pos_slots, seq_lens, host_ring if ring else ids,
+                       ring_count if ring else ids, n, pos_slots.stride(0), host_ring.stride(0) if ring else 0,
+                       host_ring.shape[0] if ring else 1,
+                       SAMPLED=False, ADVANCE=True, RING=ring, BLOCK_C=next_power_of_2(n), num_warps=1,
+                       **pdl(logits))
