@@ -95,6 +95,17 @@ def test_whole_rows_wide_shape(monkeypatch):
     assert [lin.whole_warps(K) for K in (4096, 5120)] == [lin.GEMV_WHOLE["num_warps"], 8]
 
 
+def test_whole_rows_min_programs(monkeypatch):
+    """MIN_PROGRAMS halves the rows per program (not below one) until the grid has that many programs; 0 is off.
+    GLM-4.7-Flash's q_a + kv_a (1344 rows of 2048) and q_b (5120 rows of 768)."""
+    from highspeed.ops.triton import linear as lin
+
+    assert [lin.whole_block_n(K, N) for K, N in ((2048, 1344), (768, 5120))] == [4, 8]
+    for floor, want in ((512, [2, 8]), (1024, [1, 4]), (4096, [1, 1])):
+        monkeypatch.setattr(lin, "GEMV_WHOLE", {**lin.GEMV_WHOLE, "MIN_PROGRAMS": floor})
+        assert [lin.whole_block_n(K, N) for K, N in ((2048, 1344), (768, 5120))] == want, floor
+
+
 def test_linear_shapes_and_fallback(triton_module):
     """Leading dims are kept; more than one row, or a weight over MAX_WEIGHT_BYTES, takes F.linear."""
     lin = triton_module("linear")

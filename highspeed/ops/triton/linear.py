@@ -45,8 +45,9 @@ NARROW_N: int = 4096
 # H200 batch-1 decode chain 2.947 / 2.942 ms per step against 2.961 / 2.961 (runs 33, 34; o_proj 6.5 -> 5.8-6.2
 # us per layer); four rows 2.950, four on 8 warps 2.969 (run 33). Qwen3's o_proj (K = 4096) with four rows
 # instead of two: 2.431 against 2.372 ms (run 33), hence the bound.
+# MIN_PROGRAMS: fewer rows per program (down to one) while the grid is smaller (0: off; an A/B knob).
 GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4, WIDE_K=4096, WIDE_ELEMS=10240,
-                                      WIDE_WARPS=4))
+                                      WIDE_WARPS=4, MIN_PROGRAMS=0))
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 # A norm without a residual (MLA's q_a_layernorm before q_b_proj) folded into the whole-row GEMV that reads its
 # output: every program loads all of x after its wait anyway, so it takes the sums of squares there too, and the
@@ -66,13 +67,16 @@ def whole_split(K: int) -> tuple[int, int]:
     return k1, (next_power_of_2(K - k1) if K > k1 else 0)
 
 
-def whole_block_n(K: int) -> int:
-    """Rows per program for the whole-row preload: a power of two keeping [rows, K1 + K2] near ELEMS elements
-    (WIDE_ELEMS for rows longer than WIDE_K)."""
+def whole_block_n(K: int, N: int = 0) -> int:
+    """Rows per program for the whole-row preload of N rows: a power of two keeping [rows, K1 + K2] near ELEMS
+    elements (WIDE_ELEMS for rows longer than WIDE_K), halved while there are fewer than MIN_PROGRAMS programs."""
     k1, k2 = whole_split(K)
     elems = GEMV_WHOLE["WIDE_ELEMS"] if K > GEMV_WHOLE["WIDE_K"] else GEMV_WHOLE["ELEMS"]
     rows = max(1, min(16, elems // (k1 + k2)))
-    return 1 << (rows.bit_length() - 1)
+    rows = 1 << (rows.bit_length() - 1)
+    while rows > 1 and triton.cdiv(N, rows) < GEMV_WHOLE["MIN_PROGRAMS"]:
+        rows //= 2
+    return rows
 
 
 def whole_warps(K: int) -> int:
@@ -235,7 +239,7 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
     cfg = GEMV_ROW_NARROW if N < NARROW_N else GEMV_ROW
     k1, k2 = whole_split(K)
     if whole:
-        cfg = dict(cfg, BLOCK_N=whole_block_n(K), num_warps=whole_warps(K))
+        cfg = dict(cfg, BLOCK_N=whole_block_n(K, N), num_warps=whole_warps(K))
     programs = triton.cdiv(N, cfg["BLOCK_N"])
     add = fold_residual(residual, xin, M, N)
     ss_out = torch.empty(M, programs, dtype=torch.float32, device=xin.device) if add else None
