@@ -52,7 +52,7 @@ def test_linear_wide_rows(triton_module, monkeypatch, N, K):
     with the shipped knobs, odd row counts leaving a half-masked program -- and still give F.linear's result."""
     lin = triton_module("linear")
     monkeypatch.setattr(lin, "WHOLE_ROWS", True)
-    assert K > lin.GEMV_WHOLE["WIDE_K"] and lin.whole_rows(K) and lin.whole_block_n(K) == 2
+    assert K > lin.GEMV_WHOLE["WIDE_K"] and lin.whole_rows(K) and lin.whole_block_n(K, 2048) == 2
     x = torch.randn(1, K, device=DEVICE).to(torch.bfloat16)
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(torch.bfloat16)
     y = lin.linear(x, w)
@@ -82,7 +82,7 @@ def test_whole_row_split():
         assert k1 & (k1 - 1) == 0 and (k2 == 0 or k2 & (k2 - 1) == 0)
         assert k1 <= K <= k1 + k2 + (K if k2 == 0 else 0) and (k2 == 0) == (k1 == K) and k2 <= k1
     # GLM-4.7-Flash's o_proj (K = 5120) is a wide row: two rows per program, not one (x read half as often).
-    assert [lin.whole_block_n(K) for K in (2048, 4096, 5120, 768)] == [4, 2, 2, 8]
+    assert [lin.whole_block_n(K, 1 << 20) for K in (2048, 4096, 5120, 768)] == [4, 2, 2, 8]
     assert {lin.whole_warps(K) for K in (768, 5120)} == {lin.GEMV_WHOLE["num_warps"]}
 
 
@@ -91,17 +91,18 @@ def test_whole_rows_wide_shape(monkeypatch):
     from highspeed.ops.triton import linear as lin
 
     monkeypatch.setattr(lin, "GEMV_WHOLE", {**lin.GEMV_WHOLE, "WIDE_K": 4096, "WIDE_ELEMS": 20480, "WIDE_WARPS": 8})
-    assert [lin.whole_block_n(K) for K in (2048, 4096, 5120, 7168)] == [4, 2, 4, 2]
+    assert [lin.whole_block_n(K, 1 << 20) for K in (2048, 4096, 5120, 7168)] == [4, 2, 4, 2]
     assert [lin.whole_warps(K) for K in (4096, 5120)] == [lin.GEMV_WHOLE["num_warps"], 8]
 
 
 def test_whole_rows_min_programs(monkeypatch):
     """MIN_PROGRAMS halves the rows per program (not below one) until the grid has that many programs; 0 is off.
-    GLM-4.7-Flash's q_a + kv_a (1344 rows of 2048) and q_b (5120 rows of 768)."""
+    GLM-4.7-Flash's q_a + kv_a (1344 rows of 2048) and q_b (5120 rows of 768); Qwen3-30B-A3B's qkv and o_proj keep
+    theirs by default."""
     from highspeed.ops.triton import linear as lin
 
-    assert [lin.whole_block_n(K, N) for K, N in ((2048, 1344), (768, 5120))] == [4, 8]
-    for floor, want in ((512, [2, 8]), (1024, [1, 4]), (4096, [1, 1])):
+    assert [lin.whole_block_n(K, N) for K, N in ((2048, 5120), (4096, 2048))] == [4, 2]
+    for floor, want in ((0, [4, 8]), (512, [2, 8]), (1024, [1, 4]), (4096, [1, 1])):
         monkeypatch.setattr(lin, "GEMV_WHOLE", {**lin.GEMV_WHOLE, "MIN_PROGRAMS": floor})
         assert [lin.whole_block_n(K, N) for K, N in ((2048, 1344), (768, 5120))] == want, floor
 

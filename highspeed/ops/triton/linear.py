@@ -45,9 +45,12 @@ NARROW_N: int = 4096
 # H200 batch-1 decode chain 2.947 / 2.942 ms per step against 2.961 / 2.961 (runs 33, 34; o_proj 6.5 -> 5.8-6.2
 # us per layer); four rows 2.950, four on 8 warps 2.969 (run 33). Qwen3's o_proj (K = 4096) with four rows
 # instead of two: 2.431 against 2.372 ms (run 33), hence the bound.
-# MIN_PROGRAMS: fewer rows per program (down to one) while the grid is smaller (0: off; an A/B knob).
+# MIN_PROGRAMS: fewer rows per program (down to one) while the grid is smaller. GLM-4.7-Flash's q_a + kv_a (1344
+# rows of 2048) in 672 programs of 2 rows instead of 336 of 4: H200 batch-1 decode chain 2.852 / 2.853 ms per step
+# against 2.879 / 2.880 (run 51); with 1024 (q_b 1280 programs of 4 rows, too) 2.853 / 2.852; ELEMS=4096 (both)
+# 2.865 / 2.867. Qwen3-30B-A3B's GEMVs (1024 and 1280 programs) are not affected.
 GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4, WIDE_K=4096, WIDE_ELEMS=10240,
-                                      WIDE_WARPS=4, MIN_PROGRAMS=0))
+                                      WIDE_WARPS=4, MIN_PROGRAMS=512))
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 # A norm without a residual (MLA's q_a_layernorm before q_b_proj) folded into the whole-row GEMV that reads its
 # output: every program loads all of x after its wait anyway, so it takes the sums of squares there too, and the
@@ -67,7 +70,7 @@ def whole_split(K: int) -> tuple[int, int]:
     return k1, (next_power_of_2(K - k1) if K > k1 else 0)
 
 
-def whole_block_n(K: int, N: int = 0) -> int:
+def whole_block_n(K: int, N: int) -> int:
     """Rows per program for the whole-row preload of N rows: a power of two keeping [rows, K1 + K2] near ELEMS
     elements (WIDE_ELEMS for rows longer than WIDE_K), halved while there are fewer than MIN_PROGRAMS programs."""
     k1, k2 = whole_split(K)
