@@ -82,7 +82,7 @@ def test_whole_row_split():
         assert k1 & (k1 - 1) == 0 and (k2 == 0 or k2 & (k2 - 1) == 0)
         assert k1 <= K <= k1 + k2 + (K if k2 == 0 else 0) and (k2 == 0) == (k1 == K) and k2 <= k1
     # GLM-4.7-Flash's o_proj (K = 5120) is a wide row: two rows per program, not one (x read half as often).
-    assert [lin.whole_block_n(K, 1 << 20) for K in (2048, 4096, 5120, 768)] == [4, 2, 2, 8]
+    assert [lin.whole_block_n(K, 1 << 20) for K in (2048, 4096, 5120, 768)] == [8, 4, 2, 16]
     assert {lin.whole_warps(K) for K in (768, 5120)} == {lin.GEMV_WHOLE["num_warps"]}
 
 
@@ -91,7 +91,7 @@ def test_whole_rows_wide_shape(monkeypatch):
     from highspeed.ops.triton import linear as lin
 
     monkeypatch.setattr(lin, "GEMV_WHOLE", {**lin.GEMV_WHOLE, "WIDE_K": 4096, "WIDE_ELEMS": 20480, "WIDE_WARPS": 8})
-    assert [lin.whole_block_n(K, 1 << 20) for K in (2048, 4096, 5120, 7168)] == [4, 2, 4, 2]
+    assert [lin.whole_block_n(K, 1 << 20) for K in (2048, 4096, 5120, 7168)] == [8, 4, 4, 2]
     assert [lin.whole_warps(K) for K in (4096, 5120)] == [lin.GEMV_WHOLE["num_warps"], 8]
 
 
@@ -101,8 +101,8 @@ def test_whole_rows_min_programs(monkeypatch):
     theirs by default."""
     from highspeed.ops.triton import linear as lin
 
-    assert [lin.whole_block_n(K, N) for K, N in ((2048, 5120), (4096, 2048))] == [4, 2]
-    for floor, want in ((0, [4, 8]), (512, [2, 8]), (1024, [1, 4]), (4096, [1, 1])):
+    assert [lin.whole_block_n(K, N) for K, N in ((2048, 5120), (4096, 2048))] == [8, 4]
+    for floor, want in ((0, [8, 16]), (512, [2, 8]), (1024, [1, 4]), (4096, [1, 1])):
         monkeypatch.setattr(lin, "GEMV_WHOLE", {**lin.GEMV_WHOLE, "MIN_PROGRAMS": floor})
         assert [lin.whole_block_n(K, N) for K, N in ((2048, 1344), (768, 5120))] == want, floor
 

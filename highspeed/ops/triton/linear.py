@@ -48,8 +48,12 @@ NARROW_N: int = 4096
 # MIN_PROGRAMS: fewer rows per program (down to one) while the grid is smaller. GLM-4.7-Flash's q_a + kv_a (1344
 # rows of 2048) in 672 programs of 2 rows instead of 336 of 4: H200 batch-1 decode chain 2.852 / 2.853 ms per step
 # against 2.879 / 2.880 (run 51); with 1024 (q_b 1280 programs of 4 rows, too) 2.853 / 2.852; ELEMS=4096 (both)
-# 2.865 / 2.867. Qwen3-30B-A3B's GEMVs (1024 and 1280 programs) are not affected.
-GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=8192, MAX_K=8192, num_warps=4, WIDE_K=4096, WIDE_ELEMS=10240,
+# 2.865 / 2.867.
+# ELEMS=16384 (was 8192): Qwen3-30B-A3B's qkv in 640 programs of 8 rows, o_proj in 512 of 4 (were 1280 of 4 and 1024
+# of 2): 2.190 / 2.188 against 2.196 / 2.195 (run 50), 2.182 / 2.184 against 2.195 / 2.197 (run 52). With
+# MIN_PROGRAMS, GLM-4.7-Flash's and DeepSeek-V2-Lite's GEMVs keep the shapes they had (2.853 / 2.851 against 2.853 /
+# 2.853, run 52). Run 33 had Qwen3's o_proj with 4 rows 2.5% slower, before the merge and W_UV changes of runs 48-51.
+GEMV_WHOLE = tuned("GEMV_WHOLE", dict(ELEMS=16384, MAX_K=8192, num_warps=4, WIDE_K=4096, WIDE_ELEMS=10240,
                                       WIDE_WARPS=4, MIN_PROGRAMS=512))
 WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 # A norm without a residual (MLA's q_a_layernorm before q_b_proj) folded into the whole-row GEMV that reads its
