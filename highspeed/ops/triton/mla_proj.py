@@ -47,11 +47,14 @@ ABSORB_KNOBS = (_ABSORB_Q["TILE"], _ABSORB_Q["MIN_PROGRAMS"])
 FUSE_ABSORB_ROPE: bool = os.environ.get("HIGHSPEED_FUSE_ABSORB_ROPE", "1") != "0"
 # A reduction that fits one tile (D <= BLOCK_D, L <= BLOCK_L) may run without the loop, whose prefetch of a next
 # tile costs registers even when masked off: GLM-4.7-Flash's W_UV kernel 94 -> 32, absorb 143 -> 56 (Triton 3.6).
-# Off by default: more programs then fit at once, the chain's later kernels launch sooner, and their weight
-# preloads queue ahead of the latency-bound absorb, attention and merge. H200 runs 24-25, GLM-4.7-Flash batch 1:
-# 3.29-3.31 ms per step with both, 3.26 absorb only, 3.19 W_UV only, 3.10 neither; DeepSeek-V2-Lite-like
-# 2.115 with both against 2.133. HIGHSPEED_MLA_PROJ_ONE_STEP = 0 (default) | 1 (both) | absorb_q | latent_to_v.
-_ONE_STEP_ENV = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "0")
+# More programs then fit at once, the chain's later kernels launch sooner, and their weight preloads may queue
+# ahead of the latency-bound absorb, attention and merge. H200 runs 24-25, GLM-4.7-Flash batch 1 (W_UV in 640
+# programs of [8, 512]): 3.29-3.31 ms per step with both, 3.26 absorb only, 3.19 W_UV only, 3.10 neither;
+# DeepSeek-V2-Lite-like 2.115 with both against 2.133. With W_UV in 320 programs of [16, 512] (160 registers
+# looped, 56 in one step) W_UV alone won: 2.830 against 2.841, both 2.856 (run 54, one pass each; not yet
+# repeated, and DeepSeek-V2-Lite, whose W_UV also fits one step, not measured with it). Hence latent_to_v by default.
+# HIGHSPEED_MLA_PROJ_ONE_STEP = latent_to_v (default) | 0 (neither) | 1 (both) | absorb_q.
+_ONE_STEP_ENV = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "latent_to_v")
 ONE_STEP_OPS: frozenset[str] = frozenset(
     () if _ONE_STEP_ENV == "0" else ("absorb_q", "latent_to_v") if _ONE_STEP_ENV == "1" else (_ONE_STEP_ENV,))
 if not ONE_STEP_OPS <= {"absorb_q", "latent_to_v"}:
