@@ -136,9 +136,9 @@ def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Ten
     decoder runs this inside its graph (highspeed/engine/runner.py), so a steady greedy step is one replay.
 
     With ``host_ring`` [K, >= B] int64 and ``ring_count`` [1] int64: the count goes one up and the tokens are also
-    written to ``host_ring[count % K, :B]``. On CUDA the ring is pinned host memory that the kernel writes itself, so
-    the host reads a step's tokens after its event with no copy launched behind the graph (the Triton kernel only:
-    the reference would need the count on the host)."""
+    written to ``host_ring[count % K, :B]``. On CUDA the ring is pinned host memory that the Triton kernel writes
+    itself, so the host reads a step's tokens after its event with no copy launched behind the graph; the reference
+    below needs the ring and the count on one device (the CPU, where tests run it)."""
     kernel = triton_kernel("sampling", "greedy_advance", logits)
     if kernel is not None:
         kernel(logits, ids, pos_slots, seq_lens, host_ring, ring_count)
