@@ -417,7 +417,7 @@ class InFlight:
         its host ring (``host_tokens``) need the event alone."""
         assert self.tokens is not None
         if self.host_tokens is not None and self.logprobs is None:
-            self._host = [self.host_tokens]   # read (copied) in finish_readback, after the event
+            # Nothing to copy now: finish_readback copies the ring row out after the event.
             if self.tokens.device.type == "cuda":
                 self._done = torch.cuda.Event()
                 self._done.record()
@@ -437,7 +437,7 @@ class InFlight:
         """The samples on the host: waits for this step's copy alone, not for any step enqueued after it."""
         if self._done is not None:
             self._done.synchronize()
-        if self.host_tokens is not None and self._host and self._host[0] is self.host_tokens:
+        if self.host_tokens is not None and not self._host:
             # A view of the ring, which a later replay rewrites: copy it out now (the host's own memory, no device op).
             self._host = [self.host_tokens.clone()]
         return self._host
