@@ -1,5 +1,6 @@
-"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention, the graph's greedy tail) for a Hopper GPU (sm_90) on a machine
-without one, and report each kernel's registers and spills (from ``cuobjdump``, shipped with Triton).
+"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention, the graph's greedy tail) for a Hopper GPU
+(sm_90) on a machine without one, and report each kernel's registers and spills (from ``cuobjdump``, shipped with
+Triton).
 
 The interpreter (CI) accepts code the GPU compiler rejects, and a register count decides how many programs are
 resident -- both are worth knowing before spending device time. Each op is called with CPU tensors at a real
