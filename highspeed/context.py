@@ -29,7 +29,7 @@ class AttentionContext:
     block_tables: torch.Tensor | None = None   # [S, max_blocks] int32, padded with 0
     block_size: int = 16
     max_query_len: int = 0
-    max_seq_len: int = 0                  # bounds every seq_lens entry (0: take max(seq_lens))
+    max_seq_len: int = 0
     # True when every sequence contributes exactly one query token (pure decode step).
     decode_only: bool = False
     extra: dict = field(default_factory=dict)

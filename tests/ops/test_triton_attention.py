@@ -435,14 +435,12 @@ class _LaunchSpy:
     def __init__(self, kernel):
         self.kernel = kernel
         self.decode: list[bool] = []
-        self.one_tile: list[bool] = []
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def call(*args, **kwargs):
             self.decode.append(bool(kwargs["DECODE"]))
-            self.one_tile.append(bool(kwargs["ONE_TILE"]))
             return launch(*args, **kwargs)
 
         return call
@@ -602,67 +600,6 @@ def test_mla_attention_decode_path(decode_attn, reference, monkeypatch, slens, m
     assert spy.decode == [True, False]
     if not HAS_CUDA:
         assert torch.equal(outs[0], outs[1])
-
-
-@pytest.mark.parametrize("kind", ["gqa", "rope", "mla"])
-def test_decode_one_tile(decode_attn, reference, monkeypatch, kind):
-    """Splits of one key tile each take the loop-free ONE_TILE code: the same results as the key loop (equal under
-    the interpreter), including the new token's key and value standing in for their (poisoned) cache row."""
-    from highspeed.ops.attention import rope_paged_attention as ref_rope_paged_attention
-    from highspeed.ops.rope import build_cos_sin_cache
-
-    attn, spy = decode_attn
-    slens, max_len, splits, bs = [33, 64, 2, 17], 128, 8, 8    # 8 one-tile splits of 16 keys
-    Hq, Hkv, D = 6, 2, 24
-    if kind == "mla":
-        L, R = 32, 16
-        ctx, gctx, (cache,) = _poisoned_decode_ctx(slens, bs, max_len, splits, (L + R,))
-        q = torch.randn(len(slens), 5, L + R, device=DEVICE)
-        ref = reference(ref_mla_attention, q, cache, ctx, (L + R) ** -0.5, L)
-        run = lambda: attn.mla_attention(q, cache, gctx, (L + R) ** -0.5, L)   # noqa: E731
-    else:
-        ctx, gctx, (k_cache, v_cache) = _poisoned_decode_ctx(slens, bs, max_len, splits, (Hkv, D), (Hkv, D))
-        q = torch.randn(len(slens), Hq, D, device=DEVICE)
-        if kind == "gqa":
-            ref = reference(ref_paged_attention, q, k_cache, v_cache, ctx, D**-0.5)
-            run = lambda: attn.paged_attention(q, k_cache, v_cache, gctx, D**-0.5)   # noqa: E731
-        else:
-            tables = ctx.block_tables.cpu()
-            slots = [int(tables[i, (s - 1) // bs]) * bs + (s - 1) % bs for i, s in enumerate(slens)]
-            ctx.slot_mapping = gctx.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
-            for c in (k_cache, v_cache):
-                c.view(-1, Hkv, D)[ctx.slot_mapping] = float("nan")
-            k, v = torch.randn(2, len(slens), Hkv, D, device=DEVICE)
-            args = (torch.tensor([s - 1 for s in slens], device=DEVICE), build_cos_sin_cache(16, 256, 1e4, device=DEVICE),
-                    16, False)
-            w = (torch.rand(2, D, device=DEVICE) + 0.5)
-            kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
-            ref = reference(ref_rope_paged_attention, q, k, v, *args, kc_ref, vc_ref, ctx, D**-0.5, w[0], w[1], 1e-6)
-
-            def run():
-                kc, vc = k_cache.clone(), v_cache.clone()
-                out = attn.rope_paged_attention(q, k, v, *args, kc, vc, gctx, D**-0.5, w[0], w[1], 1e-6)
-                for c, c_ref in ((kc, kc_ref), (vc, vc_ref)):   # the new rows written, the poison left alone
-                    assert torch.equal(c.isnan(), c_ref.isnan())
-                    assert rel_err(c.nan_to_num(), c_ref.nan_to_num()) < TOL[torch.float32]
-                return out
-    assert torch.isfinite(ref).all()
-    outs = []
-    for one in (True, False):
-        monkeypatch.setattr(attn, "ONE_TILE_DECODE", one)
-        outs.append(run())
-        assert rel_err(outs[-1], ref) < TOL[torch.float32], (one, rel_err(outs[-1], ref))
-    assert spy.decode == [True, True] and spy.one_tile == [True, False]
-    if not HAS_CUDA:
-        assert torch.equal(outs[0], outs[1])
-
-
-def test_one_tile_plan(triton_module):
-    """ONE_TILE only where every split has one tile and the plan covers max_keys (the last split cannot loop)."""
-    attn = triton_module("attention")
-    assert attn._one_tile(12, 32, 1, 384) and attn._one_tile(12, 32, 1, 370)
-    assert not attn._one_tile(12, 32, 2, 384)       # two tiles per split
-    assert not attn._one_tile(11, 32, 1, 384)       # the last split would need a second tile
 
 
 def test_decode_path_only_for_one_query_per_sequence(decode_attn, reference):

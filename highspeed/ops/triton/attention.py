@@ -213,23 +213,6 @@ def _rope_apply(x, xp, w, wp, cos, sin, d, eps, D, HALF: tl.constexpr, INTERLEAV
 
 
 @triton.jit
-def _rope_q_k(qx, qxp, qw, qwp, kx, kxp, kw, kwp, cos, sin, d, eps, D, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-              Q_NORM: tl.constexpr, K_NORM: tl.constexpr, Q_TY: tl.constexpr, KN_TY: tl.constexpr,
-              CACHE_TY: tl.constexpr):
-    """The fused decode's q and new key, normed and rotated (_rope_apply on the values of _rope_loads)."""
-    qa = _rope_apply(qx, qxp, qw, qwp, cos, sin, d, eps, D, HALF, INTERLEAVED, Q_NORM, Q_TY, Q_TY)
-    k_new = _rope_apply(kx, kxp, kw, kwp, cos, sin, d, eps, D, HALF, INTERLEAVED, K_NORM, KN_TY, KN_TY).to(CACHE_TY)
-    return qa, k_new
-
-
-@triton.jit
-def _with_new_token(ka, v, n, p_new, k_new, v_new):
-    """Keys n's K and V tiles with the new token's row (position p_new, not in the cache yet) put in."""
-    is_new = (n == p_new)[:, None]
-    return tl.where(is_new, k_new, ka), tl.where(is_new, v_new, v)
-
-
-@triton.jit
 def _kv_tile(k_ptr, v_ptr, blk, n, n_ok, kv_head, block_size,
              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, da, db, dv,
              D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr, V_IS_K: tl.constexpr):
@@ -295,7 +278,7 @@ def _paged_attn_kernel(
     MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr, ONE_TILE: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr,
 ):
     if PDL:
         # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels.
@@ -386,39 +369,25 @@ def _paged_attn_kernel(
         # entries run one tile ahead (the first tile's came with the first loads, each next tile's are loaded while
         # this tile's K/V are in flight), and q's rotation, which waits for cos/sin, is done inside the loop at the
         # first tile, while that tile's K/V are in flight (before the loop it would hold them back a round trip).
-        if ONE_TILE:
-            # The plan gave every split one key tile and covers every key (``_one_tile``): no loop, so nothing is
-            # compiled for a next tile (its block-table entry, a pipelined K/V prefetch, q's rotation carried
-            # across iterations). Offline (Triton 3.6, sm_90): 91 registers instead of 177 for Qwen3-30B-A3B's
-            # GQA, 97 instead of 145 for GLM-4.7-Flash's MLA; any loop here, even an unpipelined remainder for
-            # the last split, brings them back.
-            n_ok = n_first < hi
-            ka, kb, v = _kv_tile(k_ptr, v_ptr, blk_first, n_first, n_ok, kv_head, block_size, stride_kb, stride_ks,
-                                 stride_kh, stride_vb, stride_vs, stride_vh, da, db, dv, D_A, D_B, D_V, V_IS_K)
+        blk = blk_first
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < hi
+            ka, kb, v = _kv_tile(k_ptr, v_ptr, blk, n, n_ok, kv_head, block_size, stride_kb, stride_ks, stride_kh,
+                                 stride_vb, stride_vs, stride_vh, da, db, dv, D_A, D_B, D_V, V_IS_K)
+            n_next = n + BLOCK_N
+            blk = tl.load(bt_row + n_next // block_size, mask=n_next < hi, other=0).to(tl.int64)
             if ROPE_NEW:
-                qa, k_new = _rope_q_k(qx, qxp, qw, qwp, kx, kxp, kw, kwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED,
-                                      Q_NORM, K_NORM, q_ptr.dtype.element_ty, kn_ptr.dtype.element_ty,
-                                      k_ptr.dtype.element_ty)
-                ka, v = _with_new_token(ka, v, n_first, p_new, k_new, v_new)
-            visible = row_ok[:, None] & n_ok[None, :] & (n_first[None, :] <= q_pos[:, None])
+                if n0 == lo:
+                    qa = _rope_apply(qx, qxp, qw, qwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, Q_NORM,
+                                     q_ptr.dtype.element_ty, q_ptr.dtype.element_ty)
+                    k_new = _rope_apply(kx, kxp, kw, kwp, cos, sin, da, eps, D_A, HALF, INTERLEAVED, K_NORM,
+                                        kn_ptr.dtype.element_ty, kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)
+                is_new = (n == p_new)[:, None]   # its cache row is written below, after the loop
+                ka = tl.where(is_new, k_new, ka)
+                v = tl.where(is_new, v_new, v)
+            visible = row_ok[:, None] & n_ok[None, :] & (n[None, :] <= q_pos[:, None])
             m_i, l_i, acc = _attend_tile(qa, qb, ka, kb, v, visible, qk_scale, m_i, l_i, acc, D_B, DOT_F32)
-        else:
-            blk = blk_first
-            for n0 in range(lo, hi, BLOCK_N):
-                n = n0 + tl.arange(0, BLOCK_N)
-                n_ok = n < hi
-                ka, kb, v = _kv_tile(k_ptr, v_ptr, blk, n, n_ok, kv_head, block_size, stride_kb, stride_ks,
-                                     stride_kh, stride_vb, stride_vs, stride_vh, da, db, dv, D_A, D_B, D_V, V_IS_K)
-                n_next = n + BLOCK_N
-                blk = tl.load(bt_row + n_next // block_size, mask=n_next < hi, other=0).to(tl.int64)
-                if ROPE_NEW:
-                    if n0 == lo:
-                        qa, k_new = _rope_q_k(qx, qxp, qw, qwp, kx, kxp, kw, kwp, cos, sin, da, eps, D_A, HALF,
-                                              INTERLEAVED, Q_NORM, K_NORM, q_ptr.dtype.element_ty,
-                                              kn_ptr.dtype.element_ty, k_ptr.dtype.element_ty)
-                    ka, v = _with_new_token(ka, v, n, p_new, k_new, v_new)   # its cache row is written below
-                visible = row_ok[:, None] & n_ok[None, :] & (n[None, :] <= q_pos[:, None])
-                m_i, l_i, acc = _attend_tile(qa, qb, ka, kb, v, visible, qk_scale, m_i, l_i, acc, D_B, DOT_F32)
         if ROPE_NEW:
             # The new token's cache row, for later steps, by the program whose key range holds it. Only this
             # program reads that row in this launch, and it used k_new / v_new instead.
@@ -660,18 +629,6 @@ def _split_plan(max_keys: int, block_n: int, base_programs: int, decode: bool, r
     return splits, block_n, per
 
 
-# Decode splits of one key tile each compile without the key loop (``ONE_TILE``): see KERNEL_NOTES, runs 55-.
-# HIGHSPEED_ATTN_ONE_TILE=0 keeps the loop (an A/B switch).
-ONE_TILE_DECODE: bool = os.environ.get("HIGHSPEED_ATTN_ONE_TILE", "1") != "0"
-
-
-def _one_tile(num_splits: int, block_n: int, tiles_per_split: int, max_keys: int) -> bool:
-    """Does every split hold exactly one key tile? Without a loop the last split cannot take keys past the plan,
-    so the plan must cover ``max_keys``, which must bound every sequence's length (``AttentionContext.max_seq_len``;
-    inside a decode graph, max_model_len). A longer sequence would lose its last keys."""
-    return ONE_TILE_DECODE and tiles_per_split == 1 and num_splits * block_n >= max_keys
-
-
 def _attend(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext, scale: float,
     *, num_kv_heads: int, d_a: int, d_b: int, d_v: int, v_is_k: bool, cfg: dict,
@@ -759,8 +716,7 @@ def _attend(
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
-        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast,
-        ONE_TILE=fast and _one_tile(num_splits, block_n, tiles_per_split, max_keys), **r_consts,
+        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, **r_consts,
         **launch,
     )
     if split and not fused:
