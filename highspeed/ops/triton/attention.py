@@ -523,7 +523,7 @@ def _paged_attn_kernel(
                 # The only active split (a short sequence in a grid sized for a long one): nothing to merge.
                 tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
             else:
-                tl.store(part_ptrs + split * stride_ps, o, mask=o_mask)
+                tl.store(part_ptrs + split * stride_ps, o.to(part_ptr.dtype.element_ty), mask=o_mask)
                 tl.store(lse_ptrs + split, lse, mask=row_ok)
                 # Arrival count per (query tile, head block). The CTA barrier orders every thread's stores before
                 # the one thread's acq_rel atomic (release is cumulative), so the program that sees the count
@@ -549,7 +549,7 @@ def _paged_attn_kernel(
                     parts = tl.load(part_ptr + tok2[None, :, None] * stride_pt + head2[None, :, None] * stride_ph
                                     + sp[:, None, None] * stride_ps + dv[None, None, :],
                                     mask=use[:, :, None] & (dv[None, None, :] < D_V), other=0.0,
-                                    cache_modifier=".cg")
+                                    cache_modifier=".cg").to(tl.float32)
                     mx = tl.max(lse_all, 0)
                     w = tl.exp2(lse_all - tl.where(mx == float("-inf"), 0.0, mx)[None, :])   # 0 for empty splits
                     den = tl.sum(w, 0)
@@ -557,7 +557,7 @@ def _paged_attn_kernel(
                     tl.store(out_ptr + tok2[:, None] * stride_ot + head2[:, None] * stride_oh + dv[None, :],
                              merged.to(out_ptr.dtype.element_ty), mask=ok2[:, None] & (dv[None, :] < D_V))
         else:
-            tl.store(part_ptrs + split * stride_ps, o, mask=o_mask)
+            tl.store(part_ptrs + split * stride_ps, o.to(part_ptr.dtype.element_ty), mask=o_mask)
             tl.store(lse_ptrs + split, lse, mask=row_ok)
     else:
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -590,7 +590,7 @@ def _combine_kernel(
     # Loaded without waiting for lse (one round trip, not two); dead splits' memory is unwritten, so drop it.
     parts = tl.load(part_ptr + t * stride_pt + h * stride_ph + sp[:, None] * stride_ps + dv[None, :],
                     mask=(sp[:, None] < num_splits) & (dv[None, :] < D_V), other=0.0)
-    parts = tl.where(live[:, None], parts, 0.0)
+    parts = tl.where(live[:, None], parts.to(tl.float32), 0.0)
     den = tl.sum(w, 0)
     o = tl.sum(parts * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < D_V)
@@ -627,6 +627,16 @@ def _split_plan(max_keys: int, block_n: int, base_programs: int, decode: bool, r
             break
         block_n, splits, per = block_n // 2, more, more_per
     return splits, block_n, per
+
+
+# The split partials (each split's normalised output, merged with the log-sum-exps) in fp32, or in the queries'
+# 16-bit dtype with HIGHSPEED_ATTN_PARTIALS=16 (half the bytes each split stores and the merge reads: GLM-4.7-Flash
+# stores 480 KB of them per layer at batch 1). fp32 queries always keep fp32 partials.
+PARTIALS_16: bool = os.environ.get("HIGHSPEED_ATTN_PARTIALS", "32") == "16"
+
+
+def _partial_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    return q_dtype if PARTIALS_16 and q_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _attend(
@@ -677,7 +687,7 @@ def _attend(
         counters = _split_counters(q.device, base_programs)
     fused = counters is not None
     if split:
-        part = torch.empty(T, Hq, num_splits, d_v, dtype=torch.float32, device=q.device)
+        part = torch.empty(T, Hq, num_splits, d_v, dtype=_partial_dtype(q.dtype), device=q.device)
         lse = torch.empty(T, Hq, num_splits, dtype=torch.float32, device=q.device)
         p_strides, l_strides = (part.stride(0), part.stride(1), part.stride(2)), (lse.stride(0), lse.stride(1))
     else:
