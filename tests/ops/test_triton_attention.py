@@ -267,6 +267,18 @@ def test_gqa_config_choice(triton_module):
     assert cfg([1], D=256) == {**few, "block_n": 32} and cfg([1] * 8, D=256) == dict(attn.GQA, block_n=32)
 
 
+def test_partial_dtype(triton_module, monkeypatch):
+    """Split partials: 16-bit for 16-bit MLA queries by default, fp32 for GQA and for every fp32 query."""
+    attn = triton_module("attention")
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert attn._partial_dtype(bf16, True) == bf16 and attn._partial_dtype(torch.float16, True) == torch.float16
+    assert attn._partial_dtype(bf16, False) == f32 and attn._partial_dtype(f32, True) == f32
+    monkeypatch.setattr(attn, "_PARTIALS_ENV", "16")
+    assert attn._partial_dtype(bf16, False) == bf16 and attn._partial_dtype(f32, False) == f32
+    monkeypatch.setattr(attn, "_PARTIALS_ENV", "32")
+    assert attn._partial_dtype(bf16, True) == f32
+
+
 def test_combine_late_trigger_default(triton_module):
     """By default only MLA's merge (V is the latent K) lets its dependent launch after the wait (H200 run 25)."""
     attn = triton_module("attention")

@@ -48,8 +48,10 @@ GQA = tuned("ATTN_GQA", dict(heads=64, block_n=64, num_warps=4, max_rows=64, num
 # Decode of few sequences (fewer than MLA_FEW_SEQS, below) changes these GQA keys: 8 warps (177 registers against
 # 247 on Triton 3.6). H200, Qwen3-30B-A3B batch-1 decode chain at 384 keys: 2.379 against 2.402 ms per step (run
 # 30), 2.370 against 2.395 (run 32; attention 7.16 -> 6.10 us per layer in the timeline), 2.372 against 2.400
-# (run 33); GLM-4.5-Air 3.570 against 3.569 (run 34).
-GQA_DECODE_FEW_SEQS = tuned("ATTN_GQA_DECODE_FEW_SEQS", dict(num_warps=8))
+# (run 33); GLM-4.5-Air 3.570 against 3.569 (run 34). Two pipeline stages instead of Triton's default three (the
+# decode splits are one key tile each at short contexts, so the stages only shape the first tile's loads): Qwen3
+# 2.164 / 2.164 against 2.178 / 2.176 (run 56; attention 5.93 -> 5.64 us per layer); four stages 2.459 / 2.457.
+GQA_DECODE_FEW_SEQS = tuned("ATTN_GQA_DECODE_FEW_SEQS", dict(num_warps=8, num_stages=2))
 # 512-wide latents (H200 run 2, GLM-5 shapes): all 64 heads in one program reads each latent tile once for every
 # head: 2.2x faster than 16 heads at B=32 decode, 1.9x at prefill. With very few sequences the grid is then too
 # small (the split count is capped), and 32 heads won at B=1 (83 vs 116 us at 32K context).
@@ -91,6 +93,9 @@ FUSED_MERGE_MAX_ELEMS = int(os.environ.get("HIGHSPEED_FUSED_MERGE_MAX_ELEMS", "0
 # round trips before its first dot instead of four to seven (~0.6-1 us each on the H200). Off
 # (HIGHSPEED_ATTN_DECODE_FAST=0): the general path, as before (an A/B switch).
 DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
+# The DECODE path loads the step's context (lengths, block table; with ROPE_NEW the position, slot and cos/sin)
+# before its PDL wait (HIGHSPEED_ATTN_EARLY_CTX=1), so that one round trip follows the wait instead of two.
+EARLY_CTX: bool = os.environ.get("HIGHSPEED_ATTN_EARLY_CTX", "0") == "1"
 # When the split merge lets its dependent launch: at its start (it then preloads its weights while attention runs)
 # or after its own wait, once attention has finished. The preload's traffic slows attention's few latency-bound
 # loads; whether hiding the dependent's weights is worth that depends on their size (H200 run 25, batch 1):
@@ -278,12 +283,14 @@ def _paged_attn_kernel(
     MERGE_M: tl.constexpr, MERGE_S: tl.constexpr,
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr, EARLY_CTX: tl.constexpr,
 ):
     if PDL:
-        # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels.
+        # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels --
+        # except, with EARLY_CTX, the DECODE path's context loads, which wait below.
         gdc_launch_dependents()
-        gdc_wait()
+        if not (DECODE and EARLY_CTX):
+            gdc_wait()
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     pid2 = tl.program_id(2)
@@ -327,16 +334,26 @@ def _paged_attn_kernel(
         dv = tl.arange(0, BLOCK_DV)
         q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None].to(tl.int64) * stride_qh
         if ROPE_NEW:
-            # The loads of rope._rope_tile for q and the new key, without the rotation, which needs cos/sin.
             t0 = seq.to(tl.int64)
             rope_pos = tl.load(pos_ptr + t0)
             slot = tl.load(slot_ptr + t0).to(tl.int64)
+            if EARLY_CTX:
+                cos, sin = _rope_cos_sin(cs_ptr + rope_pos.to(tl.int64) * stride_cs, da, HALF, INTERLEAVED)
+        if PDL and EARLY_CTX:
+            # The loads above -- the step's context (lengths, block table, position, slot) and the RoPE table --
+            # are written by no kernel of a forward (host copies before it; inside a CUDA graph the greedy tail
+            # writes them at the very end), so they were issued before the wait, and after it q, the new token's
+            # k/v and the first K/V tile all go out in one round trip. Stores stay after the wait.
+            gdc_wait()
+        if ROPE_NEW:
+            # The loads of rope._rope_tile for q and the new key, without the rotation, which needs cos/sin.
             qx, qxp, qw, qwp = _rope_loads(q_rows, row_ok[:, None], da, qw_ptr, D_A, HALF, INTERLEAVED, Q_NORM)
             kx, kxp, kw, kwp = _rope_loads(kn_ptr + t0 * stride_knt + kv_head * stride_knh,
                                            tl.full([1, 1], 1, tl.int1), da, kw_ptr, D_A, HALF, INTERLEAVED, K_NORM)
             v_new = tl.load(vn_ptr + t0 * stride_vnt + kv_head * stride_vnh + dv[None, :],
                             mask=(dv < D_V)[None, :], other=0.0).to(v_ptr.dtype.element_ty)
-            cos, sin = _rope_cos_sin(cs_ptr + rope_pos.to(tl.int64) * stride_cs, da, HALF, INTERLEAVED)
+            if not EARLY_CTX:
+                cos, sin = _rope_cos_sin(cs_ptr + rope_pos.to(tl.int64) * stride_cs, da, HALF, INTERLEAVED)
         else:
             qa = tl.load(q_rows + da[None, :], mask=row_ok[:, None] & (da[None, :] < D_A), other=0.0)
         if D_B > 0:
@@ -629,14 +646,19 @@ def _split_plan(max_keys: int, block_n: int, base_programs: int, decode: bool, r
     return splits, block_n, per
 
 
-# The split partials (each split's normalised output, merged with the log-sum-exps) in fp32, or in the queries'
-# 16-bit dtype with HIGHSPEED_ATTN_PARTIALS=16 (half the bytes each split stores and the merge reads: GLM-4.7-Flash
-# stores 480 KB of them per layer at batch 1). fp32 queries always keep fp32 partials.
-PARTIALS_16: bool = os.environ.get("HIGHSPEED_ATTN_PARTIALS", "32") == "16"
+# The split partials (each split's normalised output, merged with the log-sum-exps): fp32, or the queries' 16-bit
+# dtype, which halves the bytes each split stores and the merge reads. An output rounded to 16 bits before the merge
+# and again after it: about one more rounding of the result. H200, batch-1 decode chain (run 56, two passes):
+# GLM-4.7-Flash (MLA, 20 heads x 512 latent: 480 KB of fp32 partials per layer) 2.823 / 2.824 ms per step against
+# 2.834 / 2.838 (attention -0.3 us, W_UV -0.4, the merge +0.2 per layer); Qwen3-30B-A3B (32 x 128) 2.181 / 2.179
+# against 2.178 / 2.176, even. HIGHSPEED_ATTN_PARTIALS = mla (default: 16-bit for MLA) | 16 (always) | 32 (never).
+# fp32 queries keep fp32 partials.
+_PARTIALS_ENV = os.environ.get("HIGHSPEED_ATTN_PARTIALS", "mla")
 
 
-def _partial_dtype(q_dtype: torch.dtype) -> torch.dtype:
-    return q_dtype if PARTIALS_16 and q_dtype in (torch.bfloat16, torch.float16) else torch.float32
+def _partial_dtype(q_dtype: torch.dtype, v_is_k: bool) -> torch.dtype:
+    narrow = _PARTIALS_ENV == "16" or (_PARTIALS_ENV == "mla" and v_is_k)
+    return q_dtype if narrow and q_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _attend(
@@ -687,7 +709,7 @@ def _attend(
         counters = _split_counters(q.device, base_programs)
     fused = counters is not None
     if split:
-        part = torch.empty(T, Hq, num_splits, d_v, dtype=_partial_dtype(q.dtype), device=q.device)
+        part = torch.empty(T, Hq, num_splits, d_v, dtype=_partial_dtype(q.dtype, v_is_k), device=q.device)
         lse = torch.empty(T, Hq, num_splits, dtype=torch.float32, device=q.device)
         p_strides, l_strides = (part.stride(0), part.stride(1), part.stride(2)), (lse.stride(0), lse.stride(1))
     else:
@@ -726,7 +748,7 @@ def _attend(
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
-        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, **r_consts,
+        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, EARLY_CTX=EARLY_CTX, **r_consts,
         **launch,
     )
     if split and not fused:
