@@ -1,6 +1,6 @@
-"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention, the graph's greedy tail) for a Hopper GPU
-(sm_90) on a machine without one, and report each kernel's registers and spills (from ``cuobjdump``, shipped with
-Triton).
+"""Compile the batch-1 decode kernels (MoE block, GEMVs, decode attention, MLA projections, the graph's greedy
+tail) for a Hopper GPU (sm_90) on a machine without one, and report each kernel's registers and spills (from
+``cuobjdump``, shipped with Triton).
 
 The interpreter (CI) accepts code the GPU compiler rejects, and a register count decides how many programs are
 resident -- both are worth knowing before spending device time. Each op is called with CPU tensors at a real
@@ -189,6 +189,32 @@ def record_attention() -> list:
     return launches
 
 
+def record_mla_projections() -> list:
+    """GLM-4.7-Flash's batch-1 MLA projections: q_nope @ W_UK fused with the RoPE + latent-cache write (20 heads,
+    192 + 64 query dims, a 512-wide latent), and the latent @ W_UV^T (256-wide values)."""
+    from highspeed.ops.rope import build_cos_sin_cache
+    from highspeed.ops.triton import mla_proj
+
+    launches: list = []
+    saved = mla_proj._absorb_rope_kernel, mla_proj._latent_to_v_kernel
+    mla_proj._absorb_rope_kernel, mla_proj._latent_to_v_kernel = (Recorder(k, launches) for k in saved)
+    try:
+        dt, H, L, R = torch.bfloat16, 20, 512, 64
+        cache = torch.zeros(30, 16, L + R, dtype=dt)
+        q_abs = torch.zeros(1, H, L + R, dtype=dt)
+        w_kv = torch.zeros(H, 192 + 256, L, dtype=dt)
+        mla_proj.absorb_q_rope_write(
+            torch.zeros(1, H, 192, dtype=dt), w_kv[:, :192], q_abs[..., :L], q=torch.zeros(1, H, R, dtype=dt),
+            k=torch.zeros(1, R, dtype=dt), v=torch.zeros(1, L, dtype=dt), positions=torch.zeros(1, dtype=torch.int64),
+            cos_sin=build_cos_sin_cache(R, 1024, 1e6).float(), rotary_dim=R, interleaved=False,
+            k_cache=cache[..., L:], v_cache=cache[..., :L], slot_mapping=torch.zeros(1, dtype=torch.int64),
+            v_norm_weight=torch.ones(L, dtype=dt), eps=1e-6, q_out=q_abs[..., L:])
+        mla_proj.latent_to_v(torch.zeros(1, H, L, dtype=dt), w_kv[:, 192:], torch.zeros(1, H, 256, dtype=dt))
+    finally:
+        mla_proj._absorb_rope_kernel, mla_proj._latent_to_v_kernel = saved
+    return launches
+
+
 def record_graph_tail(vocab: int = 151936) -> list:
     """The decode graph's tail (``greedy_advance``) at batch 1, with the host ring and without."""
     from highspeed.ops.triton import sampling
@@ -211,7 +237,7 @@ def main(shapes: list[str]) -> None:
     for shape in shapes:
         seen = set()
         launches = record_decode_layer(shape) + (record_attention() + record_graph_tail()
-                                                 if shape == "qwen3-30b-a3b" else [])
+                                                 if shape == "qwen3-30b-a3b" else record_mla_projections())
         for kernel, args, kw in launches:
             key = (kernel.__name__, tuple(sorted((n, str(v)) for n, v in kw.items())))
             if key in seen:

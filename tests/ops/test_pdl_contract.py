@@ -13,6 +13,23 @@ KERNEL_DIR = pathlib.Path(__file__).resolve().parents[2] / "highspeed" / "ops" /
 # Pointers a kernel may read before its wait: weights and other parameters that no kernel of the decode chain
 # writes (each kernel's prefetch is listed here on purpose, so adding one is a visible decision).
 PARAM_POINTERS = {"w_ptr", "w_rows", "w_gate", "w_up", "s_rows"}
+# The step's context, which no kernel of a forward writes (highspeed.ops.triton.EARLY_CTX_*): decode attention and
+# the RoPE + cache-write programs may read it before their wait, directly or through ``rope_context``.
+CONTEXT_POINTERS = {"seq_lens_ptr", "bt_row", "pos_ptr", "slot_ptr", "cs_ptr",
+                    "kv_lines"}   # L2 prefetches of earlier tokens' K/V rows (HIGHSPEED_ATTN_KV_L2)
+
+
+def _check_before_wait(where: str, stmt: ast.stmt) -> None:
+    """A statement before the wait: no store, return or atomic; loads only of parameters or the step's context."""
+    src = ast.unparse(stmt)
+    assert "tl.store(" not in src and "atomic" not in src and "return" not in src, (where, src)
+    for call in [n for n in ast.walk(stmt) if isinstance(n, ast.Call)]:
+        name = ast.unparse(call.func)
+        if name in ("tl.load", "prefetch_l2", "whole_rows_load"):
+            base = ast.unparse(call.args[0]).split("+")[0].strip().split("[")[0]
+            assert base in PARAM_POINTERS | CONTEXT_POINTERS, f"{where} loads {base!r} before gdc_wait()"
+        elif name == "rope_context":
+            assert {ast.unparse(a) for a in call.args[:3]} <= CONTEXT_POINTERS, (where, src)
 
 
 def _kernels() -> list[tuple[str, ast.FunctionDef]]:
@@ -44,16 +61,24 @@ def test_pdl_kernel_waits_first(fname, kernel):
     for stmt in kernel.body:
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
             continue   # the docstring
-        src = ast.unparse(stmt)
-        if "gdc_wait()" in src:
+        if "gdc_wait()" in ast.unparse(stmt):
             waited = True
             break
-        assert "tl.store(" not in src and "atomic" not in src and "return" not in src, (fname, kernel.name, src)
-        for call in [n for n in ast.walk(stmt) if isinstance(n, ast.Call)
-                     and ast.unparse(n.func) in ("tl.load", "prefetch_l2", "whole_rows_load")]:
-            base = ast.unparse(call.args[0]).split("+")[0].strip().split("[")[0]
-            assert base in PARAM_POINTERS, f"{fname}:{kernel.name} loads {base!r} before gdc_wait()"
+        _check_before_wait(f"{fname}:{kernel.name}", stmt)
     assert waited, f"{fname}:{kernel.name} takes PDL but never calls gdc_wait()"
+
+
+@pytest.mark.parametrize("name,branch", [("_paged_attn_kernel", "DECODE"), ("_absorb_rope_kernel", "pid < n_absorb")])
+def test_pdl_deferred_wait(name, branch):
+    """Kernels whose wait sits inside a branch (decode attention with EARLY_CTX; the rope programs of the fused
+    absorb launch): the branch's statements before its wait obey the same rule."""
+    kernel = {k.name: k for _, k in PDL_KERNELS}[name]
+    node = next(n for n in kernel.body if isinstance(n, ast.If) and ast.unparse(n.test) == branch)
+    body = node.body if name == "_paged_attn_kernel" else node.orelse
+    waits = [i for i, stmt in enumerate(body) if "gdc_wait()" in ast.unparse(stmt)]
+    assert waits, f"{name}: no gdc_wait() in the {branch!r} branch"
+    for stmt in body[:waits[0]]:
+        _check_before_wait(name, stmt)
 
 
 def test_pdl_launches_target_pdl_kernels():

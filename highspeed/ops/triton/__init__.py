@@ -27,6 +27,18 @@ except ImportError:  # pragma: no cover - older Triton: the kernels' PDL branche
     gdc_launch_dependents = gdc_wait = None
 
 
+# The step's context -- lengths, block tables, positions, slots -- and the RoPE table are written by no kernel of a
+# forward: host copies before it, and inside a CUDA graph the greedy tail writes them at the very end of the
+# previous replay. So decode kernels may read them before their PDL wait (stores stay after it), and after the wait
+# only the loads of the previous kernel's output remain on the critical path.
+# HIGHSPEED_EARLY_CTX = attn (default: decode attention) | all (also the RoPE + cache-write programs) | 0.
+_EARLY_CTX_ENV = os.environ.get("HIGHSPEED_EARLY_CTX", "attn")
+if _EARLY_CTX_ENV not in ("attn", "all", "0"):
+    raise ValueError(f"HIGHSPEED_EARLY_CTX={_EARLY_CTX_ENV!r}: expected attn, all or 0")
+EARLY_CTX_ATTN: bool = _EARLY_CTX_ENV in ("attn", "all")
+EARLY_CTX_ROPE: bool = _EARLY_CTX_ENV == "all"
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (Triton block shapes must be powers of two)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

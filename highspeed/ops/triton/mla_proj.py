@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl, tuned
-from highspeed.ops.triton.rope import rope_write_program, rope_and_write_kv, rope_write_launch
+from highspeed.ops.triton.rope import rope_context, rope_write_program, rope_and_write_kv, rope_write_launch
 
 # More tokens: torch.bmm (cuBLAS), since each further token pair would re-read the weight. HIGHSPEED_MLA_PROJ_MAX_T=0
 # turns the kernels off (an A/B switch).
@@ -185,7 +185,7 @@ def _absorb_rope_kernel(
     TWO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, ONE_STEP: tl.constexpr,
     HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_V: tl.constexpr, INTERLEAVED: tl.constexpr,
-    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr, EARLY_CTX: tl.constexpr, PDL: tl.constexpr,
 ):
     """``absorb_q`` (programs [0, n_absorb): L block, head, token pair) and ``rope_and_write_kv`` (the rest: token,
     head block) in one launch; both read only q_b_proj's and kv_a's outputs, so neither waits for the other."""
@@ -202,11 +202,16 @@ def _absorb_rope_kernel(
                      T, D, L, stride_qnt, stride_qnh, stride_wud, stride_qat, stride_qah, TWO, BLOCK_D, BLOCK_L,
                      ONE_STEP)
     else:
+        r = pid - n_absorb
+        t = (r // n_rope_hb).to(tl.int64)
+        if EARLY_CTX:   # before the wait: see highspeed.ops.triton.EARLY_CTX_ROPE
+            cos, sin, slot = rope_context(cs_ptr, pos_ptr, slot_ptr, t, stride_cs, HALF, BLOCK_HALF)
         if PDL:
             gdc_wait()
-        r = pid - n_absorb
+        if not EARLY_CTX:
+            cos, sin, slot = rope_context(cs_ptr, pos_ptr, slot_ptr, t, stride_cs, HALF, BLOCK_HALF)
         rope_write_program(
-            (r // n_rope_hb).to(tl.int64), r % n_rope_hb,
+            t, r % n_rope_hb, cos, sin, slot,
             q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
             qw_ptr, kw_ptr, vw_ptr, eps, num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh, stride_kot,

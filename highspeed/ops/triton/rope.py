@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
+from highspeed.ops.triton import EARLY_CTX_ROPE, gdc_launch_dependents, gdc_wait, next_power_of_2, pdl
 
 
 @triton.jit
@@ -189,13 +189,19 @@ def _rope_write_kernel(
     stride_kcs, stride_kch, stride_vcs, stride_vch, stride_cs,
     HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_V: tl.constexpr, INTERLEAVED: tl.constexpr,
-    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr, EARLY_CTX: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    if EARLY_CTX:   # before the wait: see highspeed.ops.triton.EARLY_CTX_ROPE
+        cos, sin, slot = rope_context(cs_ptr, pos_ptr, slot_ptr, t, stride_cs, HALF, BLOCK_HALF)
+    if PDL:
         gdc_wait()
+    if not EARLY_CTX:
+        cos, sin, slot = rope_context(cs_ptr, pos_ptr, slot_ptr, t, stride_cs, HALF, BLOCK_HALF)
     rope_write_program(
-        tl.program_id(0).to(tl.int64), tl.program_id(1),
+        t, tl.program_id(1), cos, sin, slot,
         q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
         qw_ptr, kw_ptr, vw_ptr, eps, num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh, stride_kot,
@@ -204,8 +210,16 @@ def _rope_write_kernel(
 
 
 @triton.jit
+def rope_context(cs_ptr, pos_ptr, slot_ptr, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token t's cos/sin and cache slot: the step's context, which rope_write_program takes as arguments so that a
+    kernel may load it before its PDL wait."""
+    cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
+    return cos, sin, tl.load(slot_ptr + t).to(tl.int64)
+
+
+@triton.jit
 def rope_write_program(
-    t, hb,
+    t, hb, cos, sin, slot,
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cs_ptr, slot_ptr,
     qw_ptr, kw_ptr, vw_ptr, eps,
     num_q_heads, num_k_heads, num_q_blocks, Dq, Dk, Dv,
@@ -217,8 +231,7 @@ def rope_write_program(
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
 ):
     """Token t's head block hb (q blocks first, then k blocks) of ``rope_and_write_kv``, after the PDL wait; also
-    the rope programs of mla_proj's fused ``absorb_q_rope_write`` launch."""
-    cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, HALF, BLOCK_HALF)
+    the rope programs of mla_proj's fused ``absorb_q_rope_write`` launch. ``cos, sin, slot``: ``rope_context``."""
     if hb < num_q_blocks:
         h = (hb * HEADS + tl.arange(0, HEADS))[:, None]
         dst = q_out_ptr + t * stride_qot + h * stride_qoh
@@ -227,7 +240,6 @@ def rope_write_program(
     else:
         h = ((hb - num_q_blocks) * HEADS + tl.arange(0, HEADS))[:, None]
         hmask = h < num_k_heads
-        slot = tl.load(slot_ptr + t).to(tl.int64)
         dst = k_out_ptr + t * stride_kot + h * stride_koh
         if slot >= 0:
             _rotate_rows(k_ptr + t * stride_kt + h * stride_kh, dst, k_cache_ptr + slot * stride_kcs + h * stride_kch,
@@ -337,7 +349,7 @@ def rope_write_launch(
         # A normed v row must fit one block (its statistics need the whole row): MLA's 512-wide latent does.
         BLOCK_V=max(16, next_power_of_2(Dv) if vw is not None else min(1024, next_power_of_2(Dv))),
         INTERLEAVED=bool(interleaved), Q_NORM=qw is not None, K_NORM=kw is not None, V_NORM=vw is not None,
-        num_warps=4 if heads * max(q3.shape[2], Dv) >= 1024 else 1,
+        EARLY_CTX=EARLY_CTX_ROPE, num_warps=4 if heads * max(q3.shape[2], Dv) >= 1024 else 1,
     )
     return (T, nqb + triton.cdiv(Hk, heads)), args, consts, q_out, k_out
 
