@@ -15,8 +15,7 @@ KERNEL_DIR = pathlib.Path(__file__).resolve().parents[2] / "highspeed" / "ops" /
 PARAM_POINTERS = {"w_ptr", "w_rows", "w_gate", "w_up", "s_rows"}
 # The step's context, which no kernel of a forward writes (highspeed.ops.triton.EARLY_CTX_*): decode attention and
 # the RoPE + cache-write programs may read it before their wait, directly or through ``rope_context``.
-CONTEXT_POINTERS = {"seq_lens_ptr", "bt_row", "pos_ptr", "slot_ptr", "cs_ptr",
-                    "kv_lines"}   # L2 prefetches of earlier tokens' K/V rows (HIGHSPEED_ATTN_KV_L2)
+CONTEXT_POINTERS = {"seq_lens_ptr", "bt_row", "pos_ptr", "slot_ptr", "cs_ptr"}
 
 
 def _check_before_wait(where: str, stmt: ast.stmt) -> None:

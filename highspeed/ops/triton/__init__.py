@@ -31,8 +31,11 @@ except ImportError:  # pragma: no cover - older Triton: the kernels' PDL branche
 # forward: host copies before it, and inside a CUDA graph the greedy tail writes them at the very end of the
 # previous replay. So decode kernels may read them before their PDL wait (stores stay after it), and after the wait
 # only the loads of the previous kernel's output remain on the critical path.
-# HIGHSPEED_EARLY_CTX = attn (default: decode attention) | all (also the RoPE + cache-write programs) | 0.
-_EARLY_CTX_ENV = os.environ.get("HIGHSPEED_EARLY_CTX", "attn")
+# H200, batch-1 decode chain, two passes each: decode attention (run 57) Qwen3-30B-A3B 2.121 / 2.120 ms per step
+# against 2.166 / 2.168, GLM-4.7-Flash 2.809 / 2.810 against 2.826 / 2.826; the RoPE + latent-cache programs of
+# GLM-4.7-Flash's fused absorb launch too (run 58) 2.798 / 2.794 against 2.814 / 2.813 (attention only).
+# HIGHSPEED_EARLY_CTX = all (default) | attn (decode attention only) | 0 (neither).
+_EARLY_CTX_ENV = os.environ.get("HIGHSPEED_EARLY_CTX", "all")
 if _EARLY_CTX_ENV not in ("attn", "all", "0"):
     raise ValueError(f"HIGHSPEED_EARLY_CTX={_EARLY_CTX_ENV!r}: expected attn, all or 0")
 EARLY_CTX_ATTN: bool = _EARLY_CTX_ENV in ("attn", "all")

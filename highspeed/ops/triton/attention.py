@@ -33,7 +33,7 @@ import triton.language as tl
 
 from highspeed.context import AttentionContext
 from highspeed.ops.triton import (EARLY_CTX_ATTN, gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2,
-                                  pdl, prefetch_l2, tuned)
+                                  pdl, tuned)
 from highspeed.ops.triton import rope as t_rope
 from highspeed.ops.triton.rope import _rope_lanes, _rope_tile
 
@@ -98,8 +98,6 @@ DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 # before its PDL wait (``EARLY_CTX_ATTN``), so that one round trip follows the wait instead of two. H200, batch-1
 # decode chain (run 57, two passes): Qwen3-30B-A3B 2.121 / 2.120 ms per step against 2.166 / 2.168, GLM-4.7-Flash
 # 2.809 / 2.810 against 2.826 / 2.826.
-# With EARLY_CTX, each decode split also asks L2 for its first K/V tile before the wait (HIGHSPEED_ATTN_KV_L2=1).
-KV_L2: bool = os.environ.get("HIGHSPEED_ATTN_KV_L2", "0") == "1"
 # When the split merge lets its dependent launch: at its start (it then preloads its weights while attention runs)
 # or after its own wait, once attention has finished. The preload's traffic slows attention's few latency-bound
 # loads; whether hiding the dependent's weights is worth that depends on their size (H200 run 25, batch 1):
@@ -288,7 +286,6 @@ def _paged_attn_kernel(
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr, EARLY_CTX: tl.constexpr,
-    KV_L2: tl.constexpr, KV_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
 ):
     if PDL:
         # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels --
@@ -344,18 +341,6 @@ def _paged_attn_kernel(
             slot = tl.load(slot_ptr + t0).to(tl.int64)
             if EARLY_CTX:
                 cos, sin = _rope_cos_sin(cs_ptr + rope_pos.to(tl.int64) * stride_cs, da, HALF, INTERLEAVED)
-        if KV_L2:
-            # Ask L2 for this split's first K/V rows (earlier tokens' rows: no kernel of this forward writes them,
-            # and a prefetch returns no data anyway), so that the tile loaded after the wait comes from L2, not HBM.
-            lines = tl.arange(0, KV_LINES) * LINE_ELEMS
-            slot_rows = (n_first % block_size).to(tl.int64)
-            kv_lines = (k_ptr + blk_first * stride_kb + slot_rows * stride_ks + kv_head * stride_kh)[:, None] \
-                + tl.minimum(lines, D_A + D_B - 1)[None, :]
-            prefetch_l2(kv_lines)
-            if not V_IS_K:
-                kv_lines = (v_ptr + blk_first * stride_vb + slot_rows * stride_vs + kv_head * stride_vh)[:, None] \
-                    + tl.minimum(lines, D_V - 1)[None, :]
-                prefetch_l2(kv_lines)
         if PDL and EARLY_CTX:
             # The loads above -- the step's context (lengths, block table, position, slot) and the RoPE table --
             # are written by no kernel of a forward (host copies before it; inside a CUDA graph the greedy tail
@@ -765,10 +750,7 @@ def _attend(
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
-        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, EARLY_CTX=EARLY_CTX_ATTN,
-        KV_L2=fast and KV_L2 and EARLY_CTX_ATTN and not interpreting(),
-        KV_LINES=next_power_of_2(triton.cdiv(max(d_a + d_b, d_v) * k_cache.element_size(), 128)),
-        LINE_ELEMS=128 // k_cache.element_size(), **r_consts,
+        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, EARLY_CTX=EARLY_CTX_ATTN, **r_consts,
         **launch,
     )
     if split and not fused:
