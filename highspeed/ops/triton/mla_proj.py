@@ -51,8 +51,9 @@ FUSE_ABSORB_ROPE: bool = os.environ.get("HIGHSPEED_FUSE_ABSORB_ROPE", "1") != "0
 # ahead of the latency-bound absorb, attention and merge. H200 runs 24-25, GLM-4.7-Flash batch 1 (W_UV in 640
 # programs of [8, 512]): 3.29-3.31 ms per step with both, 3.26 absorb only, 3.19 W_UV only, 3.10 neither;
 # DeepSeek-V2-Lite-like 2.115 with both against 2.133. With W_UV in 320 programs of [16, 512] (160 registers
-# looped, 56 in one step) W_UV alone won: 2.830 against 2.841, both 2.856 (run 54, one pass each; not yet
-# repeated, and DeepSeek-V2-Lite, whose W_UV also fits one step, not measured with it). Hence latent_to_v by default.
+# looped, 56 in one step) W_UV alone won: 2.830 against 2.841, both 2.856 (run 54, one pass each); repeated in run 55
+# (two passes, beside another attention variant): GLM-4.7-Flash 2.917 / 2.917 against 2.929 / 2.928 looped,
+# DeepSeek-V2-Lite 2.119 / 2.120 against 2.125 / 2.124. Hence latent_to_v by default.
 # HIGHSPEED_MLA_PROJ_ONE_STEP = latent_to_v (default) | 0 (neither) | 1 (both) | absorb_q.
 _ONE_STEP_ENV = os.environ.get("HIGHSPEED_MLA_PROJ_ONE_STEP", "latent_to_v")
 ONE_STEP_OPS: frozenset[str] = frozenset(
