@@ -95,9 +95,7 @@ FUSED_MERGE_MAX_ELEMS = int(os.environ.get("HIGHSPEED_FUSED_MERGE_MAX_ELEMS", "0
 # (HIGHSPEED_ATTN_DECODE_FAST=0): the general path, as before (an A/B switch).
 DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 # The DECODE path loads the step's context (lengths, block table; with ROPE_NEW the position, slot and cos/sin)
-# before its PDL wait (``EARLY_CTX_ATTN``), so that one round trip follows the wait instead of two. H200, batch-1
-# decode chain (run 57, two passes): Qwen3-30B-A3B 2.121 / 2.120 ms per step against 2.166 / 2.168, GLM-4.7-Flash
-# 2.809 / 2.810 against 2.826 / 2.826.
+# before its PDL wait (``EARLY_CTX_ATTN``; why that is safe, and what it measured: highspeed/ops/triton/__init__.py).
 # When the split merge lets its dependent launch: at its start (it then preloads its weights while attention runs)
 # or after its own wait, once attention has finished. The preload's traffic slows attention's few latency-bound
 # loads; whether hiding the dependent's weights is worth that depends on their size (H200 run 25, batch 1):
