@@ -362,6 +362,9 @@ def _write_timeline(engine: Any, graph: Any, batch: list[list[int]], path: str, 
             return
         f.write(timeline.format_table(rows, replay_ms) + "\n\n")
         f.write(timeline.layer_listing(kernels, 2 * per_replay + per_replay // 2, 40) + "\n\n")
+        # And the seam between two replays: the step's head and tail kernels (embedding, lm_head, greedy tail) in
+        # launch order, which the table above sorts away.
+        f.write(timeline.layer_listing(kernels, max(0, 3 * per_replay - 8), 16) + "\n\n")
         _add_requests(engine, batch, "timeline", steps + 8)
         _finish_prefill(engine)
         engine.step()   # one decode step in flight, as in the serving loop

@@ -77,4 +77,5 @@ def test_write_timeline_runs_real_steps_and_cleans_up(tmp_path, monkeypatch):
     assert len(replayed) == 5 and calls == [5, 3]
     assert "per replay" in text and "real decode steps, batch 2" in text and "per step" in text
     assert "with the device idle" in text
+    assert text.count("start us") == 2      # the layer listing and the seam between two replays
     assert not engine.has_unfinished_requests()
