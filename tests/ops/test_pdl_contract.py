@@ -16,17 +16,21 @@ PARAM_POINTERS = {"w_ptr", "w_rows", "w_gate", "w_up", "s_rows"}
 # The step's context, which no kernel of a forward writes (highspeed.ops.triton.EARLY_CTX_*): decode attention and
 # the RoPE + cache-write programs may read it before their wait, directly or through ``rope_context``.
 CONTEXT_POINTERS = {"seq_lens_ptr", "bt_row", "pos_ptr", "slot_ptr", "cs_ptr"}
+# The routing ids, which the fused gate/up kernel's program 0 stores and fences before it lets the down kernel
+# launch (highspeed.ops.triton.moe.EARLY_IDS): the down kernel may read them before its wait.
+PUBLISHED_POINTERS = {"ids_ptr"}
 
 
-def _check_before_wait(where: str, stmt: ast.stmt) -> None:
-    """A statement before the wait: no store, return or atomic; loads only of parameters or the step's context."""
+def _check_before_wait(where: str, stmt: ast.stmt, published: frozenset = frozenset()) -> None:
+    """A statement before the wait: no store, return or atomic; loads only of parameters or the step's context
+    (or of ``published`` pointers, which the previous kernel stored before it let this one launch)."""
     src = ast.unparse(stmt)
     assert "tl.store(" not in src and "atomic" not in src and "return" not in src, (where, src)
     for call in [n for n in ast.walk(stmt) if isinstance(n, ast.Call)]:
         name = ast.unparse(call.func)
         if name in ("tl.load", "prefetch_l2", "whole_rows_load"):
             base = ast.unparse(call.args[0]).split("+")[0].strip().split("[")[0]
-            assert base in PARAM_POINTERS | CONTEXT_POINTERS, f"{where} loads {base!r} before gdc_wait()"
+            assert base in PARAM_POINTERS | CONTEXT_POINTERS | published, f"{where} loads {base!r} before gdc_wait()"
         elif name == "rope_context":
             assert {ast.unparse(a) for a in call.args[:3]} <= CONTEXT_POINTERS, (where, src)
 
@@ -78,6 +82,43 @@ def test_pdl_deferred_wait(name, branch):
     assert waits, f"{name}: no gdc_wait() in the {branch!r} branch"
     for stmt in body[:waits[0]]:
         _check_before_wait(name, stmt)
+
+
+def _if_with(body: list, test: str, contains: str) -> ast.If:
+    return next(n for n in body for n in ast.walk(n)
+                if isinstance(n, ast.If) and ast.unparse(n.test) == test and contains in ast.unparse(n))
+
+
+def test_early_ids_down_reads_only_published_before_wait():
+    """With EARLY_IDS the down kernel's wait moves below its routing: what comes before it may read the ids (and
+    the weight rows they select), and nothing else of the previous kernels'."""
+    kernel = {k.name: k for _, k in PDL_KERNELS}["_fused_down_kernel"]
+    first = kernel.body[0]
+    assert ast.unparse(first.test) == "PDL" and "if not EARLY_IDS:" in ast.unparse(first), ast.unparse(first)
+    rest = kernel.body[1:]
+    waits = [i for i, stmt in enumerate(rest) if "gdc_wait()" in ast.unparse(stmt)]
+    assert waits and "EARLY_IDS" in ast.unparse(rest[waits[0]]), "no EARLY_IDS wait after the routing loads"
+    loads = set()
+    for stmt in rest[:waits[0]]:
+        _check_before_wait("_fused_down_kernel", stmt, frozenset(PUBLISHED_POINTERS))
+        loads |= {ast.unparse(c.args[0]).split("+")[0].strip() for c in ast.walk(stmt)
+                  if isinstance(c, ast.Call) and ast.unparse(c.func) == "tl.load"}
+    assert "ids_ptr" in loads, "the ids are not loaded before the EARLY_IDS wait"
+
+
+def test_early_ids_gate_up_publishes_before_trigger():
+    """The publisher's side: with EARLY_IDS, program 0 of the fused gate/up kernel triggers its dependents only
+    after storing the ids, a GPU-scope fence and a barrier (the trigger orders no memory); every other program
+    triggers at its start."""
+    kernel = {k.name: k for _, k in PDL_KERNELS}["_fused_gate_up_kernel"]
+    top = _if_with(kernel.body, "EARLY_IDS", "tl.program_id(1) != 0")
+    assert [ast.unparse(n.test) for n in top.body] == ["tl.program_id(1) != 0"], ast.unparse(top)
+    publish = _if_with(kernel.body, "p == 0", "fence_gpu")
+    order = [ast.unparse(stmt) for stmt in publish.body]
+    assert order[0].startswith("tl.store(ids_ptr"), order
+    assert order[1].startswith("fence_gpu(") and order[2] == "tl.debug_barrier()", order
+    assert "gdc_launch_dependents()" in order[3], order
+    assert "gdc_launch_dependents()" not in "\n".join(order[:3]), order
 
 
 def test_pdl_launches_target_pdl_kernels():

@@ -124,3 +124,13 @@ def prefetch_l2(ptrs):
     registers are held and nothing waits for the data. The caller clamps every address into its tensor."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
+
+
+@triton.jit
+def fence_gpu(dummy):
+    """Make this thread's earlier global stores visible GPU-wide before anything after it (``fence.acq_rel.gpu``).
+    ``dummy`` is any scalar (inline asm needs an operand). A kernel publishing data for its PDL dependent to read
+    before that dependent's ``gdc_wait`` stores it, calls this, ``tl.debug_barrier()``, and only then
+    ``gdc_launch_dependents()``: the trigger itself orders no memory."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [dummy], dtype=tl.int32,
+                              is_pure=False, pack=1)

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
-from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
-                                  prefetch_l2, tuned)
+from highspeed.ops.triton import (fence_gpu, gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch,
+                                  next_power_of_2, pdl, prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
 from highspeed.ops.triton.linear import tile_rows_dot, whole_rows_dot, whole_rows_load
 from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
@@ -228,6 +228,18 @@ def select_experts(
 # 2.397 ms (gate/up 16.75 -> 16.19 us per layer in the chain timeline, down 12.91 -> 12.42), GLM-4.7-Flash (4
 # routed experts) 3.276 -> 3.265 ms. HIGHSPEED_PARTIAL_PICKS=0: every program makes all k.
 PARTIAL_PICKS: bool = os.environ.get("HIGHSPEED_PARTIAL_PICKS", "1") != "0"
+# The routing ids handed to the down kernel before its PDL wait (HIGHSPEED_EARLY_IDS = 0 | 1 | l2). Without it a
+# down program's wait is followed by two chained round trips: the ids (L2), then its first weight tile (HBM).
+# With it, gate/up's program 0 stores the ids right after routing, fences, and only then lets the down kernel
+# launch (every other gate/up program triggers at its start, as before); so the ids are in L2 before any down
+# program starts, and each down program loads them and its first weight tile before its wait (``l2``: and asks
+# L2 for the rest of its rows). After the wait only the activations (L2) remain. Only with PDL (no fence or
+# trigger under the interpreter).
+_EARLY_IDS_ENV = os.environ.get("HIGHSPEED_EARLY_IDS", "0")
+if _EARLY_IDS_ENV not in ("0", "1", "l2"):
+    raise ValueError(f"HIGHSPEED_EARLY_IDS={_EARLY_IDS_ENV!r}: expected 0, 1 or l2")
+EARLY_IDS: bool = _EARLY_IDS_ENV != "0"
+EARLY_IDS_L2: bool = _EARLY_IDS_ENV == "l2"
 # H200 (benchmarks/kernels.py ``fused_moe``, results/kernels-h200-run5-fused-moe-linear.json, CUDA-graph times):
 # fused vs unfused at T=1 Qwen3-30B-A3B 33.5 vs 45.0 us, GLM-4.7-Flash 35.9 vs 56.7, GLM-5 201 vs 217; T=2 56 vs
 # 68, 62 vs 91, 365 vs 385; T=4 a tie, 104 vs 119, 685 vs 616 (GLM-5 re-reads its 75 MB experts per token).
@@ -369,10 +381,15 @@ def _fused_gate_up_kernel(
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
     ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
-    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, PDL: tl.constexpr,
+    PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, EARLY_IDS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
-        gdc_launch_dependents()
+        if EARLY_IDS:   # program 0 lets the down kernel launch only once it has published the routing (below)
+            if tl.program_id(1) != 0:
+                gdc_launch_dependents()
+        else:
+            gdc_launch_dependents()
         gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)                 # row block: TOP_K * blocks_per_expert routed ones, then the shared ones
@@ -396,6 +413,13 @@ def _fused_gate_up_kernel(
         ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
                           TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
+        if EARLY_IDS:
+            if p == 0:   # publish the ids for the down programs' loads before their wait, then trigger
+                tl.store(ids_ptr + t * TOP_K + kk, ivec, mask=kk < TOP_K)
+                fence_gpu(p)
+                tl.debug_barrier()
+                if PDL:
+                    gdc_launch_dependents()
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
         out_cols = slot * I + n
@@ -468,7 +492,8 @@ def _fused_gate_up_kernel(
         wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
                               TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
         tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
-        tl.store(ids_ptr + t * TOP_K + kk, ivec, mask=kk < TOP_K)
+        if not EARLY_IDS:
+            tl.store(ids_ptr + t * TOP_K + kk, ivec, mask=kk < TOP_K)
 
 
 @triton.jit
@@ -479,11 +504,13 @@ def _fused_down_kernel(
     ADD_RESIDUAL: tl.constexpr,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
-    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, PDL: tl.constexpr,
+    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, EARLY_IDS: tl.constexpr, IDS_L2: tl.constexpr,
+    LINE: tl.constexpr, PF_LINES: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # everything here depends on gate_up's routing and activations
+    if PDL:  # everything here depends on gate_up's routing and activations (EARLY_IDS: but the ids, see below)
         gdc_launch_dependents()
-        gdc_wait()
+        if not EARLY_IDS:
+            gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     # Tile rows are (slot, output column) pairs: every chosen expert's rows of this column block at once.
@@ -491,9 +518,21 @@ def _fused_down_kernel(
     slot = rows // BLOCK_N
     n = nb * BLOCK_N + rows % BLOCK_N
     rmask = (slot < TOP_K) & (n < H)
-    e = tl.load(ids_ptr + t * TOP_K + slot, mask=rmask, other=0).to(tl.int64)
+    # EARLY_IDS: gate/up's program 0 stored and fenced the ids before it let this kernel launch; read them from L2
+    # (.cg: this SM's L1 may hold the buffer's lines from an earlier step).
+    e = tl.load(ids_ptr + t * TOP_K + slot, mask=rmask, other=0, cache_modifier=".cg" if EARLY_IDS else "")
+    w_rows = w2_ptr + e.to(tl.int64) * stride_we + (tl.minimum(n, H - 1) if IDS_L2 else n).to(tl.int64) * stride_wn
+    if PREFETCH:
+        k = tl.arange(0, BLOCK_K)
+        m2 = rmask[:, None] & (k < I)[None, :]
+        w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
+    if IDS_L2:   # the rest of this program's rows, asked into L2 while it waits
+        cols = tl.minimum(BLOCK_K + tl.arange(0, PF_LINES) * LINE, I - 1)
+        prefetch_l2(w_rows[:, None] + cols[None, :])
+    if PDL:
+        if EARLY_IDS:
+            gdc_wait()
     wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0)
-    w_rows = w2_ptr + e * stride_we + n.to(tl.int64) * stride_wn
     a_rows = act_ptr + t * stride_at + slot * I
     acc = _acc_zeros(SLOTS * BLOCK_N, BLOCK_K, ROW_SUMS)
     c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -505,9 +544,6 @@ def _fused_down_kernel(
         a_shared = act_ptr + t * stride_at + TOP_K * I
         acc_s = _acc_zeros(BLOCK_N, BLOCK_K, ROW_SUMS)
     if PREFETCH:
-        k = tl.arange(0, BLOCK_K)
-        m2 = rmask[:, None] & (k < I)[None, :]
-        w = tl.load(w_rows[:, None] + k[None, :], mask=m2, other=0.0, eviction_policy=W_EVICT)
         if PREFETCH_ALL:   # the activations and the shared rows too: no round trip of their own in any iteration
             a_raw = tl.load(a_rows[:, None] + k[None, :], mask=m2, other=0.0)
             if SHARED_IN_LOOP:
@@ -593,6 +629,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
     launch = pdl(x)
     prefetch = l2_prefetch(x)
+    early_ids = EARLY_IDS and launch["PDL"]
     # A norm whose producer stored no sums of squares (HIGHSPEED_FOLD_NORM=self): router and gate/up take them from
     # the row itself. Unused pointers without a norm (or without the sums).
     self_norm = norm is not None and norm.sumsq is None
@@ -631,7 +668,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, **_loop_args(cfg),
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
-        BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
+        EARLY_IDS=early_ids, BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = down_config(I, IS)
@@ -644,7 +681,9 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         act, w2, ws2, weights, ids, out, res, ss_o, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
         ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
-        BLOCK_N=cfg["BLOCK_N"], **_loop_args(cfg), W_EVICT=prefetch["W_EVICT"], **launch,
+        BLOCK_N=cfg["BLOCK_N"], **_loop_args(cfg), W_EVICT=prefetch["W_EVICT"], EARLY_IDS=early_ids,
+        IDS_L2=early_ids and EARLY_IDS_L2 and I > cfg["BLOCK_K"], LINE=prefetch["LINE"],
+        PF_LINES=next_power_of_2(max(1, triton.cdiv((I - cfg["BLOCK_K"]) * x.element_size(), 128))), **launch,
     )
     if residual is None:
         return out
