@@ -197,6 +197,20 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     assert rel_err(other, ref) > 10 * TOL[dtype]
 
 
+@pytest.mark.parametrize("early_ids", ["1", "own"])
+@pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
+def test_fused_moe_decode_early_ids(triton_module, reference, monkeypatch, early_ids, T, E, H, I, k, scoring, renorm,
+                                    bias, n_group, topk_group, scale, shared):
+    """HIGHSPEED_EARLY_IDS: the routing published by gate/up's program 0 (``1``) or by an extra routing-only
+    program (``own``), and read by the down kernel before its PDL wait (on a Hopper GPU; elsewhere only where the
+    routing is stored moves)."""
+    moe = triton_module("moe")
+    monkeypatch.setattr(moe, "EARLY_IDS", True)
+    monkeypatch.setattr(moe, "EARLY_IDS_OWN", early_ids == "own")
+    test_fused_moe_decode(triton_module, reference, monkeypatch, "all", torch.bfloat16, T, E, H, I, k, scoring,
+                          renorm, bias, n_group, topk_group, scale, shared)
+
+
 def test_down_config_choice(triton_module):
     """Narrow experts take FUSED_DOWN; wide ones one column per program when the shared expert's rows load in the
     routed loop (GLM), else FUSED_DOWN_WIDE (no shared expert, or DeepSeek-V2-Lite's twice-as-wide one)."""
