@@ -16,9 +16,9 @@ PARAM_POINTERS = {"w_ptr", "w_rows", "w_gate", "w_up", "s_rows"}
 # The step's context, which no kernel of a forward writes (highspeed.ops.triton.EARLY_CTX_*): decode attention and
 # the RoPE + cache-write programs may read it before their wait, directly or through ``rope_context``.
 CONTEXT_POINTERS = {"seq_lens_ptr", "bt_row", "pos_ptr", "slot_ptr", "cs_ptr"}
-# The routing, which a fused gate/up program stores and fences before it lets the down kernel launch
-# (highspeed.ops.triton.moe.EARLY_IDS): the down kernel may read it before its wait.
-PUBLISHED_POINTERS = {"ids_ptr", "wts_ptr"}
+# The routing ids, which the fused gate/up kernel's program 0 stores and fences before it lets the down kernel
+# launch (highspeed.ops.triton.moe.EARLY_IDS): the down kernel may read them before its wait.
+PUBLISHED_POINTERS = {"ids_ptr"}
 
 
 def _check_before_wait(where: str, stmt: ast.stmt, published: frozenset = frozenset()) -> None:
@@ -107,24 +107,23 @@ def test_early_ids_down_reads_only_published_before_wait():
 
 
 def test_early_ids_gate_up_publishes_before_trigger():
-    """The publisher's side: with EARLY_IDS, the gate/up program that publishes the routing triggers its
-    dependents only through ``_publish_routing`` (stores, then a GPU-scope fence and a barrier, then the trigger:
-    the trigger orders no memory); every other program triggers at its start."""
+    """The publisher's side: with EARLY_IDS, program 0 of the fused gate/up kernel triggers its dependents only
+    through ``_publish_ids`` (the store, then a GPU-scope fence and a barrier, then the trigger: the trigger orders
+    no memory); every other program triggers at its start."""
     kernels = {k.name: k for _, k in _kernels()}
     gate_up = kernels["_fused_gate_up_kernel"]
-    top = _if_with(gate_up.body, "EARLY_IDS", "tl.program_id(1) != publisher")
-    assert [ast.unparse(n.test) for n in top.body] == ["tl.program_id(1) != publisher"], ast.unparse(top)
-    triggers = [n for n in ast.walk(gate_up) if isinstance(n, ast.Call) and ast.unparse(n.func) in
-                ("gdc_launch_dependents", "_publish_routing")]
-    assert sum(ast.unparse(n.func) == "_publish_routing" for n in triggers) == 2, "both publishers use the helper"
-    assert sum(ast.unparse(n.func) == "gdc_launch_dependents" for n in triggers) == 2, "only the two at the start"
-    body = [ast.unparse(stmt) for stmt in kernels["_publish_routing"].body[1:]]   # after the docstring
-    stores = [i for i, stmt in enumerate(body) if "tl.store(" in stmt]
+    top = _if_with(gate_up.body, "EARLY_IDS", "tl.program_id(1) != 0")
+    assert [ast.unparse(n.test) for n in top.body] == ["tl.program_id(1) != 0"], ast.unparse(top)
+    calls = [ast.unparse(n.func) for n in ast.walk(gate_up) if isinstance(n, ast.Call)]
+    assert calls.count("_publish_ids") == 1 and calls.count("gdc_launch_dependents") == 2, calls
+    publish = _if_with(gate_up.body, "p == 0", "_publish_ids")
+    assert [ast.unparse(stmt) for stmt in publish.body] == [
+        "_publish_ids(ids_ptr, t, ivec, TOP_K, BLOCK_TK, PDL)"], ast.unparse(publish)
+    body = [ast.unparse(stmt) for stmt in kernels["_publish_ids"].body[1:]]   # after the docstring
     gate = body.index(next(stmt for stmt in body if stmt.startswith("if TRIGGER:")))
-    assert stores and max(stores) < gate, body
-    pdl_block = [ast.unparse(stmt) for stmt in kernels["_publish_routing"].body[1:][gate].body]
-    assert pdl_block[0].startswith("fence_gpu(") and pdl_block[1] == "tl.debug_barrier()", pdl_block
-    assert pdl_block[2] == "gdc_launch_dependents()", pdl_block
+    assert any(stmt.startswith("tl.store(ids_ptr") for stmt in body[:gate]), body
+    pdl_block = [ast.unparse(stmt) for stmt in kernels["_publish_ids"].body[1:][gate].body]
+    assert pdl_block == ["fence_gpu(t.to(tl.int32))", "tl.debug_barrier()", "gdc_launch_dependents()"], pdl_block
 
 
 def test_pdl_launches_target_pdl_kernels():

@@ -197,16 +197,15 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     assert rel_err(other, ref) > 10 * TOL[dtype]
 
 
-@pytest.mark.parametrize("early_ids", ["1", "own"])
+@pytest.mark.parametrize("early_ids", [False, True])
 @pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
 def test_fused_moe_decode_early_ids(triton_module, reference, monkeypatch, early_ids, T, E, H, I, k, scoring, renorm,
                                     bias, n_group, topk_group, scale, shared):
-    """HIGHSPEED_EARLY_IDS: the routing published by gate/up's program 0 (``1``) or by an extra routing-only
-    program (``own``), and read by the down kernel before its PDL wait (on a Hopper GPU; elsewhere only where the
-    routing is stored moves)."""
+    """HIGHSPEED_EARLY_IDS on and off: the ids published by gate/up's program 0 before it lets the down kernel
+    launch, and read by the down kernel before its PDL wait (on a Hopper GPU; elsewhere only where the ids are
+    stored moves)."""
     moe = triton_module("moe")
-    monkeypatch.setattr(moe, "EARLY_IDS", True)
-    monkeypatch.setattr(moe, "EARLY_IDS_OWN", early_ids == "own")
+    monkeypatch.setattr(moe, "EARLY_IDS", early_ids)
     test_fused_moe_decode(triton_module, reference, monkeypatch, "all", torch.bfloat16, T, E, H, I, k, scoring,
                           renorm, bias, n_group, topk_group, scale, shared)
 

@@ -228,19 +228,19 @@ def select_experts(
 # 2.397 ms (gate/up 16.75 -> 16.19 us per layer in the chain timeline, down 12.91 -> 12.42), GLM-4.7-Flash (4
 # routed experts) 3.276 -> 3.265 ms. HIGHSPEED_PARTIAL_PICKS=0: every program makes all k.
 PARTIAL_PICKS: bool = os.environ.get("HIGHSPEED_PARTIAL_PICKS", "1") != "0"
-# The routing handed to the down kernel before its PDL wait (HIGHSPEED_EARLY_IDS = 0 | 1 | own). Without it a
+# The routing ids handed to the down kernel before its PDL wait (HIGHSPEED_EARLY_IDS, default 1). Without it a
 # down program's wait is followed by two chained round trips: the ids (L2), then its first weight tile (HBM).
-# With it, a gate/up program stores the ids right after routing, fences, and only then lets the down kernel
+# With it, gate/up's program 0 stores the ids right after routing, fences, and only then lets the down kernel
 # launch (every other gate/up program triggers at its start, as before); so the ids are in L2 before any down
 # program starts, and each down program loads them and its first weight tile before its wait. After the wait
-# only the activations (L2) remain. ``1``: program 0 publishes the ids (and still streams its rows); ``own``: one
-# extra program does only the routing, publishing ids and weights. Only with PDL (no fence or trigger under the
-# interpreter).
-_EARLY_IDS_ENV = os.environ.get("HIGHSPEED_EARLY_IDS", "0")
-if _EARLY_IDS_ENV not in ("0", "1", "own"):
-    raise ValueError(f"HIGHSPEED_EARLY_IDS={_EARLY_IDS_ENV!r}: expected 0, 1 or own")
-EARLY_IDS: bool = _EARLY_IDS_ENV != "0"
-EARLY_IDS_OWN: bool = _EARLY_IDS_ENV == "own"
+# only the activations (L2) remain. The fence and trigger need PDL; without it only where the ids are stored
+# moves. H200 batch-1 decode chain, two passes each: Qwen3-30B-A3B 2.092 / 2.090 ms per step against 2.121 /
+# 2.122 (run 61), 2.079 / 2.080 against 2.104 / 2.106 (run 62; down 10.9 -> 9.3 us per layer, gate/up 15.6 ->
+# 16.5: the early tiles share HBM with its stream); GLM-4.7-Flash 2.779 / 2.778 against 2.799 / 2.799, 2.765 /
+# 2.767 against 2.784 / 2.785. Asking L2 for the rest of each program's rows as well: 2.202 and 2.880 (run 61).
+# An extra routing-only program publishing ids and weights instead of program 0: Qwen3 2.088 / 2.085, GLM
+# 2.761 / 2.763 (run 62), so program 0 it is.
+EARLY_IDS: bool = os.environ.get("HIGHSPEED_EARLY_IDS", "1") != "0"
 # H200 (benchmarks/kernels.py ``fused_moe``, results/kernels-h200-run5-fused-moe-linear.json, CUDA-graph times):
 # fused vs unfused at T=1 Qwen3-30B-A3B 33.5 vs 45.0 us, GLM-4.7-Flash 35.9 vs 56.7, GLM-5 201 vs 217; T=2 56 vs
 # 68, 62 vs 91, 365 vs 385; T=4 a tie, 104 vs 119, 685 vs 616 (GLM-5 re-reads its 75 MB experts per token).
@@ -376,14 +376,11 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
 
 
 @triton.jit
-def _publish_routing(ids_ptr, wts_ptr, t, ivec, wvec, TOP_K: tl.constexpr, BLOCK_TK: tl.constexpr,
-                     WTS: tl.constexpr, TRIGGER: tl.constexpr):
-    """Store token t's routing (ids; WTS: and weights) and only then let the dependent (down) kernel launch, so
-    that it may read them before its wait (EARLY_IDS). The trigger orders no memory: the fence makes this thread's
-    stores visible GPU-wide, the barrier holds every thread until all have fenced."""
+def _publish_ids(ids_ptr, t, ivec, TOP_K: tl.constexpr, BLOCK_TK: tl.constexpr, TRIGGER: tl.constexpr):
+    """Store token t's expert ids and only then let the dependent (down) kernel launch, so that it may read them
+    before its wait (EARLY_IDS). The trigger orders no memory: the fence makes this thread's stores visible
+    GPU-wide, the barrier holds every thread until all have fenced."""
     kk = tl.arange(0, BLOCK_TK)
-    if WTS:
-        tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
     tl.store(ids_ptr + t * TOP_K + kk, ivec, mask=kk < TOP_K)
     if TRIGGER:   # (with PDL; a jit helper's constexpr is not named PDL: only kernels take that)
         fence_gpu(t.to(tl.int32))
@@ -403,14 +400,11 @@ def _fused_gate_up_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
     ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, EARLY_IDS: tl.constexpr,
-    PUBLISHER: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    # EARLY_IDS: the program that publishes the routing (PUBLISHER: an extra last one, else program 0) lets the
-    # down kernel launch only once it has (below).
-    publisher = tl.num_programs(1) - 1 if PUBLISHER else 0
     if PDL:  # everything here depends on the router's logits
-        if EARLY_IDS:
-            if tl.program_id(1) != publisher:
+        if EARLY_IDS:   # program 0 lets the down kernel launch only once it has published the ids (below)
+            if tl.program_id(1) != 0:
                 gdc_launch_dependents()
         else:
             gdc_launch_dependents()
@@ -431,32 +425,18 @@ def _fused_gate_up_kernel(
         slot = p // blocks_per_expert
         n = (p % blocks_per_expert) * BLOCK_N + r
         nmask = n < I
-        # Picks up to this program's own slot (slot s needs the s-th best expert; program 0 all of them where it
+        # Picks up to this program's own slot (slot s needs the s-th best expert; program 0 all of them: it
         # stores the routing for the down kernel).
-        if PARTIAL_PICKS:
-            picks = slot + 1 if PUBLISHER else tl.where(p == 0, TOP_K, slot + 1)
-        else:
-            picks = TOP_K
+        picks = tl.where(p == 0, TOP_K, slot + 1) if PARTIAL_PICKS else TOP_K
         ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
                           TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
-        if EARLY_IDS and not PUBLISHER:
+        if EARLY_IDS:
             if p == 0:   # publish the ids for the down programs' loads before their wait, then trigger
-                _publish_routing(ids_ptr, wts_ptr, t, ivec, ivec, TOP_K, BLOCK_TK, False, PDL)
+                _publish_ids(ids_ptr, t, ivec, TOP_K, BLOCK_TK, PDL)
         w_gate = w13_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
         w_up = w_gate + I * stride_wn
         out_cols = slot * I + n
-    elif (p == publisher) if PUBLISHER else False:   # routing only: ids and weights for the down kernel, then trigger
-        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, TOP_K,
-                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
-        wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
-                              TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
-        _publish_routing(ids_ptr, wts_ptr, t, ivec, wvec, TOP_K, BLOCK_TK, True, PDL)
-        n = r           # no rows of its own: the loop below loads and stores nothing
-        nmask = r < 0
-        w_gate = w13_ptr + n[:, None].to(tl.int64) * stride_wn
-        w_up = w_gate
-        out_cols = n
         if PF_DOWN:  # this program's share of the expert's down rows, for the next kernel
             h = tl.minimum((p % blocks_per_expert) * PF_ROWS + tl.arange(0, PF_ROWS), H - 1)
             cols = tl.minimum(tl.arange(0, PF_LINES) * LINE, I - 1)
@@ -522,7 +502,7 @@ def _fused_gate_up_kernel(
     up = _acc_rows(acc_u, ROW_SUMS)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
-    if (p == 0) if not PUBLISHER else False:   # the routing for the down kernel; off every other program's path
+    if p == 0:   # the routing for the down kernel; its weights are off every other program's critical path
         wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
                               TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
         tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
@@ -538,8 +518,7 @@ def _fused_down_kernel(
     ADD_RESIDUAL: tl.constexpr,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_IN_LOOP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
-    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, EARLY_IDS: tl.constexpr, EARLY_WTS: tl.constexpr,
-    PDL: tl.constexpr,
+    ROW_SUMS: tl.constexpr, W_EVICT: tl.constexpr, EARLY_IDS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on gate_up's routing and activations (EARLY_IDS: but the ids, see below)
         gdc_launch_dependents()
@@ -552,11 +531,9 @@ def _fused_down_kernel(
     slot = rows // BLOCK_N
     n = nb * BLOCK_N + rows % BLOCK_N
     rmask = (slot < TOP_K) & (n < H)
-    # EARLY_IDS: a gate/up program stored and fenced the ids (EARLY_WTS: and the weights) before it let this kernel
-    # launch; read them from L2 (.cg: this SM's L1 may hold the buffer's lines from an earlier step).
+    # EARLY_IDS: gate/up's program 0 stored and fenced the ids before it let this kernel launch; read them from L2
+    # (.cg: this SM's L1 may hold the buffer's lines from an earlier step).
     e = tl.load(ids_ptr + t * TOP_K + slot, mask=rmask, other=0, cache_modifier=".cg" if EARLY_IDS else "")
-    if EARLY_WTS:
-        wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0, cache_modifier=".cg")
     w_rows = w2_ptr + e.to(tl.int64) * stride_we + n.to(tl.int64) * stride_wn
     if PREFETCH:
         k = tl.arange(0, BLOCK_K)
@@ -565,8 +542,7 @@ def _fused_down_kernel(
     if PDL:
         if EARLY_IDS:
             gdc_wait()
-    if not EARLY_WTS:
-        wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0)
+    wt = tl.load(wts_ptr + t * TOP_K + slot, mask=rmask, other=0.0)
     a_rows = act_ptr + t * stride_at + slot * I
     acc = _acc_zeros(SLOTS * BLOCK_N, BLOCK_K, ROW_SUMS)
     c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -663,8 +639,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
     launch = pdl(x)
     prefetch = l2_prefetch(x)
-    # Without PDL EARLY_IDS only moves where the routing is stored (the interpreter tests that path's numbers).
-    early_ids = EARLY_IDS
+    early_ids = EARLY_IDS    # without PDL it only moves where the ids are stored (the interpreter tests that)
     # A norm whose producer stored no sums of squares (HIGHSPEED_FOLD_NORM=self): router and gate/up take them from
     # the row itself. Unused pointers without a norm (or without the sums).
     self_norm = norm is not None and norm.sumsq is None
@@ -694,8 +669,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     # Down rows to prefetch per program: an expert's H rows shared by its row-block programs (the shared expert's
     # by its own, which may be fewer: the rows are clamped, so a short share just repeats the last row).
     bpe = min(triton.cdiv(I, bn), triton.cdiv(IS, bn)) if has_shared else triton.cdiv(I, bn)
-    publisher = 1 if early_ids and EARLY_IDS_OWN else 0     # the extra routing-only program (EARLY_IDS=own)
-    _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn) + publisher)](
+    _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
         x, logits, bias, w13, ws13, act, weights, ids, w2, ws2, nw, ss_in,
         H, I, IS, n_group, E // n_group, float(scaling), P, eps,
         x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), ws13.stride(-2), act.stride(0),
@@ -704,7 +678,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, **_loop_args(cfg),
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
-        EARLY_IDS=early_ids, PUBLISHER=early_ids and EARLY_IDS_OWN, BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
+        EARLY_IDS=early_ids, BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = down_config(I, IS)
@@ -717,8 +691,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         act, w2, ws2, weights, ids, out, res, ss_o, H, I, IS,
         act.stride(0), w2.stride(0), w2.stride(1), ws2.stride(0), out.stride(0), res.stride(0), ss_o.stride(0),
         ADD_RESIDUAL=add, TOP_K=k, SLOTS=next_power_of_2(k), HAS_SHARED=has_shared, SHARED_IN_LOOP=has_shared and IS == I,
-        BLOCK_N=cfg["BLOCK_N"], **_loop_args(cfg), W_EVICT=prefetch["W_EVICT"], EARLY_IDS=early_ids,
-        EARLY_WTS=early_ids and EARLY_IDS_OWN, **launch,
+        BLOCK_N=cfg["BLOCK_N"], **_loop_args(cfg), W_EVICT=prefetch["W_EVICT"], EARLY_IDS=early_ids, **launch,
     )
     if residual is None:
         return out
