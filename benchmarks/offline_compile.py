@@ -218,21 +218,24 @@ def record_mla_projections() -> list:
     return launches
 
 
-def record_graph_tail(vocab: int = 151936) -> list:
-    """The decode graph's tail (``greedy_advance``) at batch 1, with the host ring and without."""
-    from highspeed.ops.triton import sampling
+def record_graph_tail(vocab: int = 151936, hidden: int = 2048) -> list:
+    """The decode graph's seam at batch 1: its tail (``greedy_advance``, with the host ring and without) and the
+    embedding gather that starts the next step."""
+    from highspeed.ops.triton import embedding, sampling
 
     launches: list = []
-    saved = sampling._chunk_max_kernel, sampling._pick_kernel
-    sampling._chunk_max_kernel, sampling._pick_kernel = (Recorder(k, launches) for k in saved)
+    saved = sampling._chunk_max_kernel, sampling._pick_kernel, embedding._embedding_kernel
+    sampling._chunk_max_kernel, sampling._pick_kernel, embedding._embedding_kernel = (
+        Recorder(k, launches) for k in saved)
     try:
         i64 = torch.int64
         for ring in (None, torch.zeros(4, 8, dtype=i64)):
             sampling.greedy_advance(torch.zeros(1, vocab, dtype=torch.bfloat16), torch.zeros(1, dtype=i64),
                                     torch.zeros(2, 1, dtype=i64), torch.ones(1, dtype=torch.int32), ring,
                                     None if ring is None else torch.zeros(1, dtype=i64))
+        embedding.embedding(torch.zeros(1, dtype=i64), torch.empty(vocab, hidden, dtype=torch.bfloat16))
     finally:
-        sampling._chunk_max_kernel, sampling._pick_kernel = saved
+        sampling._chunk_max_kernel, sampling._pick_kernel, embedding._embedding_kernel = saved
     return launches
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from highspeed.ops import build_cos_sin_cache, fused_moe, linear, rms_norm, rope, silu_and_mul
+from highspeed.ops import build_cos_sin_cache, embedding, fused_moe, linear, rms_norm, rope, silu_and_mul
 from highspeed.ops.norm import DeferredNorm, ResidualSum, residual_of
 
 # A weight source: (checkpoint name relative to the declaring module, index into the parameter).
@@ -61,7 +61,7 @@ class Embedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        return embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):

@@ -52,7 +52,7 @@ PDL_KERNELS = [(f, k) for f, k in _kernels() if any(a.arg == "PDL" for a in k.ar
 def test_kernels_with_pdl_exist():
     names = {k.name for _, k in PDL_KERNELS}
     assert {"_router_kernel", "_fused_gate_up_kernel", "_fused_down_kernel", "_gemv_row_kernel", "_rms_norm_kernel",
-            "_rope_write_kernel", "_paged_attn_kernel", "_combine_kernel"} <= names
+            "_rope_write_kernel", "_paged_attn_kernel", "_combine_kernel", "_embedding_kernel"} <= names
 
 
 @pytest.mark.parametrize("fname,kernel", PDL_KERNELS, ids=[k.name for _, k in PDL_KERNELS])

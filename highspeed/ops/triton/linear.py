@@ -26,7 +26,8 @@ from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, 
 from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
                                        rstd_of, self_normable, sumsq_load, sumsq_rstd)
 
-MAX_WEIGHT_BYTES: int = 64 * 2**20
+# HIGHSPEED_GEMV_MAX_MB: the bound in MiB (A/B; e.g. 1024 takes a 150K-vocabulary lm_head too).
+MAX_WEIGHT_BYTES: int = int(os.environ.get("HIGHSPEED_GEMV_MAX_MB", "64")) * 2**20
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
 # shared down: 672-1024 programs), 4 x 512 otherwise (qkv, q_b: 1280 programs).
 GEMV_ROW = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, PREFETCH=True)
