@@ -107,9 +107,10 @@ def test_whole_rows_min_programs(monkeypatch):
         assert [lin.whole_block_n(K, N) for K, N in ((2048, 1344), (768, 5120))] == want, floor
 
 
-def test_linear_shapes_and_fallback(triton_module):
-    """Leading dims are kept; more than one row, or a weight over MAX_WEIGHT_BYTES, takes F.linear."""
+def test_linear_shapes_and_fallback(triton_module, monkeypatch):
+    """Leading dims are kept; more than one row, or a weight over MAX_WEIGHT_BYTES (when set), takes F.linear."""
     lin = triton_module("linear")
+    monkeypatch.setattr(lin, "MAX_WEIGHT_BYTES", 64 * 2**20)
     x = torch.randn(1, 1, 24, device=DEVICE)
     w = torch.randn(8, 24, device=DEVICE)
     assert lin.linear(x, w).shape == (1, 1, 8)
@@ -118,6 +119,8 @@ def test_linear_shapes_and_fallback(triton_module):
     assert torch.equal(lin.linear(two, w), F.linear(two, w))
     big = torch.empty(lin.MAX_WEIGHT_BYTES // 4 + 1, device="meta").view(1, -1)
     assert not lin.use_gemv(1, 1, big.shape[1], big)
+    monkeypatch.setattr(lin, "MAX_WEIGHT_BYTES", None)    # the default: any size (the lm_head too)
+    assert lin.use_gemv(1, 1, big.shape[1], big) and not lin.use_gemv(2, 1, big.shape[1], big)
 
 
 def test_tuned_launch_shapes(monkeypatch):

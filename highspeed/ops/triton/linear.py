@@ -7,9 +7,10 @@ range (no split-K, so deterministic and no second launch). Rows up to ``GEMV_WHO
 whole before the PDL wait (``WHOLE_ROWS``), so the matrix streams in while the previous kernels run; longer ones
 loop over K tiles, the next tile loaded while the current one is used. H200, weights cold in L2 as in a model (benchmarks/kernels.py ``linear``, run 5): it beats cuBLAS on every
 attention/shared-expert projection shape of Qwen3-30B-A3B and GLM-4.7-Flash -- o_proj 6.4 vs 9.6 us (cuBLAS takes
-split-K plus a reduce launch where N < K), qkv 7.2 vs 7.9, GLM-4.7-Flash q_a+kv_a 3.5 vs 6.6 -- and only loses on
-GLM-5's 200 MB o_proj (53 vs 52 us, 91% of copy bandwidth in cuBLAS), hence ``MAX_WEIGHT_BYTES``. With more than
-one row cuBLAS stays: the tensor-core variant tried here (x padded to 16 rows) was slower or even there.
+split-K plus a reduce launch where N < K), qkv 7.2 vs 7.9, GLM-4.7-Flash q_a+kv_a 3.5 vs 6.6 -- and only lost on
+GLM-5's 200 MB o_proj timed alone (53 vs 52 us, 91% of copy bandwidth in cuBLAS). Inside the decode chain it also
+takes the lm_head (``MAX_WEIGHT_BYTES``). With more than one row cuBLAS stays: the tensor-core variant tried here (x
+padded to 16 rows) was slower or even there.
 """
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, 
 from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
                                        rstd_of, self_normable, sumsq_load, sumsq_rstd)
 
-# HIGHSPEED_GEMV_MAX_MB: the bound in MiB (A/B; e.g. 1024 takes a 150K-vocabulary lm_head too).
-MAX_WEIGHT_BYTES: int = int(os.environ.get("HIGHSPEED_GEMV_MAX_MB", "64")) * 2**20
+# The largest weight the batch-1 GEMV takes (None: any); HIGHSPEED_GEMV_MAX_MB sets one in MiB. It was 64 MiB, after
+# GLM-5's o_proj timed alone (run 5, above). In the decode chain the lm_head as a GEMV (H200 run 63, two passes):
+# Qwen3-30B-A3B 2.069 / 2.070 ms per step against 2.077 / 2.075 with cuBLAS, GLM-4.7-Flash 2.749 / 2.751 against
+# 2.763 / 2.763. Its 622 MB took 131 us against cuBLAS's 143 us plus a 2 us memset: it launches during the final
+# norm (PDL) and preloads its first rows there.
+_MAX_MB = os.environ.get("HIGHSPEED_GEMV_MAX_MB", "").strip()
+MAX_WEIGHT_BYTES: int | None = int(_MAX_MB) * 2**20 if _MAX_MB else None
 # Launch shapes by N (run 5 sweep): 2 rows x 1024 columns when there are few rows (N < 4096: o_proj, q_a+kv_a,
 # shared down: 672-1024 programs), 4 x 512 otherwise (qkv, q_b: 1280 programs).
 GEMV_ROW = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, PREFETCH=True)
@@ -171,7 +177,7 @@ def tile_rows_dot(w, w_rows, rmask, x_row, K, ROWS: tl.constexpr, BLOCK_K: tl.co
 
 
 def use_gemv(M: int, N: int, K: int, weight: torch.Tensor) -> bool:
-    return M == 1 and weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES
+    return M == 1 and (MAX_WEIGHT_BYTES is None or weight.numel() * weight.element_size() <= MAX_WEIGHT_BYTES)
 
 
 @triton.jit
