@@ -197,46 +197,17 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     assert rel_err(other, ref) > 10 * TOL[dtype]
 
 
-@pytest.mark.parametrize("early_ids,rank", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("early_ids", [False, True])
 @pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
-def test_fused_moe_decode_switches(triton_module, reference, monkeypatch, early_ids, rank, T, E, H, I, k, scoring,
-                                   renorm, bias, n_group, topk_group, scale, shared):
+def test_fused_moe_decode_early_ids(triton_module, reference, monkeypatch, early_ids, T, E, H, I, k, scoring, renorm,
+                                    bias, n_group, topk_group, scale, shared):
     """HIGHSPEED_EARLY_IDS on and off: the ids published by gate/up's program 0 before it lets the down kernel
     launch, and read by the down kernel before its PDL wait (on a Hopper GPU; elsewhere only where the ids are
-    stored moves). HIGHSPEED_ROUTE_RANK: gate/up routing by rank (the grouped cases keep the serial picks)."""
+    stored moves)."""
     moe = triton_module("moe")
     monkeypatch.setattr(moe, "EARLY_IDS", early_ids)
-    monkeypatch.setattr(moe, "ROUTE_RANK", rank)
     test_fused_moe_decode(triton_module, reference, monkeypatch, "all", torch.bfloat16, T, E, H, I, k, scoring,
                           renorm, bias, n_group, topk_group, scale, shared)
-
-
-@pytest.mark.parametrize("scoring,bias", [("softmax", False), ("sigmoid", True), ("softmax", True)])
-def test_fused_moe_route_rank_ties(triton_module, monkeypatch, scoring, bias):
-    """Routing by rank picks what the serial picks pick (lowest index among equal scores), ties and all: logits
-    from a handful of values, so most experts tie with others. (The torch reference's topk orders ties its own
-    way, so it is no oracle here.)"""
-    moe = triton_module("moe")
-    monkeypatch.setattr(moe, "FUSED_MAX_TOKENS", 1)
-    if not HAS_CUDA:
-        monkeypatch.setattr(moe, "ROUTER", dict(BLOCK_E=4, BLOCK_K=16, num_warps=4))
-    E, H, I, k = 40, 32, 16, 6
-    x = torch.randn(1, H, device=DEVICE)
-    # Gate rows from 3 distinct rows: the logits take 3 values; exact ties between experts.
-    gate = torch.randn(3, H, device=DEVICE)[torch.arange(E, device=DEVICE) % 3]
-    w13, w2 = _expert_weights(E, H, I, torch.float32)
-    b = (torch.arange(E, device=DEVICE) % 2).float() * 0.25 if bias else None
-    args = (x, gate, w13, w2, k, scoring, True, b, 1, 1, 1.0, None, None)
-    outs = {}
-    for rank in (False, True):
-        monkeypatch.setattr(moe, "ROUTE_RANK", rank)
-        outs[rank] = moe.fused_moe(*args)
-    assert torch.equal(outs[True], outs[False])
-    # The ties matter: routing the same scores to the highest tied indices instead changes the answer.
-    monkeypatch.setattr(moe, "ROUTE_RANK", True)
-    flipped = moe.fused_moe(x, gate.flip(0), w13.flip(0), w2.flip(0), *args[4:7],
-                            None if b is None else b.flip(0), *args[8:])
-    assert not torch.allclose(flipped, outs[True])
 
 
 def test_down_config_choice(triton_module):

@@ -61,36 +61,11 @@ def _softmax_stats(logits, valid):
 
 
 @triton.jit
-def _select_scores(logits, valid, bias, mx, denom, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   PROBS: tl.constexpr):
-    """The scores experts are chosen by: the probabilities (PROBS) plus the correction bias, or, without either, the
-    logits themselves (softmax and sigmoid both increase with the logit). Invalid experts: -inf."""
-    if PROBS:
-        sel = tl.sigmoid(logits) if SIGMOID else tl.exp(logits - mx) / denom
-        if HAS_BIAS:
-            sel = sel + bias
-    else:
-        sel = logits
-    return tl.where(valid, sel, float("-inf"))
-
-
-@triton.jit
-def _packed_key(sel, flat, valid, big):
-    """An int64 that orders like (score, -index): high 32 bits the fp32 score's bits made order-preserving (flip
-    the magnitude bits of negatives), low 32 bits (big - index), so that among equal scores the lowest index wins,
-    like torch.topk on distinct values. Invalid experts get the smallest key."""
-    bits = sel.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = ordered.to(tl.int64) * 4294967296 + (big - flat).to(tl.int64)
-    return tl.where(valid, key, -9223372036854775807)
-
-
-@triton.jit
 def _route_ids(
     logits_ptr, bias_ptr, n_group, per_group, picks,
     TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr, RANK: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, USE_GROUPS: tl.constexpr,
 ):
     """The chosen experts of one token, from its contiguous fp32 logits row: [BLOCK_K] ids, best first (equal
     scores: lowest index). This sits on the critical path of every expert program of the fused decode MoE, so it
@@ -99,16 +74,20 @@ def _route_ids(
     the s-th expert stops there), and the weights are left to ``_route_weights`` (one program needs them)."""
     g, j, valid, flat = _expert_axis(n_group, per_group, BLOCK_G, BLOCK_PG)
     logits = tl.load(logits_ptr + flat, mask=valid, other=float("-inf")).to(tl.float32)
-    # Softmax and sigmoid both increase with the logit: without a bias or groups the logits order the experts, and
-    # the exp and the two reductions of the softmax stay off every program's critical path.
-    probs = HAS_BIAS or USE_GROUPS
-    mx = 0.0
-    denom = 1.0
-    if probs and not SIGMOID:
-        mx, denom = _softmax_stats(logits, valid)
-    # The correction bias steers which experts are chosen; the weights stay the unbiased scores.
-    bias = tl.load(bias_ptr + flat, mask=valid, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    sel = _select_scores(logits, valid, bias, mx, denom, SIGMOID, HAS_BIAS, probs)
+    if HAS_BIAS or USE_GROUPS:
+        if SIGMOID:
+            sel = tl.sigmoid(logits)
+        else:
+            mx, denom = _softmax_stats(logits, valid)
+            sel = tl.exp(logits - mx) / denom
+        if HAS_BIAS:
+            # The correction bias steers which experts are chosen; the weights stay the unbiased scores.
+            sel = sel + tl.load(bias_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    else:
+        # Softmax and sigmoid both increase with the logit: the same experts, without the exp and the two
+        # reductions of the softmax on every program's critical path.
+        sel = logits
+    sel = tl.where(valid, sel, float("-inf"))
 
     if USE_GROUPS:
         # Group score = sum of the group's two best biased scores; keep the TOPK_GROUP best groups.
@@ -124,31 +103,21 @@ def _route_ids(
             gscore = tl.where(g == gi, float("-inf"), gscore)
         sel = tl.where(keep[:, None], sel, float("-inf"))
 
+    # Packed key: high 32 bits order like the fp32 score (flip the magnitude bits of negatives), low 32 bits are
+    # (big - index) so that among equal scores the lowest index wins, like torch.topk on distinct values.
     big = BLOCK_G * BLOCK_PG
-    key = _packed_key(sel, flat, valid, big)
+    bits = sel.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = ordered.to(tl.int64) * 4294967296 + (big - flat).to(tl.int64)
+    key = tl.where(valid, key, -9223372036854775807)
     kk = tl.arange(0, BLOCK_K)
-    if RANK:
-        # (Without groups.) Every expert's rank -- how many keys beat its own -- from one pass over the others in
-        # chunks of 16 reloaded from L1, then one reduction picks the ids of ranks 0..k-1: the same cost for every
-        # program, where the serial picks below cost the program of slot s s + 1 max-reductions.
-        rank = tl.zeros([BLOCK_G, BLOCK_PG], dtype=tl.int32)
-        for c0 in range(0, BLOCK_G * BLOCK_PG, 16):   # a loop, not unrolled: registers
-            jf = c0 + tl.arange(0, 16)
-            vj = jf < n_group * per_group
-            lj = tl.load(logits_ptr + jf, mask=vj, other=float("-inf")).to(tl.float32)
-            bj = tl.load(bias_ptr + jf, mask=vj, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-            kj = _packed_key(_select_scores(lj, vj, bj, mx, denom, SIGMOID, HAS_BIAS, probs), jf, vj, big)
-            rank += tl.sum((kj[None, None, :] > key[:, :, None]).to(tl.int32), 2)
-        hit = (rank[:, :, None] == kk[None, None, :]) & valid[:, :, None] & (kk < TOP_K)[None, None, :]
-        ivec = tl.sum(tl.sum(tl.where(hit, flat[:, :, None], 0), 0), 0).to(tl.int32)
-    else:
-        ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
-        for i in tl.static_range(TOP_K):
-            if i < picks:
-                best = tl.max(tl.max(key, 1), 0)
-                fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
-                ivec = tl.where(kk == i, fi, ivec)
-                key = tl.where(flat == fi, -9223372036854775807, key)
+    ivec = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for i in tl.static_range(TOP_K):
+        if i < picks:
+            best = tl.max(tl.max(key, 1), 0)
+            fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
+            ivec = tl.where(kk == i, fi, ivec)
+            key = tl.where(flat == fi, -9223372036854775807, key)
     return ivec
 
 
@@ -185,7 +154,7 @@ def _select_experts_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     ivec = _route_ids(logits_ptr + row * stride_lt, bias_ptr, n_group, per_group, TOP_K,
-                      TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, False)
+                      TOP_K, TOPK_GROUP, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
     wvec = _route_weights(logits_ptr + row * stride_lt, ivec, n_group, per_group, scaling,
                           TOP_K, BLOCK_K, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
     kk = tl.arange(0, BLOCK_K)
@@ -272,9 +241,6 @@ PARTIAL_PICKS: bool = os.environ.get("HIGHSPEED_PARTIAL_PICKS", "1") != "0"
 # An extra routing-only program publishing ids and weights instead of program 0: Qwen3 2.088 / 2.085, GLM
 # 2.761 / 2.763 (run 62), so program 0 it is.
 EARLY_IDS: bool = os.environ.get("HIGHSPEED_EARLY_IDS", "1") != "0"
-# Gate/up programs route by rank instead of serial picks (``_route_ids`` RANK; models without expert groups):
-# HIGHSPEED_ROUTE_RANK=1 (A/B).
-ROUTE_RANK: bool = os.environ.get("HIGHSPEED_ROUTE_RANK", "0") == "1"
 # H200 (benchmarks/kernels.py ``fused_moe``, results/kernels-h200-run5-fused-moe-linear.json, CUDA-graph times):
 # fused vs unfused at T=1 Qwen3-30B-A3B 33.5 vs 45.0 us, GLM-4.7-Flash 35.9 vs 56.7, GLM-5 201 vs 217; T=2 56 vs
 # 68, 62 vs 91, 365 vs 385; T=4 a tie, 104 vs 119, 685 vs 616 (GLM-5 re-reads its 75 MB experts per token).
@@ -434,7 +400,7 @@ def _fused_gate_up_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
     ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, EARLY_IDS: tl.constexpr,
-    RANK: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
         if EARLY_IDS:   # program 0 lets the down kernel launch only once it has published the ids (below)
@@ -463,7 +429,7 @@ def _fused_gate_up_kernel(
         # stores the routing for the down kernel).
         picks = tl.where(p == 0, TOP_K, slot + 1) if PARTIAL_PICKS else TOP_K
         ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
-                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS, RANK)
+                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
         if EARLY_IDS:
             if p == 0:   # publish the ids for the down programs' loads before their wait, then trigger
@@ -712,7 +678,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, **_loop_args(cfg),
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
-        EARLY_IDS=early_ids, RANK=ROUTE_RANK and not meta["USE_GROUPS"], BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
+        EARLY_IDS=early_ids, BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = down_config(I, IS)
