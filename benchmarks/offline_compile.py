@@ -118,8 +118,6 @@ def record_decode_layer(shape: str) -> list:
     saved = {(mod, n): getattr(mod, n) for mod, names in kernels.items() for n in names}
     for (mod, n), kern in saved.items():
         setattr(mod, n, Recorder(kern, launches))
-    # The host chooses some constants by whether PDL is on (moe's EARLY_IDS): record as the card would launch.
-    moe_pdl, moe.pdl = moe.pdl, lambda x: {"PDL": True, "launch_pdl": True}
     try:
         dt = torch.bfloat16
         x, r = torch.randn(1, H, dtype=dt), torch.randn(1, H, dtype=dt)
@@ -155,7 +153,6 @@ def record_decode_layer(shape: str) -> list:
         finally:
             lin.SELF_NORM = saved_switch
     finally:
-        moe.pdl = moe_pdl
         for (mod, n), kern in saved.items():
             setattr(mod, n, kern)
     return launches

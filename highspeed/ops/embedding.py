@@ -1,6 +1,5 @@
 """Token embedding lookup reference: ``weight[ids]``. On CUDA a Triton gather (``highspeed/ops/triton/
-embedding.py``) takes part in the PDL chain, so the first layer's projection launches during it and streams its
-weights in meanwhile."""
+embedding.py``) that takes part in the PDL chain."""
 from __future__ import annotations
 
 import torch
