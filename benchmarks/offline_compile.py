@@ -34,8 +34,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 # name: (hidden, experts, intermediate, top_k, shared intermediate, q|k|v width, o_proj input width)
 SHAPES = {"qwen3-30b-a3b": (2048, 128, 768, 8, 0, 5120, 4096), "glm-4.7-flash": (2048, 64, 1536, 4, 1536, 0, 5120)}
-_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64", torch.float16: "fp16",
-          torch.uint8: "u8"}
+_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64", torch.float16: "fp16"}
 
 
 class Recorder:
@@ -228,10 +227,9 @@ def record_graph_tail(vocab: int = 151936, hidden: int = 2048) -> list:
     try:
         i64 = torch.int64
         for ring in (None, torch.zeros(4, 8, dtype=i64)):
-            for pf in ((), (torch.empty(5120, hidden, dtype=torch.bfloat16),)):   # the next step's qkv weight
-                sampling.greedy_advance(torch.zeros(1, vocab, dtype=torch.bfloat16), torch.zeros(1, dtype=i64),
-                                        torch.zeros(2, 1, dtype=i64), torch.ones(1, dtype=torch.int32), ring,
-                                        None if ring is None else torch.zeros(1, dtype=i64), pf)
+            sampling.greedy_advance(torch.zeros(1, vocab, dtype=torch.bfloat16), torch.zeros(1, dtype=i64),
+                                    torch.zeros(2, 1, dtype=i64), torch.ones(1, dtype=torch.int32), ring,
+                                    None if ring is None else torch.zeros(1, dtype=i64))
         embedding.embedding(torch.zeros(1, dtype=i64), torch.empty(vocab, hidden, dtype=torch.bfloat16))
     finally:
         sampling._chunk_max_kernel, sampling._pick_kernel, embedding._embedding_kernel = saved

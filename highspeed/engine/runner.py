@@ -64,23 +64,6 @@ GREEDY_IN_GRAPH: bool = os.environ.get("HIGHSPEED_GRAPH_GREEDY", "1") != "0"
 # the inputs. HIGHSPEED_HOST_RING=0: the copy (the A/B baseline).
 HOST_RING: bool = os.environ.get("HIGHSPEED_HOST_RING", "1") != "0"
 RING_ROWS: int = 4
-# With GREEDY_IN_GRAPH the tail also asks L2 for the next step's first weights (``CausalLM.entry_weights``, whole
-# tensors in order up to this many MiB; 0: none). Between the lm_head's end and the next step's first GEMV the HBM
-# idles through the argmax, the pick, the graph's relaunch and the embedding gather, and that GEMV, the graph's
-# second kernel, then streamed its 21 MB (Qwen3-30B-A3B) only after the gather: 10.6 us against ~2.5 for the same
-# GEMV in later layers, whose weights load under the previous kernels (H200 run 65 timeline).
-NEXT_STEP_PREFETCH_MB: float = float(os.environ.get("HIGHSPEED_NEXT_STEP_PREFETCH_MB", "32"))
-
-
-def next_step_prefetch(model: nn.Module, budget_mb: float = NEXT_STEP_PREFETCH_MB) -> list[torch.Tensor]:
-    """The model's entry weights that fit, whole and in order, in ``budget_mb`` MiB (greedy_advance's hint)."""
-    out, total = [], 0
-    for w in getattr(model, "entry_weights", lambda: [])():
-        total += w.numel() * w.element_size()
-        if total > budget_mb * 2**20 or not w.is_contiguous():
-            break
-        out.append(w)
-    return out
 
 
 class CudaGraphDecoder:
@@ -110,7 +93,6 @@ class CudaGraphDecoder:
         self._last: tuple | None = None   # (seq ids, graph size, block-table lengths, positions) of the last replay
         self.ring, self.ring_count = _host_ring(dev, m) if GREEDY_IN_GRAPH and HOST_RING else (None, None)
         self.replays = 0   # the host's copy of ring_count after the last replay
-        self.prefetch = next_step_prefetch(runner.model)
 
     def _ctx(self, b: int) -> AttentionContext:
         return AttentionContext(
@@ -142,8 +124,7 @@ class CudaGraphDecoder:
         model = self.runner.model
         logits = model.compute_logits(model(self.ids[:b], self.pos[:b]), float32=not GREEDY_IN_GRAPH)
         if GREEDY_IN_GRAPH:
-            greedy_advance(logits, self.ids[:b], self.pos_slots[:, :b], self.seq_lens[:b], self.ring, self.ring_count,
-                           self.prefetch)
+            greedy_advance(logits, self.ids[:b], self.pos_slots[:, :b], self.seq_lens[:b], self.ring, self.ring_count)
         return logits
 
     def host_tokens(self, b: int) -> torch.Tensor | None:

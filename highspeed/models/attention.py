@@ -70,10 +70,6 @@ class Attention(nn.Module):
     def weight_sources(self) -> Sources:
         return self.qkv_proj.sources_from_parent("qkv_proj")
 
-    def entry_weights(self) -> list[torch.Tensor]:
-        """The weights this attention streams first, in order (``CausalLM.entry_weights``)."""
-        return [self.qkv_proj.weight]
-
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
 
@@ -197,12 +193,6 @@ class MLAttention(nn.Module):
 
     def weight_sources(self) -> Sources:
         return self.fused_qkv_a_proj.sources_from_parent("fused_qkv_a_proj") if self.q_lora_rank is not None else {}
-
-    def entry_weights(self) -> list[torch.Tensor]:
-        """The weights this attention streams first, in order (``CausalLM.entry_weights``)."""
-        if self.q_lora_rank is None:
-            return [self.q_proj.weight, self.kv_a_proj_with_mqa.weight]
-        return [self.fused_qkv_a_proj.weight, self.q_b_proj.weight]
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         spec = {"latent": (self.kv_lora_rank + self.rope_dim,)}

@@ -70,13 +70,6 @@ class CausalLM(nn.Module):
             hidden = layer(positions, hidden, aux)
         return self.model.norm(hidden)
 
-    def entry_weights(self) -> list[torch.Tensor]:
-        """The weights a forward streams first: the first layer's attention input projections, in the order they
-        run (empty where the layer does not say). The decode graph's tail asks L2 for them (``greedy_advance``)."""
-        layers = self.model.layers
-        attn = getattr(layers[0], "self_attn", None) if len(layers) else None
-        return list(attn.entry_weights()) if hasattr(attn, "entry_weights") else []
-
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """The lm_head's logits, in fp32 unless ``float32`` is False (the decode graph's greedy tail takes the
         argmax of the model-dtype logits: the same token, without a cast of the whole vocabulary per step)."""

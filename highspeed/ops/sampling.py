@@ -7,7 +7,6 @@ in a CUDA graph. Sampling is the Gumbel-max trick over the filtered, temperature
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,8 +126,7 @@ def logprobs_topk(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[t
 
 
 def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Tensor, seq_lens: torch.Tensor,
-                   host_ring: torch.Tensor | None = None, ring_count: torch.Tensor | None = None,
-                   prefetch: Sequence[torch.Tensor] = ()) -> None:
+                   host_ring: torch.Tensor | None = None, ring_count: torch.Tensor | None = None) -> None:
     """The tail of a greedy decode step, for the next one: ``ids[b] = argmax(logits[b])`` (the first index among
     ties, as torch.argmax), and every live row (``pos_slots[1, b] >= 0``: a slot to write) one token further:
     position, slot and length + 1. Padding rows (slot -1) stay as they are.
@@ -140,15 +138,10 @@ def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Ten
     With ``host_ring`` [K, >= B] int64 and ``ring_count`` [1] int64: the count goes one up and the tokens are also
     written to ``host_ring[count % K, :B]``. On CUDA the ring is pinned host memory that the Triton kernel writes
     itself, so the host reads a step's tokens after its event with no copy launched behind the graph; the reference
-    below needs the ring and the count on one device (the CPU, where tests run it).
-
-    ``prefetch``: a hint, up to two contiguous tensors that the next step reads first (the first layer's input
-    projections, ``CausalLM.entry_weights``). The kernel asks L2 for them once the logits are complete, while the
-    HBM would otherwise idle through the argmax, the graph's relaunch and the embedding gather; the next step's
-    first GEMV then preloads them from L2. The reference ignores it."""
+    below needs the ring and the count on one device (the CPU, where tests run it)."""
     kernel = triton_kernel("sampling", "greedy_advance", logits)
     if kernel is not None:
-        kernel(logits, ids, pos_slots, seq_lens, host_ring, ring_count, prefetch)
+        kernel(logits, ids, pos_slots, seq_lens, host_ring, ring_count)
         return
     ids.copy_(logits.argmax(dim=-1))
     if host_ring is not None:

@@ -84,25 +84,3 @@ def test_greedy_matches_generate(arch, tmp_path_factory):
         expected.append(out[0, len(p):].tolist())
     got = PagedRunner(ours).greedy(prompts, 32)
     assert got == expected
-
-
-@pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_entry_weights_are_what_a_forward_streams_first(arch, tmp_path_factory, monkeypatch):
-    """``CausalLM.entry_weights`` (what the decode graph's tail asks L2 for, for the next step) names the first
-    projection weights a forward reads, in order: recorded from every ``Linear`` call of a forward."""
-    from highspeed.engine.runner import next_step_prefetch
-    from highspeed.models import layers
-
-    _, ours, _ = checkpoint(arch, tmp_path_factory)
-    seen: list[torch.Tensor] = []
-    real = layers.linear
-    monkeypatch.setattr(layers, "linear", lambda x, w, *a, **k: (seen.append(w), real(x, w, *a, **k))[1])
-    forward_without_cache(ours, [[5, 7, 9]])
-    entry = ours.entry_weights()
-    assert 1 <= len(entry) <= 2
-    assert all(a is b for a, b in zip(entry, seen)), arch
-    sizes = [w.numel() * w.element_size() / 2**20 for w in entry]
-    assert next_step_prefetch(ours, 0) == []
-    assert next_step_prefetch(ours, sizes[0] * 0.99) == []
-    assert [w is e for w, e in zip(next_step_prefetch(ours, sizes[0]), entry)] == [True]
-    assert len(next_step_prefetch(ours, sum(sizes) * 1.01)) == len(entry)

@@ -127,18 +127,6 @@ def prefetch_l2(ptrs):
 
 
 @triton.jit
-def prefetch_share_l2(base_ptr, n_lines, part, n_parts, BLOCK: tl.constexpr):
-    """Program ``part`` of ``n_parts`` asks L2 for its contiguous share of the ``n_lines`` 128-byte lines at
-    ``base_ptr`` (a byte pointer), ``BLOCK`` lines per round. Every address is clamped into the range."""
-    per = tl.cdiv(n_lines, n_parts)
-    lo = part * per
-    hi = tl.minimum(lo + per, n_lines)
-    for i in range(lo, hi, BLOCK):
-        j = tl.minimum(i + tl.arange(0, BLOCK), n_lines - 1)
-        prefetch_l2(base_ptr + j.to(tl.int64) * 128)
-
-
-@triton.jit
 def fence_gpu(dummy):
     """Make this thread's earlier global stores visible GPU-wide before anything after it (``fence.acq_rel.gpu``).
     ``dummy`` is any scalar (inline asm needs an operand). A kernel publishing data for its PDL dependent to read

@@ -18,15 +18,12 @@ into 3: the tail of a CUDA-graph decode step.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
 from highspeed.ops.sampling import SamplingTensors, apply_filters
-from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl,
-                                  prefetch_share_l2)
+from highspeed.ops.triton import gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2, pdl
 
 try:  # CUDA's logf, the function torch's log calls: tl.log's faster approximation flipped 1 of 256 rows (H200)
     from triton.language.extra import libdevice as _libdevice
@@ -62,12 +59,10 @@ CHUNK: int = 2048
 
 
 @triton.jit
-def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, count_ptr, pf0_ptr, pf0_lines, pf1_ptr, pf1_lines,
-                      V, n_chunks, stride_x, CHUNK: tl.constexpr, COUNT: tl.constexpr, PF: tl.constexpr,
-                      PF_BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, count_ptr, V, n_chunks, stride_x, CHUNK: tl.constexpr,
+                      COUNT: tl.constexpr, PDL: tl.constexpr):
     """Chunk c of row r: its largest logit and that logit's first column. COUNT: program (0, 0) also moves the
-    host ring's count one up, for _pick_kernel (the next launch) to read. PF (0-2): row 0's programs also ask L2
-    for their shares of up to two byte ranges (the next step's first weights, see ``greedy_advance``)."""
+    host ring's count one up, for _pick_kernel (the next launch) to read."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -78,11 +73,6 @@ def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, count_ptr, pf0_ptr, pf0_lines, pf
             tl.store(count_ptr, tl.load(count_ptr) + 1)
     cols = c * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-    if PF > 0:   # after the logits' load, so that it does not queue behind the prefetches
-        if row == 0:
-            prefetch_share_l2(pf0_ptr, pf0_lines, c, n_chunks, PF_BLOCK)
-            if PF > 1:
-                prefetch_share_l2(pf1_ptr, pf1_lines, c, n_chunks, PF_BLOCK)
     tl.store(val_ptr + row * n_chunks + c, tl.max(x, 0))
     tl.store(idx_ptr + row * n_chunks + c, c.to(tl.int64) * CHUNK + tl.argmax(x, 0))
 
@@ -164,19 +154,13 @@ def _pick_kernel(
         tl.store(seq_lens_ptr + row, tl.load(seq_lens_ptr + row) + 1, mask=live)
 
 
-def _chunk_max(logits: torch.Tensor, count: torch.Tensor | None = None, prefetch: Sequence[torch.Tensor] = ()
-               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _chunk_max(logits: torch.Tensor, count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     B, V = logits.shape
     n = triton.cdiv(V, CHUNK)
     val = torch.empty(B, n, dtype=torch.float32, device=logits.device)
     idx = torch.empty(B, n, dtype=torch.int64, device=logits.device)
-    # Inline PTX: not under the interpreter. Byte views, so that a line is 128 elements of any tensor.
-    ranges = [t.reshape(-1).view(torch.uint8) for t in prefetch[:2]] if not interpreting() else []
-    pf = ranges + [val.view(torch.uint8)] * (2 - len(ranges))
-    _chunk_max_kernel[(n, B)](logits, val, idx, val if count is None else count,
-                              pf[0], triton.cdiv(pf[0].numel(), 128), pf[1], triton.cdiv(pf[1].numel(), 128),
-                              V, n, logits.stride(0), CHUNK=CHUNK, COUNT=count is not None, PF=len(ranges),
-                              PF_BLOCK=512, num_warps=4, **pdl(logits))
+    _chunk_max_kernel[(n, B)](logits, val, idx, val if count is None else count, V, n, logits.stride(0),
+                              CHUNK=CHUNK, COUNT=count is not None, num_warps=4, **pdl(logits))
     return val, idx, n
 
 
@@ -209,10 +193,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Tensor, seq_lens: torch.Tensor,
-                   host_ring: torch.Tensor | None = None, ring_count: torch.Tensor | None = None,
-                   prefetch: Sequence[torch.Tensor] = ()) -> None:
-    """Same contract as ``highspeed.ops.sampling.greedy_advance``. The first two ``prefetch`` tensors (contiguous)
-    are asked into L2 by the argmax programs, once the lm_head has finished."""
+                   host_ring: torch.Tensor | None = None, ring_count: torch.Tensor | None = None) -> None:
+    """Same contract as ``highspeed.ops.sampling.greedy_advance``."""
     B, V = logits.shape
     if (B == 0 or logits.stride(-1) != 1 or ids.shape != (B,) or ids.dtype != torch.int64 or not ids.is_contiguous()
             or pos_slots.shape != (2, B) or pos_slots.stride(1) != 1 or seq_lens.shape != (B,)
@@ -222,7 +204,7 @@ def greedy_advance(logits: torch.Tensor, ids: torch.Tensor, pos_slots: torch.Ten
     if ring and (ring_count is None or host_ring.dim() != 2 or host_ring.shape[1] < B or host_ring.stride(1) != 1
                  or host_ring.dtype != torch.int64 or ring_count.dtype != torch.int64):
         raise ValueError("greedy_advance: host_ring [K, >= B] int64 unit-stride rows, ring_count [1] int64")
-    val, idx, n = _chunk_max(logits, ring_count if ring else None, prefetch)
+    val, idx, n = _chunk_max(logits, ring_count if ring else None)
     _pick_kernel[(B,)](val, idx, val, idx, val, ids, pos_slots, seq_lens, host_ring if ring else ids,
                        ring_count if ring else ids, n, pos_slots.stride(0), host_ring.stride(0) if ring else 0,
                        host_ring.shape[0] if ring else 1,
