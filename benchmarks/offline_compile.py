@@ -79,13 +79,14 @@ def compile_launch(kernel, args: tuple, kw: dict) -> dict:
                 isinstance(a, int) and not isinstance(a, bool) and a % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     for name, v in kw.items():
-        if name not in ("num_warps", "num_stages", "launch_pdl"):
+        if name not in ("num_warps", "num_stages", "launch_pdl", "maxnreg"):
             sig[name], consts[name] = "constexpr", v
     if "PDL" in kernel.arg_names:
         consts["PDL"] = True
     opts = {"num_warps": kw.get("num_warps", 4)}
-    if kw.get("num_stages") is not None:
-        opts["num_stages"] = kw["num_stages"]
+    for opt in ("num_stages", "maxnreg"):
+        if kw.get(opt) is not None:
+            opts[opt] = kw[opt]
     compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -137,6 +138,12 @@ def record_decode_layer(shape: str) -> list:
             norm_ops.FOLD_NORM = fold
         if qkv:
             lin.linear(x, torch.empty(qkv, H, dtype=dt))
+            saved_add = lin.ADD_NORM   # HIGHSPEED_GEMV_ADD_NORM=1: the input norm's add and norm in the qkv GEMV
+            lin.ADD_NORM = True
+            try:
+                lin.linear(DeferredNorm(x, nw, 1e-6, residual=r), torch.empty(qkv, H, dtype=dt))
+            finally:
+                lin.ADD_NORM = saved_add
         norm_kernels.add_rms_norm(x, r, nw, 1e-6)     # the residual norms, and a plain one (MLA's latent width)
         norm_kernels.rms_norm(torch.randn(1, 768, dtype=dt), torch.ones(768, dtype=dt), 1e-6)
         # The self-normalising variants: the GEMV (MLA's q_b_proj reading q_a_layernorm's input: 768 -> 20 x 256),

@@ -92,6 +92,12 @@ class DeferredNorm:
             raise RuntimeError("the deferred norm has not been computed: pass it to an op or call materialize()")
         return self._residual_out
 
+    def set_residual_out(self, s: torch.Tensor) -> None:
+        """For a kernel that added the pending residual itself (and normalised in its own registers): the sum."""
+        if self._residual_out is not None:
+            raise RuntimeError("the residual stream of this norm is already known")
+        self._residual_out = s
+
     def needs_grad(self) -> bool:
         """Whether autograd must see the norm (then the fused kernels, which it cannot see through, stay out)."""
         return torch.is_grad_enabled() and any(

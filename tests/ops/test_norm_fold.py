@@ -301,3 +301,47 @@ def test_fused_moe_fold_self(triton_module, reference, monkeypatch, fold_self, c
     # The kernels really normalise: the row scaled by 3 gives the same block (RMSNorm is scale-invariant).
     out3 = moe.fused_moe(DeferredNorm(ResidualSum((s.float() * 3).to(dtype), None, None), nw, EPS), *rest, r2)
     assert rel_err(out3.x, block + r2) < REF_TOL[dtype] + 1e-3, rel_err(out3.x, block + r2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(20, 40), (7, 37), (5, 300)])
+def test_gemv_add_norm(triton_module, reference, monkeypatch, dtype, N, K):
+    """A residual norm with its add still pending (a decoder layer's input norm) folded into the whole-row GEMV
+    that reads it (HIGHSPEED_GEMV_ADD_NORM): each program adds the residual, normalises the sum by its own rms, and
+    program 0 stores the sum as the norm's residual stream. No norm runs; the product and the residual stream are
+    those of the norm launch (add_rms_norm) followed by the GEMV."""
+    lin = triton_module("linear")
+    small_gemv_tiles(lin, monkeypatch, False, whole=True)
+    x, r, nw = _inputs((1, K), dtype)
+    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    normed, s_ref = reference(ref_add_rms_norm, x, r, nw, EPS)
+    ref = F.linear(normed.double(), w.double())
+
+    calls = []
+    real_run = DeferredNorm.run
+    monkeypatch.setattr(DeferredNorm, "run", lambda self: calls.append(1) or real_run(self))
+    monkeypatch.setattr(lin, "ADD_NORM", True)
+    norm = DeferredNorm(x, nw, EPS, residual=r)
+    y = lin.linear(norm, w)
+    assert y.shape == (1, N) and y.dtype == dtype
+    assert rel_err(y, ref) < REF_TOL[dtype], rel_err(y, ref)
+    assert not calls
+    # The residual stream: x + r rounded once to the dtype, as the norm launch stores it (exactly, but for the
+    # interpreter's truncating bf16 cast on the CPU).
+    s = norm.residual_out
+    assert s.shape == x.shape and s.dtype == dtype
+    if HAS_CUDA or dtype == torch.float32:
+        assert torch.equal(s, s_ref)
+    else:
+        assert rel_err(s, s_ref) < REF_TOL[dtype]
+    # Normalised by the sum's rms, not x's: the residual doubled changes the product.
+    y2 = lin.linear(DeferredNorm(x, nw, EPS, residual=(r.float() * 2).to(dtype)), w)
+    assert rel_err(y2, ref) > 0.1
+    # Off, or once the norm has run, the norm launch's output is read.
+    monkeypatch.setattr(lin, "ADD_NORM", False)
+    norm_off = DeferredNorm(x, nw, EPS, residual=r)
+    y_off = lin.linear(norm_off, w)
+    assert len(calls) == 1 and rel_err(y_off, ref) < REF_TOL[dtype]
+    monkeypatch.setattr(lin, "ADD_NORM", True)
+    calls.clear()
+    assert torch.equal(lin.linear(norm_off, w), y_off) and len(calls) == 1

@@ -24,8 +24,8 @@ import triton.language as tl
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2,
                                   tuned)
-from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
-                                       rstd_of, self_normable, sumsq_load, sumsq_rstd)
+from highspeed.ops.triton.norm import (addable_norm, fold_residual, foldable_norm, folded_sum, norm_values,
+                                       residual_epilogue, rstd_of, self_normable, sumsq_load, sumsq_rstd)
 
 # The largest weight the batch-1 GEMV takes (None: any); HIGHSPEED_GEMV_MAX_MB sets one in MiB. It was 64 MiB, after
 # GLM-5's o_proj timed alone (run 5, above). In the decode chain the lm_head as a GEMV (H200 run 63, two passes):
@@ -68,6 +68,15 @@ WHOLE_ROWS: bool = os.environ.get("HIGHSPEED_GEMV_WHOLE", "1") != "0"
 # norm's launch goes. H200 batch-1 decode chain (run 38, two interleaved passes): GLM-4.7-Flash 2.898 / 2.903 ms per
 # step against 2.909 / 2.909 (norms -1.2 us per layer, q_b +0.8). HIGHSPEED_SELF_NORM=0: the norm launch.
 SELF_NORM: bool = os.environ.get("HIGHSPEED_SELF_NORM", "1") != "0"
+# The same for a residual norm whose add is still pending (the input norm of each decoder layer but the first,
+# before qkv / MLA's q_a + kv_a): each program loads the block's output and the residual, adds them, takes the sums
+# of squares of the sum, and program 0 stores the sum, the residual stream o_proj adds to later. The norm launch
+# goes. HIGHSPEED_GEMV_ADD_NORM=1.
+ADD_NORM: bool = os.environ.get("HIGHSPEED_GEMV_ADD_NORM", "0") == "1"
+# Registers for that variant: Triton 3.6 gives it 127 for Qwen3's qkv shape (8 rows of 2048) against 96 without the
+# add, i.e. 4 programs per SM instead of 5 and two waves of its 640 programs. Capped (PTX .maxnreg) at this many;
+# 0: no cap. HIGHSPEED_GEMV_ADD_NORM_MAXNREG.
+ADD_NORM_MAXNREG: int = int(os.environ.get("HIGHSPEED_GEMV_ADD_NORM_MAXNREG", "96"))
 
 
 def whole_rows(K: int) -> bool:
@@ -115,20 +124,33 @@ def whole_rows_load(w_rows, rmask, K, K1: tl.constexpr, K2: tl.constexpr):
 
 @triton.jit
 def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr, ss_row, P, eps,
-                   NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr):
+                   NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr,
+                   res_row, sum_row, sum_k, ADD_RES: tl.constexpr):
     """[rows] fp32 dot products of whole preloaded weight rows (w1: columns [0, K1), w2: [K1, K1 + K2), unused
     when K2 == 0) with the row at ``x_row`` -- with NORM, with its RMSNorm (weights ``nw_ptr``, the producer's
     partial sums of squares at ``ss_row``, or with SELF_NORM the sums of squares of the loaded row itself: every
-    program holds all of x anyway). Every load is issued before any of it is used."""
+    program holds all of x anyway). ADD_RES (with SELF_NORM): the row normalised is x plus the residual row at
+    ``res_row``, rounded to x's dtype as the norm launch rounds it, and its first ``sum_k`` columns (the residual
+    stream: K in one program, 0 in the others) are stored at ``sum_row``. Every load is issued before any of it is used."""
     k1 = tl.arange(0, K1)
     x1 = tl.load(x_row + k1, mask=k1 < K, other=0.0)
+    if ADD_RES:
+        r1 = tl.load(res_row + k1, mask=k1 < K, other=0.0)
     if NORM:
         g1 = tl.load(nw_ptr + k1, mask=k1 < K, other=0.0)
     if K2 > 0:
         k2 = K1 + tl.arange(0, K2)
         x2 = tl.load(x_row + k2, mask=k2 < K, other=0.0)
+        if ADD_RES:
+            r2 = tl.load(res_row + k2, mask=k2 < K, other=0.0)
         if NORM:
             g2 = tl.load(nw_ptr + k2, mask=k2 < K, other=0.0)
+    if ADD_RES:
+        x1 = (x1.to(tl.float32) + r1.to(tl.float32)).to(x_row.dtype.element_ty)
+        tl.store(sum_row + k1, x1, mask=k1 < sum_k)
+        if K2 > 0:
+            x2 = (x2.to(tl.float32) + r2.to(tl.float32)).to(x_row.dtype.element_ty)
+            tl.store(sum_row + k2, x2, mask=k2 < sum_k)
     if NORM:
         if SELF_NORM:
             x1f = x1.to(tl.float32)
@@ -182,16 +204,17 @@ def use_gemv(M: int, N: int, K: int, weight: torch.Tensor) -> bool:
 
 @triton.jit
 def _gemv_row_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, ss_in_ptr, ss_out_ptr, N, K, P_in, eps,
-    stride_xm, stride_wn, stride_ym, stride_rm, stride_sim, stride_som,
+    x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, ss_in_ptr, ss_out_ptr, rin_ptr, sum_ptr, N, K, P_in, eps,
+    stride_xm, stride_wn, stride_ym, stride_rm, stride_sim, stride_som, stride_rim, stride_sum,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
     WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, ADD_RES: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     # NORM (WHOLE only): x is the residual stream, normalised here (see ops/triton/norm.py); SELF_NORM: x is a
-    # norm's input without a residual, its sums of squares taken here from the whole row each program loads.
+    # norm's input, its sums of squares taken here from the whole row each program loads; ADD_RES: that input is x
+    # plus the residual at rin_ptr, and program 0 stores the sum at sum_ptr (ADD_NORM).
     # ADD_RESIDUAL: y is added to the residual rows at res_ptr, and each program stores the sum of squares of its
     # sums.
     if PDL:
@@ -217,7 +240,8 @@ def _gemv_row_kernel(
         r = tl.load(res_ptr + m * stride_rm + n, mask=nmask, other=0.0)
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, K, K1, K2, nw_ptr, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P,
-                           SELF_NORM)
+                           SELF_NORM, rin_ptr + m * stride_rim, sum_ptr + m * stride_sum, tl.where(tl.program_id(0) == 0, K, 0),
+                           ADD_RES)
     else:
         y = tile_rows_dot(w, w_rows, nmask, x_row, K, BLOCK_N, BLOCK_K, PREFETCH, W_EVICT)
     if HAS_BIAS:
@@ -243,7 +267,8 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
         y = F.linear(materialize(x), weight, bias)
         return y if residual is None else ResidualSum(y, residual)
     whole = whole_rows(K)
-    self_norm = norm is not None and whole and SELF_NORM and self_normable(norm, xin)
+    add_norm = norm is not None and whole and ADD_NORM and M == 1 and addable_norm(norm, xin)
+    self_norm = norm is not None and whole and (add_norm or SELF_NORM and self_normable(norm, xin))
     if norm is not None and not (whole and foldable_norm(norm, xin)) and not self_norm:
         xin, norm = materialize(norm), None     # its own norm launch, then the GEMV as without one
     x2 = xin.reshape(M, K)
@@ -261,16 +286,25 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
     parts = norm is not None and not self_norm     # the producer's partial sums of squares are read
     ss_in = norm.sumsq if parts else y
     ss_o = ss_out if ss_out is not None else y
+    if add_norm:   # the residual stream x + residual, stored by program 0
+        r_in = norm.residual.reshape(M, K)
+        s_out = torch.empty(M, K, dtype=xin.dtype, device=xin.device)
+    else:
+        r_in, s_out = x2, y      # unused pointers
     _gemv_row_kernel[(programs, M)](
         x2, weight, bias if bias is not None else weight, y, res, norm.weight if norm is not None else weight,
-        ss_in, ss_o, N, K, ss_in.shape[-1] if parts else 0, norm.eps if norm is not None else 0.0,
+        ss_in, ss_o, r_in, s_out, N, K, ss_in.shape[-1] if parts else 0, norm.eps if norm is not None else 0.0,
         x2.stride(0), weight.stride(0), y.stride(0), res.stride(0), ss_in.stride(0), ss_o.stride(0),
+        r_in.stride(0), s_out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
-        WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None, SELF_NORM=self_norm,
+        WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None, SELF_NORM=self_norm, ADD_RES=add_norm,
         BLOCK_P=next_power_of_2(ss_in.shape[-1]) if parts else 1,
         ADD_RESIDUAL=add, num_warps=cfg["num_warps"], **pdl(x2),
+        **({"maxnreg": ADD_NORM_MAXNREG} if add_norm and ADD_NORM_MAXNREG else {}),
     )
+    if add_norm:
+        norm.set_residual_out(s_out.view(xin.shape))
     y = y.view(*xin.shape[:-1], N)
     if residual is None:
         return y

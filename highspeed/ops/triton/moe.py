@@ -369,7 +369,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
     x_row = x_ptr + t * stride_xt
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P,
-                           SELF_NORM)
+                           SELF_NORM, x_row, x_row, 0, False)
     else:
         y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
     tl.store(out_ptr + t * stride_ot + e, y, mask=emask)

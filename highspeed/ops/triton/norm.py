@@ -141,6 +141,16 @@ def _norm_of_ready_row(norm: DeferredNorm, x: torch.Tensor) -> bool:
             and w.is_contiguous() and x.stride(-1) == 1)
 
 
+def addable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
+    """Whether a whole-row consumer kernel can fold this ``DeferredNorm`` of its input ``x`` with its pending
+    residual add: it loads x and the residual, adds, takes the sums of squares, and stores the sum (the residual
+    stream) itself. Not once the norm has run (its output is then read as it is)."""
+    w, r = norm.weight, norm.residual
+    return (r is not None and norm.sumsq is None and norm._out is None and norm._residual_out is None
+            and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:] and w.is_contiguous()
+            and x.stride(-1) == 1 and r.dtype == x.dtype and r.shape == x.shape and r.is_contiguous())
+
+
 def foldable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
     """Whether a consumer kernel can fold this ``DeferredNorm`` of its input ``x``: its producer stored the
     sums of squares, and the residual is already added."""
