@@ -12,13 +12,18 @@ import pytest
 KERNEL_DIR = pathlib.Path(__file__).resolve().parents[2] / "highspeed" / "ops" / "triton"
 # Pointers a kernel may read before its wait: weights and other parameters that no kernel of the decode chain
 # writes (each kernel's prefetch is listed here on purpose, so adding one is a visible decision).
-PARAM_POINTERS = {"w_ptr", "w_rows", "w_gate", "w_up", "s_rows"}
+PARAM_POINTERS = {"w_ptr", "w_rows", "w_gate", "w_up", "s_rows", "nw_ptr", "qw_ptr", "kw_ptr"}
 # The step's context, which no kernel of a forward writes (highspeed.ops.triton.EARLY_CTX_*): decode attention and
 # the RoPE + cache-write programs may read it before their wait, directly or through ``rope_context``.
 CONTEXT_POINTERS = {"seq_lens_ptr", "bt_row", "pos_ptr", "slot_ptr", "cs_ptr"}
 # The routing ids, which the fused gate/up kernel's program 0 stores and fences before it lets the down kernel
 # launch (highspeed.ops.triton.moe.EARLY_IDS): the down kernel may read them before its wait.
 PUBLISHED_POINTERS = {"ids_ptr"}
+# Activations that a kernel may only ask L2 for (prefetch_l2) before its wait, never load: a prefetch returns no
+# data, and L2 is the GPU's point of coherence, so it cannot make anyone read a stale value. The whole-row GEMV's
+# program 0 asks for the residual it adds after the wait (linear.ADD_NORM); decode attention for its first K/V
+# tile (attention.KV_L2).
+PREFETCH_ONLY_POINTERS = {"rin_ptr", "k_ptr", "v_ptr"}
 
 
 def _check_before_wait(where: str, stmt: ast.stmt, published: frozenset = frozenset()) -> None:
@@ -28,9 +33,12 @@ def _check_before_wait(where: str, stmt: ast.stmt, published: frozenset = frozen
     assert "tl.store(" not in src and "atomic" not in src and "return" not in src, (where, src)
     for call in [n for n in ast.walk(stmt) if isinstance(n, ast.Call)]:
         name = ast.unparse(call.func)
-        if name in ("tl.load", "prefetch_l2", "whole_rows_load"):
+        if name in ("tl.load", "prefetch_l2", "whole_rows_load", "norm_weights_load", "_rope_norm_weights"):
             base = ast.unparse(call.args[0]).split("+")[0].strip().split("[")[0]
-            assert base in PARAM_POINTERS | CONTEXT_POINTERS | published, f"{where} loads {base!r} before gdc_wait()"
+            ok = PARAM_POINTERS | CONTEXT_POINTERS | published
+            if name == "prefetch_l2":
+                ok = ok | PREFETCH_ONLY_POINTERS
+            assert base in ok, f"{where} loads {base!r} before gdc_wait()"
         elif name == "rope_context":
             assert {ast.unparse(a) for a in call.args[:3]} <= CONTEXT_POINTERS, (where, src)
 

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
-from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, l2_prefetch, next_power_of_2, pdl, prefetch_l2,
-                                  tuned)
+from highspeed.ops.triton import (gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch, next_power_of_2, pdl,
+                                  prefetch_l2, tuned)
 from highspeed.ops.triton.norm import (addable_norm, fold_residual, foldable_norm, folded_sum, norm_values,
                                        residual_epilogue, rstd_of, self_normable, sumsq_load, sumsq_rstd)
 
@@ -71,8 +71,10 @@ SELF_NORM: bool = os.environ.get("HIGHSPEED_SELF_NORM", "1") != "0"
 # The same for a residual norm whose add is still pending (the input norm of each decoder layer but the first,
 # before qkv / MLA's q_a + kv_a): each program loads the block's output and the residual, adds them, takes the sums
 # of squares of the sum, and program 0 stores the sum, the residual stream o_proj adds to later. The norm launch
-# goes. HIGHSPEED_GEMV_ADD_NORM=1.
-ADD_NORM: bool = os.environ.get("HIGHSPEED_GEMV_ADD_NORM", "0") == "1"
+# goes. H200 batch-1 decode chain (run 68, two interleaved passes, the norm weights then still loaded after the
+# wait): Qwen3-30B-A3B 2.070 / 2.071 ms per step against 2.080 / 2.078 (norms -1.08 us per layer, qkv +0.6),
+# GLM-4.7-Flash 2.746 / 2.745 against 2.757 / 2.757. HIGHSPEED_GEMV_ADD_NORM=0: the norm launch.
+ADD_NORM: bool = os.environ.get("HIGHSPEED_GEMV_ADD_NORM", "1") != "0"
 # Registers for that variant: Triton 3.6 gives it 127 for Qwen3's qkv shape (8 rows of 2048) against 96 without the
 # add, i.e. 4 programs per SM instead of 5 and two waves of its 640 programs. Capped (PTX .maxnreg) at this many;
 # 0: no cap. HIGHSPEED_GEMV_ADD_NORM_MAXNREG.
@@ -123,11 +125,27 @@ def whole_rows_load(w_rows, rmask, K, K1: tl.constexpr, K2: tl.constexpr):
 
 
 @triton.jit
-def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr, ss_row, P, eps,
+def norm_weights_load(nw_ptr, K, K1: tl.constexpr, K2: tl.constexpr):
+    """A norm's weight row in the two tiles of ``whole_rows_dot`` (the second is the first again when K2 == 0). A
+    parameter, so a kernel loads it before its PDL wait: read once per step, it is mostly out of L2 by then, and
+    after the wait it would add an HBM round trip to the one the activations take."""
+    k1 = tl.arange(0, K1)
+    g1 = tl.load(nw_ptr + k1, mask=k1 < K, other=0.0)
+    if K2 > 0:
+        k2 = K1 + tl.arange(0, K2)
+        g2 = tl.load(nw_ptr + k2, mask=k2 < K, other=0.0)
+    else:
+        g2 = g1
+    return g1, g2
+
+
+@triton.jit
+def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, g1, g2, ss_row, P, eps,
                    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr,
                    res_row, sum_row, sum_k, ADD_RES: tl.constexpr):
     """[rows] fp32 dot products of whole preloaded weight rows (w1: columns [0, K1), w2: [K1, K1 + K2), unused
-    when K2 == 0) with the row at ``x_row`` -- with NORM, with its RMSNorm (weights ``nw_ptr``, the producer's
+    when K2 == 0) with the row at ``x_row`` -- with NORM, with its RMSNorm (weights g1, g2 from
+    ``norm_weights_load``, the producer's
     partial sums of squares at ``ss_row``, or with SELF_NORM the sums of squares of the loaded row itself: every
     program holds all of x anyway). ADD_RES (with SELF_NORM): the row normalised is x plus the residual row at
     ``res_row``, rounded to x's dtype as the norm launch rounds it, and its first ``sum_k`` columns (the residual
@@ -136,15 +154,11 @@ def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, nw_ptr,
     x1 = tl.load(x_row + k1, mask=k1 < K, other=0.0)
     if ADD_RES:
         r1 = tl.load(res_row + k1, mask=k1 < K, other=0.0)
-    if NORM:
-        g1 = tl.load(nw_ptr + k1, mask=k1 < K, other=0.0)
     if K2 > 0:
         k2 = K1 + tl.arange(0, K2)
         x2 = tl.load(x_row + k2, mask=k2 < K, other=0.0)
         if ADD_RES:
             r2 = tl.load(res_row + k2, mask=k2 < K, other=0.0)
-        if NORM:
-            g2 = tl.load(nw_ptr + k2, mask=k2 < K, other=0.0)
     if ADD_RES:
         x1 = (x1.to(tl.float32) + r1.to(tl.float32)).to(x_row.dtype.element_ty)
         tl.store(sum_row + k1, x1, mask=k1 < sum_k)
@@ -210,7 +224,7 @@ def _gemv_row_kernel(
     L2_PREFETCH: tl.constexpr, LINE: tl.constexpr, KLINES: tl.constexpr, W_EVICT: tl.constexpr,
     WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, ADD_RES: tl.constexpr,
-    ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    RES_PREFETCH: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     # NORM (WHOLE only): x is the residual stream, normalised here (see ops/triton/norm.py); SELF_NORM: x is a
     # norm's input, its sums of squares taken here from the whole row each program loads; ADD_RES: that input is x
@@ -224,11 +238,21 @@ def _gemv_row_kernel(
     nmask = n < N
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
     x_row = x_ptr + m * stride_xm
+    if RES_PREFETCH:
+        # ADD_RES: the residual was stored tens of microseconds ago (two expert kernels streamed since), so it is
+        # likely out of L2: program 0 asks for it again. Only a prefetch: L2 is where the GPU's memory is
+        # coherent, so no stale value can come of it, and the load after the wait reads it from there.
+        if tl.program_id(0) == 0:
+            prefetch_l2(rin_ptr + m * stride_rim + tl.minimum(tl.arange(0, KLINES) * LINE, K - 1))
     if L2_PREFETCH:  # all of this program's weight rows, requested while the previous kernel still runs
         lines = tl.minimum(tl.arange(0, KLINES) * LINE, K - 1)
         prefetch_l2(w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
     if WHOLE:      # every weight of this program, in flight before the wait
         w1, w2 = whole_rows_load(w_rows, nmask, K, K1, K2)
+        if NORM:
+            g1, g2 = norm_weights_load(nw_ptr, K, K1, K2)
+        else:
+            g1, g2 = 0.0, 0.0
     elif PREFETCH:   # the first weight tile does not depend on the previous kernel: in flight before the wait
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0, eviction_policy=W_EVICT)
@@ -239,7 +263,7 @@ def _gemv_row_kernel(
     if ADD_RESIDUAL:
         r = tl.load(res_ptr + m * stride_rm + n, mask=nmask, other=0.0)
     if WHOLE:
-        y = whole_rows_dot(w1, w2, x_row, K, K1, K2, nw_ptr, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P,
+        y = whole_rows_dot(w1, w2, x_row, K, K1, K2, g1, g2, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P,
                            SELF_NORM, rin_ptr + m * stride_rim, sum_ptr + m * stride_sum, tl.where(tl.program_id(0) == 0, K, 0),
                            ADD_RES)
     else:
@@ -299,6 +323,7 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
         HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREFETCH=cfg["PREFETCH"],
         KLINES=next_power_of_2(triton.cdiv(K * weight.element_size(), 128)), **l2_prefetch(weight),
         WHOLE=whole, K1=k1, K2=k2, NORM=norm is not None, SELF_NORM=self_norm, ADD_RES=add_norm,
+        RES_PREFETCH=add_norm and not interpreting(),
         BLOCK_P=next_power_of_2(ss_in.shape[-1]) if parts else 1,
         ADD_RESIDUAL=add, num_warps=cfg["num_warps"], **pdl(x2),
         **({"maxnreg": ADD_NORM_MAXNREG} if add_norm and ADD_NORM_MAXNREG else {}),

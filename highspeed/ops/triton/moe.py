@@ -26,7 +26,7 @@ from highspeed.ops.norm import DeferredNorm, ResidualSum, materialize, unnormed
 from highspeed.ops.triton import (fence_gpu, gdc_launch_dependents, gdc_wait, interpreting, l2_prefetch,
                                   next_power_of_2, pdl, prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
-from highspeed.ops.triton.linear import tile_rows_dot, whole_rows_dot, whole_rows_load
+from highspeed.ops.triton.linear import norm_weights_load, tile_rows_dot, whole_rows_dot, whole_rows_load
 from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
                                        self_normable, sumsq_load, sumsq_rstd)
 
@@ -361,6 +361,10 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
         prefetch_l2(w_ptr + tl.minimum(e, E - 1)[:, None].to(tl.int64) * stride_we + lines[None, :])
     if WHOLE:   # the whole rows (as in the GEMV, ops/triton/linear.py): after the wait, one read of x
         w1, w2 = whole_rows_load(w_rows, emask, H, K1, K2)
+        if NORM:
+            g1, g2 = norm_weights_load(nw_ptr, H, K1, K2)
+        else:
+            g1, g2 = 0.0, 0.0
     else:
         k = tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + k[None, :], mask=emask[:, None] & (k < H)[None, :], other=0.0, eviction_policy=W_EVICT)
@@ -368,7 +372,7 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
         gdc_wait()
     x_row = x_ptr + t * stride_xt
     if WHOLE:
-        y = whole_rows_dot(w1, w2, x_row, H, K1, K2, nw_ptr, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P,
+        y = whole_rows_dot(w1, w2, x_row, H, K1, K2, g1, g2, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P,
                            SELF_NORM, x_row, x_row, 0, False)
     else:
         y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
