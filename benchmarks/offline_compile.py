@@ -157,8 +157,12 @@ def record_decode_layer(shape: str) -> list:
             lin.linear(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), torch.empty(H, H, dtype=dt))
             moe.fused_moe(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), gate, w13, w2, k, shared_w13=ws13,
                           shared_w2=ws2)
+            moe.ROUTER_ADD_NORM = True   # HIGHSPEED_ROUTER_ADD_NORM=1: the post-attention norm in the router
+            moe.fused_moe(DeferredNorm(ResidualSum(x, r), nw, 1e-6), gate, w13, w2, k, shared_w13=ws13,
+                          shared_w2=ws2)
         finally:
             lin.SELF_NORM = saved_switch
+            moe.ROUTER_ADD_NORM = False
     finally:
         for (mod, n), kern in saved.items():
             setattr(mod, n, kern)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from highspeed.ops import build_cos_sin_cache, embedding, fused_moe, linear, rms_norm, rope, silu_and_mul
+from highspeed.ops import norm as norm_ops
 from highspeed.ops.norm import DeferredNorm, ResidualSum, residual_of
 
 # A weight source: (checkpoint name relative to the declaring module, index into the parameter).
@@ -196,14 +197,18 @@ class SparseMoE(nn.Module):
         """The block's output; with ``add_residual`` (``x`` a ``DeferredNorm``) its sum with the residual stream
         (a norm whose residual add is still pending runs first, to know that stream)."""
         shared = self.shared_experts
-        return fused_moe(
+        # The down kernel adds the residual only with the norm fold; otherwise the sum stays pending, and the
+        # residual stream is asked for after the op, which may have computed it (the router's add-norm).
+        fold = add_residual and norm_ops.FOLD_NORM
+        y = fused_moe(
             x, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, self.top_k, self.scoring,
             self.renormalize, self.gate.e_score_correction_bias, self.n_group, self.topk_group,
             self.routed_scaling_factor,
             shared.gate_up_proj.weight if shared is not None else None,
             shared.down_proj.weight if shared is not None else None,
-            residual_of(x) if add_residual else None,
+            residual_of(x) if fold else None,
         )
+        return ResidualSum(y, residual_of(x)) if add_residual and not fold else y
 
 
 class DecoderLayer(nn.Module):

@@ -346,3 +346,37 @@ def test_gemv_add_norm(triton_module, reference, monkeypatch, dtype, N, K):
     monkeypatch.setattr(lin, "ADD_NORM", True)
     calls.clear()
     assert torch.equal(lin.linear(norm_off, w), y_off) and len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in FUSED_CASES if c[0] == 1])
+def test_fused_moe_router_add_norm(triton_module, reference, monkeypatch, case, dtype):
+    """The post-attention norm with its residual add pending, done by the router (HIGHSPEED_ROUTER_ADD_NORM): no
+    norm launch; the block's output and the residual stream are those of add_rms_norm followed by the block, and
+    gate/up really reads the normalised row the router's program 0 stored."""
+    from highspeed.ops.moe import fused_moe as ref_fused_moe
+
+    moe = triton_module("moe")
+    _moe_tiles(moe, monkeypatch, 1)
+    monkeypatch.setattr(moe, "ROUTER_ADD_NORM", True)
+    H = case[2]
+    y, r, nw = _inputs((1, H), dtype)
+    rest = _moe_case(case, dtype)
+    calls = []
+    real_run = DeferredNorm.run
+    monkeypatch.setattr(DeferredNorm, "run", lambda self: calls.append(1) or real_run(self))
+    norm = DeferredNorm(ResidualSum(y, r), nw, EPS)
+    out = moe.fused_moe(norm, *rest)
+    assert not calls and isinstance(out, torch.Tensor)
+    normed, s = reference(ref_add_rms_norm, y, r, nw, EPS)
+    s_got = norm.residual_out
+    assert torch.equal(s_got, s) if HAS_CUDA or dtype == torch.float32 else rel_err(s_got, s) < REF_TOL[dtype]
+    block = reference(ref_fused_moe, normed, *rest)
+    assert rel_err(out, block) < REF_TOL[dtype], rel_err(out, block)
+    # The residual doubled changes the answer (the add is not skipped).
+    out2 = moe.fused_moe(DeferredNorm(ResidualSum(y, (r.float() * 2).to(dtype)), nw, EPS), *rest)
+    assert rel_err(out2, block) > 10 * REF_TOL[dtype]
+    # Off: the norm launch runs first; the same values.
+    monkeypatch.setattr(moe, "ROUTER_ADD_NORM", False)
+    out3 = moe.fused_moe(DeferredNorm(ResidualSum(y, r), nw, EPS), *rest)
+    assert len(calls) == 1 and rel_err(out3, block) < REF_TOL[dtype]

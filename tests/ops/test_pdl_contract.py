@@ -21,9 +21,8 @@ CONTEXT_POINTERS = {"seq_lens_ptr", "bt_row", "pos_ptr", "slot_ptr", "cs_ptr"}
 PUBLISHED_POINTERS = {"ids_ptr"}
 # Activations that a kernel may only ask L2 for (prefetch_l2) before its wait, never load: a prefetch returns no
 # data, and L2 is the GPU's point of coherence, so it cannot make anyone read a stale value. The whole-row GEMV's
-# program 0 asks for the residual it adds after the wait (linear.ADD_NORM); decode attention for its first K/V
-# tile (attention.KV_L2).
-PREFETCH_ONLY_POINTERS = {"rin_ptr", "k_ptr", "v_ptr"}
+# program 0 asks for the residual it adds after the wait (linear.ADD_NORM).
+PREFETCH_ONLY_POINTERS = {"rin_ptr"}
 
 
 def _check_before_wait(where: str, stmt: ast.stmt, published: frozenset = frozenset()) -> None:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from highspeed.context import AttentionContext
 from highspeed.ops.triton import (EARLY_CTX_ATTN, gdc_launch_dependents, gdc_wait, interpreting, next_power_of_2,
-                                  pdl, prefetch_l2, tuned)
+                                  pdl, tuned)
 from highspeed.ops.triton import rope as t_rope
 from highspeed.ops.triton.rope import _rope_lanes, _rope_tile
 
@@ -104,14 +104,10 @@ DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 #                                                       the merge +3.2: its loads queue behind o_proj's instead).
 # HIGHSPEED_COMBINE_LATE_TRIGGER = mla (default) | 1 (always) | 0 (never).
 _LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
-# With EARLY_CTX the DECODE path also loads the per-head QK-norm weights (Qwen3) before its wait: parameters, read
-# once per step and so mostly out of L2, where after the wait they were an HBM round trip beside the L2 one of q
-# and the new k/v. HIGHSPEED_ATTN_EARLY_NORM_W=0: after the wait (the A/B baseline).
-EARLY_NORM_W: bool = os.environ.get("HIGHSPEED_ATTN_EARLY_NORM_W", "1") != "0"
-# The DECODE path asking L2 for its first K/V tile before the wait (prefetch.global.L2). Run 58 measured it even,
-# but then the QK-norm weights still took an HBM round trip after the wait, beside the tile's.
-# HIGHSPEED_ATTN_KV_L2=1.
-KV_L2: bool = os.environ.get("HIGHSPEED_ATTN_KV_L2", "0") == "1"
+# With EARLY_CTX the DECODE path also loads the per-head QK-norm weights (Qwen3) before its wait (EARLY_NORM_W):
+# parameters, like the RoPE table. H200 run 69: even (Qwen3-30B-A3B 2.067 / 2.066 ms per step against 2.066 / 2.069
+# with them after the wait), as was its first K/V tile asked into L2 before the wait on top (2.065 / 2.066; also in
+# run 58): the round trip after the wait is not set by these loads' HBM latency.
 
 
 def combine_late_trigger(v_is_k: bool) -> bool:
@@ -299,7 +295,7 @@ def _paged_attn_kernel(
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr, EARLY_CTX: tl.constexpr,
-    EARLY_NORM_W: tl.constexpr, KV_L2: tl.constexpr, KV_LINES: tl.constexpr, KV_LINE: tl.constexpr,
+    EARLY_NORM_W: tl.constexpr,
 ):
     if PDL:
         # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels --
@@ -358,19 +354,6 @@ def _paged_attn_kernel(
             if EARLY_NORM_W:   # parameters, read once per step: mostly out of L2, an HBM round trip
                 qw, qwp = _rope_norm_weights(qw_ptr, da, D_A, HALF, INTERLEAVED, Q_NORM)
                 kw, kwp = _rope_norm_weights(kw_ptr, da, D_A, HALF, INTERLEAVED, K_NORM)
-        if KV_L2:
-            # The first K/V tile's lines asked into L2 before the wait (HIGHSPEED_ATTN_KV_L2): the cache rows of
-            # earlier steps, which no kernel of this forward writes. Keys past seq_len go to row 0 of block 0.
-            kv_ok = n_first < seq_len
-            kv_off = tl.where(kv_ok, (n_first % block_size).to(tl.int64), 0)
-            kv_blk = tl.where(kv_ok, blk_first, 0)
-            kv_line = tl.minimum(tl.arange(0, KV_LINES) * KV_LINE, D_A + D_B - 1)
-            prefetch_l2(k_ptr + (kv_blk * stride_kb + kv_off * stride_ks + kv_head * stride_kh)[:, None]
-                        + kv_line[None, :])
-            if not V_IS_K:
-                v_line = tl.minimum(tl.arange(0, KV_LINES) * KV_LINE, D_V - 1)
-                prefetch_l2(v_ptr + (kv_blk * stride_vb + kv_off * stride_vs + kv_head * stride_vh)[:, None]
-                            + v_line[None, :])
         if PDL and EARLY_CTX:
             # The loads above -- the step's context (lengths, block table, position, slot) and the RoPE table --
             # are written by no kernel of a forward (host copies before it; inside a CUDA graph the greedy tail
@@ -784,10 +767,7 @@ def _attend(
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
         DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, EARLY_CTX=EARLY_CTX_ATTN,
-        EARLY_NORM_W=fast and EARLY_CTX_ATTN and EARLY_NORM_W,
-        KV_L2=fast and EARLY_CTX_ATTN and KV_L2 and not interpreting(),
-        KV_LINE=128 // k_cache.element_size(),
-        KV_LINES=next_power_of_2(triton.cdiv(max(d_a + d_b, d_v) * k_cache.element_size(), 128)), **r_consts,
+        EARLY_NORM_W=fast and EARLY_CTX_ATTN, **r_consts,
         **launch,
     )
     if split and not fused:

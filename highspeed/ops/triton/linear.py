@@ -142,14 +142,15 @@ def norm_weights_load(nw_ptr, K, K1: tl.constexpr, K2: tl.constexpr):
 @triton.jit
 def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, g1, g2, ss_row, P, eps,
                    NORM: tl.constexpr, BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr,
-                   res_row, sum_row, sum_k, ADD_RES: tl.constexpr):
+                   res_row, sum_row, sum_k, ADD_RES: tl.constexpr, normed_row, STORE_NORMED: tl.constexpr):
     """[rows] fp32 dot products of whole preloaded weight rows (w1: columns [0, K1), w2: [K1, K1 + K2), unused
     when K2 == 0) with the row at ``x_row`` -- with NORM, with its RMSNorm (weights g1, g2 from
     ``norm_weights_load``, the producer's
     partial sums of squares at ``ss_row``, or with SELF_NORM the sums of squares of the loaded row itself: every
     program holds all of x anyway). ADD_RES (with SELF_NORM): the row normalised is x plus the residual row at
     ``res_row``, rounded to x's dtype as the norm launch rounds it, and its first ``sum_k`` columns (the residual
-    stream: K in one program, 0 in the others) are stored at ``sum_row``. Every load is issued before any of it is used."""
+    stream: K in one program, 0 in the others) are stored at ``sum_row``; with STORE_NORMED also the normalised row
+    at ``normed_row`` (for another kernel that reads it). Every load is issued before any of it is used."""
     k1 = tl.arange(0, K1)
     x1 = tl.load(x_row + k1, mask=k1 < K, other=0.0)
     if ADD_RES:
@@ -176,12 +177,16 @@ def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, g1, g2,
         else:
             rstd = sumsq_rstd(sumsq_load(ss_row, P, BLOCK_P), K, eps)
         xf1 = norm_values(x1, g1, rstd, x_row.dtype.element_ty)
+        if STORE_NORMED:
+            tl.store(normed_row + k1, xf1.to(x_row.dtype.element_ty), mask=k1 < sum_k)
     else:
         xf1 = x1.to(tl.float32)
     y = tl.sum(w1.to(tl.float32) * xf1[None, :], 1)
     if K2 > 0:
         if NORM:
             xf2 = norm_values(x2, g2, rstd, x_row.dtype.element_ty)
+            if STORE_NORMED:
+                tl.store(normed_row + k2, xf2.to(x_row.dtype.element_ty), mask=k2 < sum_k)
         else:
             xf2 = x2.to(tl.float32)
         y += tl.sum(w2.to(tl.float32) * xf2[None, :], 1)
@@ -265,7 +270,7 @@ def _gemv_row_kernel(
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, K, K1, K2, g1, g2, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P,
                            SELF_NORM, rin_ptr + m * stride_rim, sum_ptr + m * stride_sum, tl.where(tl.program_id(0) == 0, K, 0),
-                           ADD_RES)
+                           ADD_RES, sum_ptr, False)
     else:
         y = tile_rows_dot(w, w_rows, nmask, x_row, K, BLOCK_N, BLOCK_K, PREFETCH, W_EVICT)
     if HAS_BIAS:

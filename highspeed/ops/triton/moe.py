@@ -27,8 +27,8 @@ from highspeed.ops.triton import (fence_gpu, gdc_launch_dependents, gdc_wait, in
                                   next_power_of_2, pdl, prefetch_l2, tuned)
 from highspeed.ops.triton import linear as lin
 from highspeed.ops.triton.linear import norm_weights_load, tile_rows_dot, whole_rows_dot, whole_rows_load
-from highspeed.ops.triton.norm import (fold_residual, foldable_norm, folded_sum, norm_values, residual_epilogue,
-                                       self_normable, sumsq_load, sumsq_rstd)
+from highspeed.ops.triton.norm import (addable_norm, fold_residual, foldable_norm, folded_sum, norm_values,
+                                       residual_epilogue, self_normable, sumsq_load, sumsq_rstd)
 
 # Launch shapes, kept here so benchmarks can override them without touching the kernels.
 # Grouped GEMM tiles: 64x64 while few rows share an expert (memory-bound: small tiles, more programs); 128x128
@@ -119,6 +119,48 @@ def _route_ids(
             ivec = tl.where(kk == i, fi, ivec)
             key = tl.where(flat == fi, -9223372036854775807, key)
     return ivec
+
+
+@triton.jit
+def _route_ids_replicated(
+    logits_ptr, bias_ptr, per_group, picks,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PG: tl.constexpr, REPL: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """``_route_ids`` without expert groups, the scores held REPL times ([REPL, experts], REPL = the program's
+    warps): each warp then holds a whole copy, so every pick's max-reduction stays within a warp (shuffles), where
+    one copy spread over the warps costs each pick a shared-memory exchange and three barriers. One reduction
+    across the copies at the end. Same ids, same order."""
+    rr = tl.arange(0, REPL)
+    e = tl.arange(0, BLOCK_PG)
+    valid = (e < per_group)[None, :] & (rr < REPL)[:, None]
+    ptrs = logits_ptr + e[None, :] + 0 * rr[:, None]
+    logits = tl.load(ptrs, mask=valid, other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        if SIGMOID:
+            sel = tl.sigmoid(logits)
+        else:
+            mx = tl.max(logits, 1)[:, None]
+            ex = tl.where(valid, tl.exp(logits - mx), 0.0)
+            sel = ex / tl.sum(ex, 1)[:, None]
+        sel = sel + tl.load(bias_ptr + e[None, :] + 0 * rr[:, None], mask=valid, other=0.0).to(tl.float32)
+    else:
+        sel = logits   # softmax and sigmoid keep the logits' order (see _route_ids)
+    sel = tl.where(valid, sel, float("-inf"))
+    big = BLOCK_PG
+    bits = sel.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = ordered.to(tl.int64) * 4294967296 + (big - e[None, :]).to(tl.int64)
+    key = tl.where(valid, key, -9223372036854775807)
+    kk = tl.arange(0, BLOCK_K)
+    ivec = tl.zeros([REPL, BLOCK_K], dtype=tl.int32)
+    for i in tl.static_range(TOP_K):
+        if i < picks:
+            best = tl.max(key, 1)
+            fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
+            ivec = tl.where(kk[None, :] == i, fi[:, None], ivec)
+            key = tl.where(e[None, :] == fi[:, None], -9223372036854775807, key)
+    return tl.max(ivec, 0)
 
 
 @triton.jit
@@ -300,6 +342,17 @@ NARROW_I: int = 1024
 # one extra read of the down weights per layer, the prefetched rows not surviving the 50 MB of gate/up weights
 # streamed meanwhile.
 PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
+# Gate/up's routing picks on a copy of the scores per warp (``_route_ids_replicated``), for models without expert
+# groups: the program for slot s makes s + 1 picks before its first weight load, each a max-reduction that, on one
+# copy spread over 4 warps, goes through shared memory with three barriers (sm_90 SASS: 34 barriers in Qwen3's
+# gate/up, 17 with the copies; 64 registers either way, once program 0 reads its published ids back at the end
+# instead of holding them through the loop). HIGHSPEED_REPL_PICKS=1.
+REPL_PICKS: bool = os.environ.get("HIGHSPEED_REPL_PICKS", "0") == "1"
+# The post-attention norm with its pending residual add done by the router at batch-1 decode (as the qkv GEMV does
+# the input norm, linear.ADD_NORM): each router program adds the residual and normalises the whole row it loads
+# anyway; program 0 stores the sum (the residual stream) and the normalised row for gate/up. The norm launch goes.
+# HIGHSPEED_ROUTER_ADD_NORM=1.
+ROUTER_ADD_NORM: bool = os.environ.get("HIGHSPEED_ROUTER_ADD_NORM", "0") == "1"
 # The shared expert's gate/up programs asking L2 for their rows before the PDL wait (HIGHSPEED_SHARED_L2, commit
 # a16bf88, removed): GLM-4.7-Flash 2.920 / 2.924 ms per step, and 3.018 / 3.026 with its down rows too, against
 # 2.909 / 2.909 (H200 run 38). Gate/up got 1.6 us per layer faster, the router and down slower by as much: the
@@ -340,14 +393,16 @@ def _acc_rows(acc, ROW_SUMS: tl.constexpr):
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
-                   stride_xt, stride_we, stride_ot, stride_st,
+def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, rin_ptr, sum_ptr, nx_ptr, H, E, P, eps,
+                   stride_xt, stride_we, stride_ot, stride_st, stride_rt, stride_sum, stride_nx,
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH: tl.constexpr, LINE: tl.constexpr,
                    KLINES: tl.constexpr, W_EVICT: tl.constexpr,
                    WHOLE: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr,
-                   BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_P: tl.constexpr, SELF_NORM: tl.constexpr, ADD_RES: tl.constexpr, PDL: tl.constexpr):
     # NORM (WHOLE only): x is the residual stream, normalised here with nw and the partial sums of squares at ss
-    # (SELF_NORM: the sums of squares of the whole row this program loads).
+    # (SELF_NORM: the sums of squares of the whole row this program loads). ADD_RES (with SELF_NORM): the row is x
+    # plus the residual at rin_ptr; program 0 stores the sum (the residual stream) at sum_ptr and the normalised
+    # row, which gate/up reads, at nx_ptr (ROUTER_ADD_NORM).
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
@@ -373,7 +428,8 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr, H, E, P, eps,
     x_row = x_ptr + t * stride_xt
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, H, K1, K2, g1, g2, ss_ptr + t * stride_st, P, eps, NORM, BLOCK_P,
-                           SELF_NORM, x_row, x_row, 0, False)
+                           SELF_NORM, rin_ptr + t * stride_rt, sum_ptr + t * stride_sum,
+                           tl.where(tl.program_id(1) == 0, H, 0), ADD_RES, nx_ptr + t * stride_nx, ADD_RES)
     else:
         y = tile_rows_dot(w, w_rows, emask, x_row, H, BLOCK_E, BLOCK_K, True, W_EVICT)
     tl.store(out_ptr + t * stride_ot + e, y, mask=emask)
@@ -404,7 +460,7 @@ def _fused_gate_up_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
     ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, EARLY_IDS: tl.constexpr,
-    PDL: tl.constexpr,
+    REPL_PICKS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
         if EARLY_IDS:   # program 0 lets the down kernel launch only once it has published the ids (below)
@@ -432,8 +488,12 @@ def _fused_gate_up_kernel(
         # Picks up to this program's own slot (slot s needs the s-th best expert; program 0 all of them: it
         # stores the routing for the down kernel).
         picks = tl.where(p == 0, TOP_K, slot + 1) if PARTIAL_PICKS else TOP_K
-        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
-                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
+        if REPL_PICKS > 1:
+            ivec = _route_ids_replicated(logits_ptr + t * stride_lt, bias_ptr, per_group, picks,
+                                         TOP_K, BLOCK_TK, BLOCK_PG, REPL_PICKS, SIGMOID, HAS_BIAS)
+        else:
+            ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
+                              TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
         if EARLY_IDS:
             if p == 0:   # publish the ids for the down programs' loads before their wait, then trigger
@@ -507,6 +567,12 @@ def _fused_gate_up_kernel(
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
     if p == 0:   # the routing for the down kernel; its weights are off every other program's critical path
+        if REPL_PICKS > 1:
+            # The ids this program published (EARLY_IDS) or, without, the replicated picks' result. Reading them
+            # back keeps the picks' registers free during the loop.
+            if EARLY_IDS:
+                tl.debug_barrier()   # (with PDL _publish_ids passed one already: its stores are visible here)
+                ivec = tl.load(ids_ptr + t * TOP_K + kk, mask=kk < TOP_K, other=0)
         wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
                               TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
         tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
@@ -646,6 +712,9 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     # A norm whose producer stored no sums of squares (HIGHSPEED_FOLD_NORM=self): router and gate/up take them from
     # the row itself. Unused pointers without a norm (or without the sums).
     self_norm = norm is not None and norm.sumsq is None
+    # ROUTER_ADD_NORM: a norm with its residual add pending, done by the router, whose program 0 stores the sum
+    # and the normalised row; gate/up then reads that row as a plain input.
+    add_res = norm is not None and norm.residual is not None
     nw = norm.weight if norm is not None else x
     ss_in = norm.sumsq if norm is not None and not self_norm else logits
     parts = norm is not None and not self_norm
@@ -654,13 +723,26 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     P, eps = (ss_in.shape[-1] if parts else 0, norm.eps) if norm is not None else (0, 0.0)
     cfg = ROUTER
     k1, k2 = lin.whole_split(H)
+    if add_res:
+        r_in = norm.residual.reshape(T, H)
+        s_out = torch.empty(T, H, dtype=x.dtype, device=dev)
+        nx = torch.empty(T, H, dtype=x.dtype, device=dev)
+    else:
+        r_in = s_out = nx = x   # unused pointers
     _router_kernel[(T, triton.cdiv(E, cfg["BLOCK_E"]))](
-        x, gate_weight, logits, nw, ss_in, H, E, P, eps,
-        x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0),
+        x, gate_weight, logits, nw, ss_in, r_in, s_out, nx, H, E, P, eps,
+        x.stride(0), gate_weight.stride(0), logits.stride(0), ss_in.stride(0), r_in.stride(0), s_out.stride(0),
+        nx.stride(0),
         BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], **launch, **prefetch,
         KLINES=next_power_of_2(triton.cdiv(H * x.element_size(), 128)),
-        WHOLE=lin.whole_rows(H), K1=k1, K2=k2, **norm_args,
+        WHOLE=lin.whole_rows(H), K1=k1, K2=k2, ADD_RES=add_res, **norm_args,
     )
+    if add_res:   # from here on the input is the normalised row, with nothing left to fold
+        norm.set_residual_out(s_out)
+        x, norm, self_norm, parts = nx, None, False, False
+        nw, ss_in = x, logits
+        norm_args = dict(NORM=False, BLOCK_P=1, SELF_NORM=False)
+        P, eps = 0, 0.0
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
@@ -672,6 +754,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     # Down rows to prefetch per program: an expert's H rows shared by its row-block programs (the shared expert's
     # by its own, which may be fewer: the rows are clamped, so a short share just repeats the last row).
     bpe = min(triton.cdiv(I, bn), triton.cdiv(IS, bn)) if has_shared else triton.cdiv(I, bn)
+    repl = REPL_PICKS and n_group == 1 and not meta["USE_GROUPS"]
     _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
         x, logits, bias, w13, ws13, act, weights, ids, w2, ws2, nw, ss_in,
         H, I, IS, n_group, E // n_group, float(scaling), P, eps,
@@ -681,7 +764,8 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, **_loop_args(cfg),
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
-        EARLY_IDS=EARLY_IDS, BLOCK_H=next_power_of_2(H) if self_norm else 1, **prefetch, **launch,
+        EARLY_IDS=EARLY_IDS, BLOCK_H=next_power_of_2(H) if self_norm else 1,
+        REPL_PICKS=cfg["num_warps"] if repl else 1, **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = down_config(I, IS)
@@ -950,7 +1034,8 @@ def fused_moe(
         raise ValueError("shared_w13 and shared_w2 come together")
     fused = 0 < T <= FUSED_MAX_TOKENS
     if norm is not None and not (fused and lin.whole_rows(H)
-                                 and (foldable_norm(norm, norm.x) or self_normable(norm, norm.x))):
+                                 and (foldable_norm(norm, norm.x) or self_normable(norm, norm.x)
+                                      or ROUTER_ADD_NORM and T == 1 and addable_norm(norm, norm.x))):
         x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one
     if fused:
         xin = unnormed(x)
