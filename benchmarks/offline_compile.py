@@ -99,8 +99,11 @@ def compile_launch(kernel, args: tuple, kw: dict) -> dict:
     # The machine code without its addresses: equal hashes at two commits mean the card runs the same kernel.
     code = [re.sub(r"/\*[0-9a-f]{4}\*/", "", line).strip() for line in sass.splitlines()
             if re.search(r"/\*[0-9a-f]{4}\*/", line)]
-    return dict(kernel=kernel.__name__, regs=field("REG"), stack=field("STACK"), shared=field("SHARED"),
-                num_warps=opts["num_warps"], sass=hashlib.sha1("\n".join(code).encode()).hexdigest()[:12])
+    out = dict(kernel=kernel.__name__, regs=field("REG"), stack=field("STACK"), shared=field("SHARED"),
+               num_warps=opts["num_warps"], sass=hashlib.sha1("\n".join(code).encode()).hexdigest()[:12])
+    if "maxnreg" in opts:
+        out["maxnreg"] = opts["maxnreg"]
+    return out
 
 
 def record_decode_layer(shape: str) -> list:
@@ -148,7 +151,7 @@ def record_decode_layer(shape: str) -> list:
         norm_kernels.rms_norm(torch.randn(1, 768, dtype=dt), torch.ones(768, dtype=dt), 1e-6)
         # The self-normalising variants: the GEMV (MLA's q_b_proj reading q_a_layernorm's input: 768 -> 20 x 256),
         # and with HIGHSPEED_FOLD_NORM=self the next layer's GEMV, the router and gate/up.
-        saved_switch = lin.SELF_NORM
+        saved_switch, saved_router = lin.SELF_NORM, moe.ROUTER_ADD_NORM
         lin.SELF_NORM = True
         try:
             lin.linear(DeferredNorm(torch.randn(1, 768, dtype=dt), torch.ones(768, dtype=dt), 1e-6),
@@ -157,12 +160,12 @@ def record_decode_layer(shape: str) -> list:
             lin.linear(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), torch.empty(H, H, dtype=dt))
             moe.fused_moe(DeferredNorm(ResidualSum(x, None, None), nw, 1e-6), gate, w13, w2, k, shared_w13=ws13,
                           shared_w2=ws2)
-            moe.ROUTER_ADD_NORM = True   # HIGHSPEED_ROUTER_ADD_NORM=1: the post-attention norm in the router
+            moe.ROUTER_ADD_NORM = True   # the post-attention norm in the router (HIGHSPEED_ROUTER_ADD_NORM)
             moe.fused_moe(DeferredNorm(ResidualSum(x, r), nw, 1e-6), gate, w13, w2, k, shared_w13=ws13,
                           shared_w2=ws2)
         finally:
             lin.SELF_NORM = saved_switch
-            moe.ROUTER_ADD_NORM = False
+            moe.ROUTER_ADD_NORM = saved_router
     finally:
         for (mod, n), kern in saved.items():
             setattr(mod, n, kern)

@@ -32,7 +32,11 @@ def test_decode_kernels_compile_for_sm90():
     kernels = {line.split("'kernel': '")[1].split("'")[0] for line in lines}
     assert {"_router_kernel", "_fused_gate_up_kernel", "_fused_down_kernel", "_gemv_row_kernel", "_paged_attn_kernel",
             "_combine_kernel"} <= kernels
-    assert all("'stack': 0" in line for line in lines), lines   # nothing spilled
+    # Nothing spilled -- but under a register cap (PTX .maxnreg, the add-norm GEMV's 96) a few bytes: Triton 3.9
+    # spills 8 there, the GPU image's 3.6 none.
+    for line in lines:
+        stack = int(line.split("'stack': ")[1].split(",")[0])
+        assert stack == 0 or ("'maxnreg'" in line and stack <= 16), line
     # Residency: the expert kernels stay at <= 128 registers per thread, so at least four 4-warp programs fit on
     # an SM (the down kernel's old 2-D accumulator took 164-167: three per SM, two waves, and no room for the next
     # kernel's programs under PDL -- BENCHMARKS.md, runs 8-11).

@@ -197,18 +197,15 @@ def test_fused_moe_decode(triton_module, reference, monkeypatch, prefetch, dtype
     assert rel_err(other, ref) > 10 * TOL[dtype]
 
 
-@pytest.mark.parametrize("repl", [False, True])
 @pytest.mark.parametrize("early_ids", [False, True])
 @pytest.mark.parametrize("T,E,H,I,k,scoring,renorm,bias,n_group,topk_group,scale,shared", FUSED_CASES)
-def test_fused_moe_decode_early_ids(triton_module, reference, monkeypatch, early_ids, repl, T, E, H, I, k, scoring,
-                                    renorm, bias, n_group, topk_group, scale, shared):
+def test_fused_moe_decode_early_ids(triton_module, reference, monkeypatch, early_ids, T, E, H, I, k, scoring, renorm,
+                                    bias, n_group, topk_group, scale, shared):
     """HIGHSPEED_EARLY_IDS on and off: the ids published by gate/up's program 0 before it lets the down kernel
     launch, and read by the down kernel before its PDL wait (on a Hopper GPU; elsewhere only where the ids are
-    stored moves). With HIGHSPEED_REPL_PICKS (cases without expert groups): the picks on a copy of the scores per
-    warp, and program 0 reading its published ids back for the weights."""
+    stored moves)."""
     moe = triton_module("moe")
     monkeypatch.setattr(moe, "EARLY_IDS", early_ids)
-    monkeypatch.setattr(moe, "REPL_PICKS", repl)
     test_fused_moe_decode(triton_module, reference, monkeypatch, "all", torch.bfloat16, T, E, H, I, k, scoring,
                           renorm, bias, n_group, topk_group, scale, shared)
 

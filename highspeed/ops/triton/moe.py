@@ -122,48 +122,6 @@ def _route_ids(
 
 
 @triton.jit
-def _route_ids_replicated(
-    logits_ptr, bias_ptr, per_group, picks,
-    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PG: tl.constexpr, REPL: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-):
-    """``_route_ids`` without expert groups, the scores held REPL times ([REPL, experts], REPL = the program's
-    warps): each warp then holds a whole copy, so every pick's max-reduction stays within a warp (shuffles), where
-    one copy spread over the warps costs each pick a shared-memory exchange and three barriers. One reduction
-    across the copies at the end. Same ids, same order."""
-    rr = tl.arange(0, REPL)
-    e = tl.arange(0, BLOCK_PG)
-    valid = (e < per_group)[None, :] & (rr < REPL)[:, None]
-    ptrs = logits_ptr + e[None, :] + 0 * rr[:, None]
-    logits = tl.load(ptrs, mask=valid, other=float("-inf")).to(tl.float32)
-    if HAS_BIAS:
-        if SIGMOID:
-            sel = tl.sigmoid(logits)
-        else:
-            mx = tl.max(logits, 1)[:, None]
-            ex = tl.where(valid, tl.exp(logits - mx), 0.0)
-            sel = ex / tl.sum(ex, 1)[:, None]
-        sel = sel + tl.load(bias_ptr + e[None, :] + 0 * rr[:, None], mask=valid, other=0.0).to(tl.float32)
-    else:
-        sel = logits   # softmax and sigmoid keep the logits' order (see _route_ids)
-    sel = tl.where(valid, sel, float("-inf"))
-    big = BLOCK_PG
-    bits = sel.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = ordered.to(tl.int64) * 4294967296 + (big - e[None, :]).to(tl.int64)
-    key = tl.where(valid, key, -9223372036854775807)
-    kk = tl.arange(0, BLOCK_K)
-    ivec = tl.zeros([REPL, BLOCK_K], dtype=tl.int32)
-    for i in tl.static_range(TOP_K):
-        if i < picks:
-            best = tl.max(key, 1)
-            fi = (big - (best - (best >> 32) * 4294967296)).to(tl.int32)
-            ivec = tl.where(kk[None, :] == i, fi[:, None], ivec)
-            key = tl.where(e[None, :] == fi[:, None], -9223372036854775807, key)
-    return tl.max(ivec, 0)
-
-
-@triton.jit
 def _route_weights(
     logits_ptr, ivec, n_group, per_group, scaling,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PG: tl.constexpr,
@@ -342,17 +300,13 @@ NARROW_I: int = 1024
 # one extra read of the down weights per layer, the prefetched rows not surviving the 50 MB of gate/up weights
 # streamed meanwhile.
 PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
-# Gate/up's routing picks on a copy of the scores per warp (``_route_ids_replicated``), for models without expert
-# groups: the program for slot s makes s + 1 picks before its first weight load, each a max-reduction that, on one
-# copy spread over 4 warps, goes through shared memory with three barriers (sm_90 SASS: 34 barriers in Qwen3's
-# gate/up, 17 with the copies; 64 registers either way, once program 0 reads its published ids back at the end
-# instead of holding them through the loop). HIGHSPEED_REPL_PICKS=1.
-REPL_PICKS: bool = os.environ.get("HIGHSPEED_REPL_PICKS", "0") == "1"
 # The post-attention norm with its pending residual add done by the router at batch-1 decode (as the qkv GEMV does
 # the input norm, linear.ADD_NORM): each router program adds the residual and normalises the whole row it loads
 # anyway; program 0 stores the sum (the residual stream) and the normalised row for gate/up. The norm launch goes.
-# HIGHSPEED_ROUTER_ADD_NORM=1.
-ROUTER_ADD_NORM: bool = os.environ.get("HIGHSPEED_ROUTER_ADD_NORM", "0") == "1"
+# H200 batch-1 decode chain (run 70, two interleaved passes): Qwen3-30B-A3B 2.034 / 2.032 ms per step against 2.056
+# / 2.056 (router 1.06 -> 1.46 us per layer, the norm's 0.95 gone), GLM-4.7-Flash 2.693 / 2.691 against 2.722 /
+# 2.722. HIGHSPEED_ROUTER_ADD_NORM=0: the norm launch.
+ROUTER_ADD_NORM: bool = os.environ.get("HIGHSPEED_ROUTER_ADD_NORM", "1") != "0"
 # The shared expert's gate/up programs asking L2 for their rows before the PDL wait (HIGHSPEED_SHARED_L2, commit
 # a16bf88, removed): GLM-4.7-Flash 2.920 / 2.924 ms per step, and 3.018 / 3.026 with its down rows too, against
 # 2.909 / 2.909 (H200 run 38). Gate/up got 1.6 us per layer faster, the router and down slower by as much: the
@@ -460,7 +414,7 @@ def _fused_gate_up_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ALL: tl.constexpr,
     ROW_SUMS: tl.constexpr, L2_PREFETCH: tl.constexpr, PF_DOWN: tl.constexpr, LINE: tl.constexpr, PF_ROWS: tl.constexpr,
     PF_LINES: tl.constexpr, W_EVICT: tl.constexpr, PARTIAL_PICKS: tl.constexpr, EARLY_IDS: tl.constexpr,
-    REPL_PICKS: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     if PDL:  # everything here depends on the router's logits
         if EARLY_IDS:   # program 0 lets the down kernel launch only once it has published the ids (below)
@@ -488,12 +442,8 @@ def _fused_gate_up_kernel(
         # Picks up to this program's own slot (slot s needs the s-th best expert; program 0 all of them: it
         # stores the routing for the down kernel).
         picks = tl.where(p == 0, TOP_K, slot + 1) if PARTIAL_PICKS else TOP_K
-        if REPL_PICKS > 1:
-            ivec = _route_ids_replicated(logits_ptr + t * stride_lt, bias_ptr, per_group, picks,
-                                         TOP_K, BLOCK_TK, BLOCK_PG, REPL_PICKS, SIGMOID, HAS_BIAS)
-        else:
-            ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
-                              TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
+        ivec = _route_ids(logits_ptr + t * stride_lt, bias_ptr, n_group, per_group, picks,
+                          TOP_K, TOPK_GROUP, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, HAS_BIAS, USE_GROUPS)
         e = tl.sum(tl.where(kk == slot, ivec, 0), 0).to(tl.int64)
         if EARLY_IDS:
             if p == 0:   # publish the ids for the down programs' loads before their wait, then trigger
@@ -567,12 +517,6 @@ def _fused_gate_up_kernel(
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + t * stride_at + out_cols, act.to(act_ptr.dtype.element_ty), mask=nmask)
     if p == 0:   # the routing for the down kernel; its weights are off every other program's critical path
-        if REPL_PICKS > 1:
-            # The ids this program published (EARLY_IDS) or, without, the replicated picks' result. Reading them
-            # back keeps the picks' registers free during the loop.
-            if EARLY_IDS:
-                tl.debug_barrier()   # (with PDL _publish_ids passed one already: its stores are visible here)
-                ivec = tl.load(ids_ptr + t * TOP_K + kk, mask=kk < TOP_K, other=0)
         wvec = _route_weights(logits_ptr + t * stride_lt, ivec, n_group, per_group, scaling,
                               TOP_K, BLOCK_TK, BLOCK_G, BLOCK_PG, SIGMOID, RENORM)
         tl.store(wts_ptr + t * TOP_K + kk, wvec, mask=kk < TOP_K)
@@ -754,7 +698,6 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     # Down rows to prefetch per program: an expert's H rows shared by its row-block programs (the shared expert's
     # by its own, which may be fewer: the rows are clamped, so a short share just repeats the last row).
     bpe = min(triton.cdiv(I, bn), triton.cdiv(IS, bn)) if has_shared else triton.cdiv(I, bn)
-    repl = REPL_PICKS and n_group == 1 and not meta["USE_GROUPS"]
     _fused_gate_up_kernel[(T, k * triton.cdiv(I, bn) + triton.cdiv(IS, bn))](
         x, logits, bias, w13, ws13, act, weights, ids, w2, ws2, nw, ss_in,
         H, I, IS, n_group, E // n_group, float(scaling), P, eps,
@@ -765,7 +708,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
         EARLY_IDS=EARLY_IDS, BLOCK_H=next_power_of_2(H) if self_norm else 1,
-        REPL_PICKS=cfg["num_warps"] if repl else 1, **prefetch, **launch,
+        **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
     cfg = down_config(I, IS)
