@@ -305,7 +305,8 @@ PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
 # anyway; program 0 stores the sum (the residual stream) and the normalised row for gate/up. The norm launch goes.
 # H200 batch-1 decode chain (run 70, two interleaved passes): Qwen3-30B-A3B 2.034 / 2.032 ms per step against 2.056
 # / 2.056 (router 1.06 -> 1.46 us per layer, the norm's 0.95 gone), GLM-4.7-Flash 2.693 / 2.691 against 2.722 /
-# 2.722. HIGHSPEED_ROUTER_ADD_NORM=0: the norm launch.
+# 2.722. Only for hidden sizes up to linear.ADD_NORM_MAX_K (the router took 128 registers at 4096 and 221 at 6144;
+# the shapes measured are 2048 wide). HIGHSPEED_ROUTER_ADD_NORM=0: the norm launch.
 ROUTER_ADD_NORM: bool = os.environ.get("HIGHSPEED_ROUTER_ADD_NORM", "1") != "0"
 # The shared expert's gate/up programs asking L2 for their rows before the PDL wait (HIGHSPEED_SHARED_L2, commit
 # a16bf88, removed): GLM-4.7-Flash 2.920 / 2.924 ms per step, and 3.018 / 3.026 with its down rows too, against
@@ -978,7 +979,8 @@ def fused_moe(
     fused = 0 < T <= FUSED_MAX_TOKENS
     if norm is not None and not (fused and lin.whole_rows(H)
                                  and (foldable_norm(norm, norm.x) or self_normable(norm, norm.x)
-                                      or ROUTER_ADD_NORM and T == 1 and addable_norm(norm, norm.x))):
+                                      or ROUTER_ADD_NORM and T == 1 and H <= lin.ADD_NORM_MAX_K
+                                      and addable_norm(norm, norm.x))):
         x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one
     if fused:
         xin = unnormed(x)
