@@ -73,7 +73,9 @@ SELF_NORM: bool = os.environ.get("HIGHSPEED_SELF_NORM", "1") != "0"
 # of squares of the sum, and program 0 stores the sum, the residual stream o_proj adds to later. The norm launch
 # goes. H200 batch-1 decode chain (run 68, two interleaved passes, the norm weights then still loaded after the
 # wait): Qwen3-30B-A3B 2.070 / 2.071 ms per step against 2.080 / 2.078 (norms -1.08 us per layer, qkv +0.6),
-# GLM-4.7-Flash 2.746 / 2.745 against 2.757 / 2.757. HIGHSPEED_GEMV_ADD_NORM=0: the norm launch.
+# GLM-4.7-Flash 2.746 / 2.745 against 2.757 / 2.757; run 69, the norm weights before the wait and the residual
+# asked into L2 by program 0: 2.067 / 2.066 against 2.080 / 2.079, GLM-4.7-Flash 2.729 / 2.731 against 2.753 /
+# 2.753. HIGHSPEED_GEMV_ADD_NORM=0: the norm launch.
 ADD_NORM: bool = os.environ.get("HIGHSPEED_GEMV_ADD_NORM", "1") != "0"
 # Registers for that variant: Triton 3.6 gives it 127 for Qwen3's qkv shape (8 rows of 2048) against 96 without the
 # add, i.e. 4 programs per SM instead of 5 and two waves of its 640 programs. Capped (PTX .maxnreg) at this many;
@@ -149,9 +151,8 @@ def whole_rows_dot(w1, w2, x_row, K, K1: tl.constexpr, K2: tl.constexpr, g1, g2,
                    res_row, sum_row, sum_k, ADD_RES: tl.constexpr, normed_row, STORE_NORMED: tl.constexpr):
     """[rows] fp32 dot products of whole preloaded weight rows (w1: columns [0, K1), w2: [K1, K1 + K2), unused
     when K2 == 0) with the row at ``x_row`` -- with NORM, with its RMSNorm (weights g1, g2 from
-    ``norm_weights_load``, the producer's
-    partial sums of squares at ``ss_row``, or with SELF_NORM the sums of squares of the loaded row itself: every
-    program holds all of x anyway). ADD_RES (with SELF_NORM): the row normalised is x plus the residual row at
+    ``norm_weights_load``, the producer's partial sums of squares at ``ss_row``, or with SELF_NORM the sums of
+    squares of the loaded row itself: every program holds all of x anyway). ADD_RES (with SELF_NORM): the row normalised is x plus the residual row at
     ``res_row``, rounded to x's dtype as the norm launch rounds it, and its first ``sum_k`` columns (the residual
     stream: K in one program, 0 in the others) are stored at ``sum_row``; with STORE_NORMED also the normalised row
     at ``normed_row`` (for another kernel that reads it). Every load is issued before any of it is used."""
@@ -273,8 +274,8 @@ def _gemv_row_kernel(
         r = tl.load(res_ptr + m * stride_rm + n, mask=nmask, other=0.0)
     if WHOLE:
         y = whole_rows_dot(w1, w2, x_row, K, K1, K2, g1, g2, ss_in_ptr + m * stride_sim, P_in, eps, NORM, BLOCK_P,
-                           SELF_NORM, rin_ptr + m * stride_rim, sum_ptr + m * stride_sum, tl.where(tl.program_id(0) == 0, K, 0),
-                           ADD_RES, sum_ptr, False)
+                           SELF_NORM, rin_ptr + m * stride_rim, sum_ptr + m * stride_sum,
+                           tl.where(tl.program_id(0) == 0, K, 0), ADD_RES, sum_ptr, False)
     else:
         y = tile_rows_dot(w, w_rows, nmask, x_row, K, BLOCK_N, BLOCK_K, PREFETCH, W_EVICT)
     if HAS_BIAS:
