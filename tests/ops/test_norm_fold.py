@@ -380,3 +380,18 @@ def test_fused_moe_router_add_norm(triton_module, reference, monkeypatch, case, 
     monkeypatch.setattr(moe, "ROUTER_ADD_NORM", False)
     out3 = moe.fused_moe(DeferredNorm(ResidualSum(y, r), nw, EPS), *rest)
     assert len(calls) == 1 and rel_err(out3, block) < REF_TOL[dtype]
+
+
+def test_addable_norm_bounds(triton_module):
+    """The add-norm folds (qkv GEMV, router) take one pending-residual row of at most ADD_NORM_MAX_K elements:
+    wider rows spilled registers on the H200 (run 71), and several rows are not the batch-1 decode path."""
+    norm_kernels = triton_module("norm")
+    K = norm_kernels.ADD_NORM_MAX_K
+    for shape, want in (((1, K), True), ((1, K + 1), False), ((2, K), False)):
+        x, r, nw = _inputs(shape, torch.bfloat16)
+        assert norm_kernels.addable_norm(DeferredNorm(x, nw, EPS, residual=r), x) is want, shape
+    x, r, nw = _inputs((1, 64), torch.bfloat16)
+    assert not norm_kernels.addable_norm(DeferredNorm(x, nw, EPS), x)    # no residual: SELF_NORM's case
+    ran = DeferredNorm(x, nw, EPS, residual=r)
+    ran.run()
+    assert not norm_kernels.addable_norm(ran, x)                         # already computed: read as it is

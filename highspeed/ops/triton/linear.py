@@ -81,10 +81,7 @@ ADD_NORM: bool = os.environ.get("HIGHSPEED_GEMV_ADD_NORM", "1") != "0"
 # add, i.e. 4 programs per SM instead of 5 and two waves of its 640 programs. Capped (PTX .maxnreg) at this many;
 # 0: no cap. HIGHSPEED_GEMV_ADD_NORM_MAXNREG.
 ADD_NORM_MAXNREG: int = int(os.environ.get("HIGHSPEED_GEMV_ADD_NORM_MAXNREG", "96"))
-# ... and only for rows of at most this many elements (Qwen3-30B-A3B's and GLM-4.7-Flash's hidden size). Wider rows
-# spill under the cap (Triton 3.6: 240 bytes at GLM-4.5-Air's 4096, 72 at GLM-5's 6144), and run 71 measured that:
-# GLM-4.5-Air (20 layers) 3.926 ms per step against 3.33, GLM-5 (5 layers) 1.962 against 1.73.
-ADD_NORM_MAX_K: int = 2048
+# (Only for one row of at most norm.ADD_NORM_MAX_K elements: wider rows spill under the cap.)
 
 
 def whole_rows(K: int) -> bool:
@@ -301,8 +298,7 @@ def linear(x: torch.Tensor | DeferredNorm, weight: torch.Tensor, bias: torch.Ten
         y = F.linear(materialize(x), weight, bias)
         return y if residual is None else ResidualSum(y, residual)
     whole = whole_rows(K)
-    add_norm = (norm is not None and whole and ADD_NORM and M == 1 and K <= ADD_NORM_MAX_K
-                and addable_norm(norm, xin))
+    add_norm = norm is not None and whole and ADD_NORM and addable_norm(norm, xin)
     self_norm = norm is not None and whole and (add_norm or SELF_NORM and self_normable(norm, xin))
     if norm is not None and not (whole and foldable_norm(norm, xin)) and not self_norm:
         xin, norm = materialize(norm), None     # its own norm launch, then the GEMV as without one

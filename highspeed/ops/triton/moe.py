@@ -305,7 +305,7 @@ PREFETCH_DOWN: bool = os.environ.get("HIGHSPEED_PREFETCH_DOWN", "0") == "1"
 # anyway; program 0 stores the sum (the residual stream) and the normalised row for gate/up. The norm launch goes.
 # H200 batch-1 decode chain (run 70, two interleaved passes): Qwen3-30B-A3B 2.034 / 2.032 ms per step against 2.056
 # / 2.056 (router 1.06 -> 1.46 us per layer, the norm's 0.95 gone), GLM-4.7-Flash 2.693 / 2.691 against 2.722 /
-# 2.722. Only for hidden sizes up to linear.ADD_NORM_MAX_K (the router took 128 registers at 4096 and 221 at 6144;
+# 2.722. Only for hidden sizes up to norm.ADD_NORM_MAX_K (the router took 128 registers at 4096 and 221 at 6144;
 # the shapes measured are 2048 wide). HIGHSPEED_ROUTER_ADD_NORM=0: the norm launch.
 ROUTER_ADD_NORM: bool = os.environ.get("HIGHSPEED_ROUTER_ADD_NORM", "1") != "0"
 # The shared expert's gate/up programs asking L2 for their rows before the PDL wait (HIGHSPEED_SHARED_L2, commit
@@ -638,6 +638,21 @@ def down_config(I: int, IS: int) -> dict:
     return FUSED_DOWN_WIDE_SHARED_IN_LOOP if IS == I else FUSED_DOWN_WIDE
 
 
+def _norm_args(norm: DeferredNorm | None, x: torch.Tensor, unused: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, int, float, dict]:
+    """The router's and gate/up's arguments for folding ``norm`` of ``x``: (norm weight, the producer's partial
+    sums of squares, their count, eps, the NORM / BLOCK_P / SELF_NORM constants). A norm whose producer stored no
+    sums (HIGHSPEED_FOLD_NORM=self, or a pending residual add) has them taken from the row itself (SELF_NORM).
+    Without a norm, or without the sums, the pointers are placeholders (x, ``unused``), never read."""
+    if norm is None:
+        return x, unused, 0, 0.0, dict(NORM=False, BLOCK_P=1, SELF_NORM=False)
+    ss = norm.sumsq
+    if ss is None:
+        return norm.weight, unused, 0, norm.eps, dict(NORM=True, BLOCK_P=1, SELF_NORM=True)
+    return norm.weight, ss, ss.shape[-1], norm.eps, dict(NORM=True, BLOCK_P=next_power_of_2(ss.shape[-1]),
+                                                         SELF_NORM=False)
+
+
 def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       meta: dict, correction_bias: torch.Tensor | None, n_group: int, scaling: float,
                       shared_w13: torch.Tensor | None, shared_w2: torch.Tensor | None,
@@ -654,18 +669,10 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     logits = torch.empty(T, E, dtype=torch.float32, device=dev)
     launch = pdl(x)
     prefetch = l2_prefetch(x)
-    # A norm whose producer stored no sums of squares (HIGHSPEED_FOLD_NORM=self): router and gate/up take them from
-    # the row itself. Unused pointers without a norm (or without the sums).
-    self_norm = norm is not None and norm.sumsq is None
     # ROUTER_ADD_NORM: a norm with its residual add pending, done by the router, whose program 0 stores the sum
     # and the normalised row; gate/up then reads that row as a plain input.
     add_res = norm is not None and norm.residual is not None
-    nw = norm.weight if norm is not None else x
-    ss_in = norm.sumsq if norm is not None and not self_norm else logits
-    parts = norm is not None and not self_norm
-    norm_args = dict(NORM=norm is not None, BLOCK_P=next_power_of_2(ss_in.shape[-1]) if parts else 1,
-                     SELF_NORM=self_norm)
-    P, eps = (ss_in.shape[-1] if parts else 0, norm.eps) if norm is not None else (0, 0.0)
+    nw, ss_in, P, eps, norm_args = _norm_args(norm, x, logits)
     cfg = ROUTER
     k1, k2 = lin.whole_split(H)
     if add_res:
@@ -684,10 +691,8 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
     )
     if add_res:   # from here on the input is the normalised row, with nothing left to fold
         norm.set_residual_out(s_out)
-        x, norm, self_norm, parts = nx, None, False, False
-        nw, ss_in = x, logits
-        norm_args = dict(NORM=False, BLOCK_P=1, SELF_NORM=False)
-        P, eps = 0, 0.0
+        x = nx
+        nw, ss_in, P, eps, norm_args = _norm_args(None, x, logits)
     act = torch.empty(T, k * I + IS, dtype=x.dtype, device=dev)
     weights = torch.empty(T, k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, k, dtype=torch.int32, device=dev)
@@ -708,7 +713,7 @@ def _fused_moe_decode(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Ten
         BLOCK_N=bn, **_loop_args(cfg),
         PF_DOWN=prefetch["L2_PREFETCH"] and PREFETCH_DOWN, PF_ROWS=next_power_of_2(triton.cdiv(H, bpe)),
         PF_LINES=next_power_of_2(triton.cdiv(max(I, IS) * x.element_size(), 128)), PARTIAL_PICKS=PARTIAL_PICKS,
-        EARLY_IDS=EARLY_IDS, BLOCK_H=next_power_of_2(H) if self_norm else 1,
+        EARLY_IDS=EARLY_IDS, BLOCK_H=next_power_of_2(H) if norm_args["SELF_NORM"] else 1,
         **prefetch, **launch,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)
@@ -979,8 +984,7 @@ def fused_moe(
     fused = 0 < T <= FUSED_MAX_TOKENS
     if norm is not None and not (fused and lin.whole_rows(H)
                                  and (foldable_norm(norm, norm.x) or self_normable(norm, norm.x)
-                                      or ROUTER_ADD_NORM and T == 1 and H <= lin.ADD_NORM_MAX_K
-                                      and addable_norm(norm, norm.x))):
+                                      or ROUTER_ADD_NORM and addable_norm(norm, norm.x))):
         x, norm = materialize(norm), None     # its own norm launch, then the same MoE launches as without one
     if fused:
         xin = unnormed(x)

@@ -133,22 +133,35 @@ def norm_values(x, nw, rstd, OUT_TY: tl.constexpr):
     return (normed * nw.to(tl.float32)).to(OUT_TY).to(tl.float32)
 
 
-def _norm_of_ready_row(norm: DeferredNorm, x: torch.Tensor) -> bool:
-    """What both ways of folding a ``DeferredNorm`` into the kernel reading ``x`` need: the residual already
-    added, no autograd to see through the kernel, and a weight and row the kernel can read as they are."""
+def _readable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
+    """What every way of folding a ``DeferredNorm`` into the kernel reading ``x`` needs: no autograd to see
+    through the kernel, and a weight and row the kernel can read as they are."""
     w = norm.weight
-    return (norm.residual is None and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:]
-            and w.is_contiguous() and x.stride(-1) == 1)
+    return (not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:] and w.is_contiguous()
+            and x.stride(-1) == 1)
+
+
+def _norm_of_ready_row(norm: DeferredNorm, x: torch.Tensor) -> bool:
+    """The folds of a norm whose residual is already added (``foldable_norm``, ``self_normable``)."""
+    return norm.residual is None and _readable_norm(norm, x)
+
+
+# The widest row whose pending residual add and norm a consumer does itself (``addable_norm``): Qwen3-30B-A3B's and
+# GLM-4.7-Flash's hidden size. Wider rows spill (the GEMV under its register cap, Triton 3.6: 240 bytes at
+# GLM-4.5-Air's 4096, 72 at GLM-5's 6144; the router took 128 and 221 registers), and H200 run 71 measured that:
+# GLM-4.5-Air (20 layers) 3.926 ms per step against 3.33, GLM-5 (5 layers) 1.962 against 1.73.
+ADD_NORM_MAX_K: int = 2048
 
 
 def addable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
-    """Whether a whole-row consumer kernel can fold this ``DeferredNorm`` of its input ``x`` with its pending
-    residual add: it loads x and the residual, adds, takes the sums of squares, and stores the sum (the residual
-    stream) itself. Not once the norm has run (its output is then read as it is)."""
-    w, r = norm.weight, norm.residual
+    """Whether a whole-row consumer kernel can fold this ``DeferredNorm`` of its one-row input ``x`` with its
+    pending residual add: it loads x and the residual, adds, takes the sums of squares, and stores the sum (the
+    residual stream) itself. Not once the norm has run (its output is then read as it is), and not for rows wider
+    than ADD_NORM_MAX_K."""
+    r = norm.residual
     return (r is not None and norm.sumsq is None and norm._out is None and norm._residual_out is None
-            and not norm.needs_grad() and w.dtype == x.dtype and w.shape == x.shape[-1:] and w.is_contiguous()
-            and x.stride(-1) == 1 and r.dtype == x.dtype and r.shape == x.shape and r.is_contiguous())
+            and x.numel() == x.shape[-1] <= ADD_NORM_MAX_K and _readable_norm(norm, x)
+            and r.dtype == x.dtype and r.shape == x.shape and r.is_contiguous())
 
 
 def foldable_norm(norm: DeferredNorm, x: torch.Tensor) -> bool:
