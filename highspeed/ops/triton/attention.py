@@ -104,7 +104,7 @@ DECODE_FAST: bool = os.environ.get("HIGHSPEED_ATTN_DECODE_FAST", "1") != "0"
 #                                                       the merge +3.2: its loads queue behind o_proj's instead).
 # HIGHSPEED_COMBINE_LATE_TRIGGER = mla (default) | 1 (always) | 0 (never).
 _LATE_TRIGGER_ENV = os.environ.get("HIGHSPEED_COMBINE_LATE_TRIGGER", "mla")
-# With EARLY_CTX the DECODE path also loads the per-head QK-norm weights (Qwen3) before its wait (EARLY_NORM_W):
+# With EARLY_CTX the DECODE path also loads the per-head QK-norm weights (Qwen3) before its wait:
 # parameters, like the RoPE table. H200 run 69: even (Qwen3-30B-A3B 2.067 / 2.066 ms per step against 2.066 / 2.069
 # with them after the wait), as was its first K/V tile asked into L2 before the wait on top (2.065 / 2.066; also in
 # run 58): the round trip after the wait is not set by these loads' HBM latency.
@@ -191,7 +191,7 @@ def _rope_rows(rows, rmask, d, D, HALF: tl.constexpr, INTERLEAVED: tl.constexpr)
 @triton.jit
 def _rope_norm_weights(w_ptr, d, D, HALF: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
     """With NORM, the per-head norm weight at each lane and at its rotation partner (placeholders without: never
-    read). A parameter: the DECODE path loads it before its PDL wait with the step's context (EARLY_NORM_W)."""
+    read). A parameter: the DECODE path loads it before its PDL wait with the step's context (EARLY_CTX)."""
     pair, _, _, _ = _rope_lanes(d, HALF, INTERLEAVED)
     dm = d < D
     if NORM:
@@ -295,7 +295,6 @@ def _paged_attn_kernel(
     V_IS_K: tl.constexpr, USE_TOPK: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE_NEW: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, PDL: tl.constexpr, DECODE: tl.constexpr, EARLY_CTX: tl.constexpr,
-    EARLY_NORM_W: tl.constexpr,
 ):
     if PDL:
         # Everything read here (lengths, tables, q, the cache, the counters) may come from the previous kernels --
@@ -351,7 +350,7 @@ def _paged_attn_kernel(
             slot = tl.load(slot_ptr + t0).to(tl.int64)
             if EARLY_CTX:
                 cos, sin = _rope_cos_sin(cs_ptr + rope_pos.to(tl.int64) * stride_cs, da, HALF, INTERLEAVED)
-            if EARLY_NORM_W:   # parameters, read once per step: mostly out of L2, an HBM round trip
+                # The QK-norm weights too: parameters, like the RoPE table.
                 qw, qwp = _rope_norm_weights(qw_ptr, da, D_A, HALF, INTERLEAVED, Q_NORM)
                 kw, kwp = _rope_norm_weights(kw_ptr, da, D_A, HALF, INTERLEAVED, K_NORM)
         if PDL and EARLY_CTX:
@@ -365,7 +364,7 @@ def _paged_attn_kernel(
             qx, qxp = _rope_rows(q_rows, row_ok[:, None], da, D_A, HALF, INTERLEAVED)
             kx, kxp = _rope_rows(kn_ptr + t0 * stride_knt + kv_head * stride_knh, tl.full([1, 1], 1, tl.int1), da,
                                  D_A, HALF, INTERLEAVED)
-            if not EARLY_NORM_W:
+            if not EARLY_CTX:
                 qw, qwp = _rope_norm_weights(qw_ptr, da, D_A, HALF, INTERLEAVED, Q_NORM)
                 kw, kwp = _rope_norm_weights(kw_ptr, da, D_A, HALF, INTERLEAVED, K_NORM)
             v_new = tl.load(vn_ptr + t0 * stride_vnt + kv_head * stride_vnh + dv[None, :],
@@ -766,8 +765,7 @@ def _attend(
         BLOCK_Q=block_q, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE_M=merge_m if fused else 1, MERGE_S=merge_s if fused else 1,
         V_IS_K=v_is_k, USE_TOPK=topk_indices is not None, SPLIT=split, FUSED_MERGE=fused,
-        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, EARLY_CTX=EARLY_CTX_ATTN,
-        EARLY_NORM_W=fast and EARLY_CTX_ATTN, **r_consts,
+        DOT_F32=interpreting() or q.dtype == torch.float32, DECODE=fast, EARLY_CTX=EARLY_CTX_ATTN, **r_consts,
         **launch,
     )
     if split and not fused:
